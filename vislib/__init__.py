@@ -1,0 +1,27 @@
+"""vislib: see what a convolutional network sees.
+
+Public API::
+
+    import vislib
+    vislib.list_models()
+    bundle = vislib.load_model("shapes_resnet")          # or "resnet50", weights="default" | None | path
+    image = vislib.load_image("photo.jpg")
+    result = vislib.explain(bundle, image, methods=["gradcam", "gradcam++"])
+    result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
+"""
+
+from .errors import (  # noqa: F401
+    Cancelled, InputError, LayerError, MethodError, ModelError, TargetError, VislibError, WeightsError,
+)
+from .explain import Explanation, explain  # noqa: F401
+from .imageio import load_image  # noqa: F401
+from .methods import METHODS, method_names  # noqa: F401
+from .models import ModelBundle, Preprocess, list_models, load_model, sample_images  # noqa: F401
+from .render import overlay, to_png_bytes  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = [
+    "explain", "Explanation", "load_image", "load_model", "list_models", "METHODS", "method_names",
+    "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
+    "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
+]

@@ -1,0 +1,238 @@
+"""``explain``: one call from an image (or batch) to maps, scores and timings for many methods."""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import InputError, MethodError, TargetError
+from .hooks import resolve_layer
+from .imageio import load_image
+from .methods import METHODS
+from .methods.base import ExplainContext, Stopwatch, get_method
+from .methods.registry import FAMILY_ORDER, FAMILY_RUNNERS
+from .models import ModelBundle, Preprocess, load_model
+
+SCORES = ("logit", "probability")
+
+
+@dataclass
+class Explanation:
+    """The result of :func:`explain`.
+
+    ``maps[m]``: float32 in [0, 1] at the input resolution (H×W, or N×H×W for a batch);
+    ``raw[m]``: the method's own output before normalisation (feature resolution after the method's
+    ReLU for the CAM family); ``flat[m]``: True where a map was constant (returned as zeros);
+    ``timings[m]``: seconds spent in the method itself, ``pass_timings``: the shared passes.
+    """
+
+    maps: dict[str, np.ndarray]
+    raw: dict[str, np.ndarray]
+    flat: dict[str, np.ndarray]
+    timings: dict[str, float]
+    pass_timings: dict[str, float]
+    probs: np.ndarray
+    target: int | list[int]
+    input_image: Image.Image | list[Image.Image]
+    labels: list[str]
+    layer: str
+    score: str
+    model: str
+    weights: str
+    batched: bool = False
+    extras: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.maps)
+
+    def _pick(self, value, index: int):
+        return value[index] if self.batched else value
+
+    def target_label(self, index: int = 0) -> str:
+        return self.labels[self._pick(self.target, index)]
+
+    def top_k(self, k: int = 5, index: int = 0) -> list[tuple[int, str, float]]:
+        """The k most probable classes as (index, label, probability)."""
+        probs = self._pick(self.probs, index)
+        order = np.argsort(-probs)[:k]
+        return [(int(i), self.labels[i], float(probs[i])) for i in order]
+
+    def overlay(self, method: str, *, index: int = 0, alpha: float = 0.5, colormap: str = "jet"):
+        """The method's map drawn over the input view (a PIL image)."""
+        from .render import overlay
+
+        return overlay(self._pick(self.input_image, index), self._pick(self.maps[method], index),
+                       alpha=alpha, colormap=colormap)
+
+
+def explain(
+    bundle: ModelBundle | str,
+    image_or_batch,
+    methods: Sequence[str] | str = ("gradcam",),
+    layer: str | None = None,
+    target=None,
+    score: str = "logit",
+    *,
+    options: dict[str, dict] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Explanation:
+    """Explain one image or a batch with several methods, sharing passes between them.
+
+    ``image_or_batch``: a path, bytes, PIL image or array (one image), a list of those (a batch),
+    or an already preprocessed tensor (3×H×W or N×3×H×W). ``target``: a class index, a label, or
+    ``None`` for the top-1 class; a batch takes one target for all or a list with one per sample.
+    ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output).
+    """
+    if isinstance(bundle, str):
+        bundle = load_model(bundle)
+    if score not in SCORES:
+        raise MethodError(f"score must be one of {SCORES}, not {score!r}")
+    names = parse_methods(methods)
+    options = options or {}
+    batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
+    layer_name, _ = resolve_layer(bundle, layer)
+    ctx = ExplainContext(
+        bundle=bundle, inputs=inputs, layer=layer_name, score=score, target_spec=target,
+        resolve_targets=lambda logits, spec: resolve_targets(bundle.labels, logits, spec),
+        progress=progress, cancel=cancel,
+    )
+    results = {}
+    for family in FAMILY_ORDER:
+        wanted = [n for n in names if METHODS[n].family == family]
+        if wanted:
+            results.update(FAMILY_RUNNERS[family](ctx, wanted, options))
+    if ctx.logits is None:
+        with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
+            ctx.set_logits(bundle.model(inputs))
+        ctx.pass_timings["forward"] = sw.seconds
+    size = tuple(inputs.shape[-2:])
+    maps, raw, flat, timings, extras = {}, {}, {}, {}, {}
+    for name in names:
+        result = results[name]
+        with Stopwatch(bundle.device) as sw:
+            display = result.extra.pop("display", result.raw)
+            normed, is_flat = normalize_maps(display, size)
+        maps[name] = _unbatch(normed.cpu().numpy(), batched)
+        raw[name] = _unbatch(result.raw.detach().float().cpu().numpy(), batched)
+        flat[name] = _unbatch(is_flat.cpu().numpy(), batched)
+        timings[name] = result.seconds + sw.seconds
+        if result.extra:
+            extras[name] = result.extra
+    probs = F.softmax(ctx.logits.float(), dim=1).cpu().numpy()
+    targets = ctx.targets.cpu().tolist()
+    return Explanation(
+        maps=maps, raw=raw, flat=flat, timings=timings, pass_timings=dict(ctx.pass_timings),
+        probs=_unbatch(probs, batched), target=targets if batched else targets[0],
+        input_image=views if batched else views[0], labels=bundle.labels, layer=layer_name,
+        score=score, model=bundle.name, weights=bundle.weights, batched=batched, extras=extras,
+    )
+
+
+def parse_methods(methods: Sequence[str] | str) -> list[str]:
+    """Validate method names (a list or a comma-separated string), keeping order, no duplicates."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    names: list[str] = []
+    for name in methods:
+        get_method(name)
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise MethodError(f"no method given; available: {', '.join(METHODS)}")
+    return names
+
+
+def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear upsampling to ``size`` and per-sample min-max scaling to [0, 1].
+
+    Constant (flat) or non-finite maps come back as zeros with a True flag, never NaN.
+    """
+    maps = maps.detach().float()
+    if maps.dim() == 4:  # input-space signals: magnitude over channels for display
+        maps = maps.abs().amax(dim=1)
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    finite = torch.isfinite(maps).flatten(1).all(dim=1)
+    maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+    lo = maps.flatten(1).amin(dim=1)
+    hi = maps.flatten(1).amax(dim=1)
+    span = hi - lo
+    scale = torch.maximum(hi.abs(), lo.abs())
+    flat = (span <= 1e-6 * scale) | (scale == 0) | ~finite
+    safe = torch.where(flat, torch.ones_like(span), span)
+    normed = (maps - lo.view(-1, 1, 1)) / safe.view(-1, 1, 1)
+    normed = torch.where(flat.view(-1, 1, 1), torch.zeros_like(normed), normed).clamp_(0, 1)
+    return normed, flat
+
+
+def resolve_targets(labels: list[str], logits: torch.Tensor, spec) -> torch.Tensor:
+    """Turn the user's target (None, index, label, or one per sample) into N class indices."""
+    n = logits.shape[0]
+    if spec is None:
+        return logits.argmax(dim=1)
+    if isinstance(spec, torch.Tensor):
+        spec = spec.tolist()
+    if isinstance(spec, (list, tuple, np.ndarray)):
+        if len(spec) != n:
+            raise TargetError(f"{len(spec)} targets given for a batch of {n} images")
+        idx = [logits[i].argmax().item() if s is None else _target_index(labels, s) for i, s in enumerate(spec)]
+    else:
+        idx = [_target_index(labels, spec)] * n
+    return torch.tensor(idx, device=logits.device, dtype=torch.long)
+
+
+def _target_index(labels: list[str], spec) -> int:
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        if 0 <= int(spec) < len(labels):
+            return int(spec)
+        raise TargetError(f"class index {spec} is out of range (0–{len(labels) - 1})")
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.isdigit():
+            return _target_index(labels, int(text))
+        lowered = [lab.lower() for lab in labels]
+        if text.lower() in lowered:
+            return lowered.index(text.lower())
+        close = difflib.get_close_matches(text.lower(), lowered, n=3)
+        hint = f"; did you mean {', '.join(labels[lowered.index(c)] for c in close)}?" if close else ""
+        raise TargetError(f"unknown class {spec!r}{hint}")
+    raise TargetError(f"a target must be a class index or label, not {type(spec).__name__}")
+
+
+def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image], torch.Tensor]:
+    """(batched, input views, input tensor on the model's device)."""
+    if isinstance(source, torch.Tensor):
+        batched = source.dim() == 4
+        tensor = source if batched else source.unsqueeze(0)
+        if tensor.dim() != 4 or tensor.shape[1] != 3:
+            raise InputError(f"an input tensor must be 3×H×W or N×3×H×W (got {tuple(source.shape)})")
+        tensor = tensor.to(bundle.device, torch.float32)
+        views = [_tensor_view(bundle, t) for t in tensor]
+        return batched, views, tensor
+    batched = isinstance(source, (list, tuple))
+    items = list(source) if batched else [source]
+    if not items:
+        raise InputError("the batch is empty")
+    views = [bundle.input_view(load_image(item)) for item in items]
+    return batched, views, bundle.to_input(views)
+
+
+def _tensor_view(bundle: ModelBundle, tensor: torch.Tensor) -> Image.Image:
+    if isinstance(bundle.preprocess, Preprocess):
+        return bundle.preprocess.unnormalize(tensor)
+    lo, hi = tensor.min(), tensor.max()
+    arr = ((tensor - lo) / (hi - lo).clamp_min(1e-12)).mul(255).round().byte()
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def _unbatch(array: np.ndarray, batched: bool) -> np.ndarray:
+    return array if batched else array[0]

@@ -1,0 +1,75 @@
+"""Hooks, only ever inside context managers.
+
+``capture_layer`` records a target layer's activation during one forward pass. With ``grad=True``
+the activation is replaced by a fresh leaf tensor and autograd is switched on from that point of
+the forward pass only: the part of the network below the target layer runs without building a
+graph, and ``torch.autograd.grad(score, activation)`` walks back only through the layers above it.
+The hook is removed and the caller's grad mode restored in ``finally``, whatever happens.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import LayerError
+
+
+def resolve_layer(bundle, layer: str | None) -> tuple[str, nn.Module]:
+    """Return (name, module) for ``layer`` (default: the bundle's default layer) or a LayerError."""
+    name = layer or bundle.default_layer
+    if name not in bundle.layers:
+        modules = dict(bundle.model.named_modules())
+        if name in modules:
+            raise LayerError(
+                f"layer {name!r} cannot be a target: its output is not one N×C×H×W tensor "
+                f"produced once per forward pass"
+            )
+        close = difflib.get_close_matches(name, list(bundle.layers), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise LayerError(f"model {bundle.name!r} has no layer {name!r}{hint}")
+    return name, bundle.model.get_submodule(name)
+
+
+@dataclass
+class Captured:
+    """What ``capture_layer`` recorded: the activation (a leaf when grad was requested)."""
+
+    activation: torch.Tensor | None = None
+
+
+@contextmanager
+def capture_layer(module: nn.Module, *, grad: bool) -> Iterator[Captured]:
+    """Record ``module``'s output during a forward pass run inside this context.
+
+    With ``grad=True`` the forward must be called under ``torch.no_grad()``; the hook turns grad
+    mode on from the target layer upwards, and the output seen by the rest of the network is a copy
+    of the captured leaf, so in-place operations above the layer cannot corrupt it.
+    """
+    captured = Captured()
+    grad_was = torch.is_grad_enabled()
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise LayerError("the target layer's output is not a tensor")
+        if captured.activation is not None:
+            raise LayerError("the target layer runs more than once per forward pass")
+        if not grad:
+            captured.activation = output.detach()
+            return None
+        leaf = output.detach().requires_grad_(True)
+        captured.activation = leaf
+        torch.set_grad_enabled(True)
+        return leaf.clone()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(grad_was)

@@ -1,0 +1,118 @@
+"""Method registry and the context shared by the methods of one explanation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import Cancelled, MethodError
+
+METHODS: dict[str, type[Method]] = {}
+FAMILY_TITLES = {"cam": "CAM family", "backprop": "Backprop family", "perturbation": "Perturbation"}
+
+
+class Method:
+    """One explanation method. Subclasses set the class attributes and the family's hook."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    title: ClassVar[str]
+    paper: ClassVar[str] = ""
+
+    def __init__(self, **options):
+        self.options = options
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding ``cls`` to :data:`METHODS`; refuses duplicate names."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_names(family: str | None = None) -> list[str]:
+    return [n for n, c in METHODS.items() if family is None or c.family == family]
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+@dataclass
+class MethodResult:
+    """A method's output for a batch: ``raw`` at its own resolution, timing in seconds."""
+
+    raw: torch.Tensor  # N×h×w (maps) or N×3×H×W (input-space signals)
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExplainContext:
+    """Everything the family runners share for one explanation of one batch."""
+
+    bundle: object
+    inputs: torch.Tensor  # N×3×H×W on the model's device
+    layer: str
+    score: str  # "logit" or "probability"
+    target_spec: object  # None, int, str or a list of those, resolved against the first logits
+    resolve_targets: Callable[[torch.Tensor, object], torch.Tensor]
+    progress: Callable[[int, int], None] | None = None
+    cancel: threading.Event | None = None
+    logits: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    pass_timings: dict[str, float] = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # results one family offers another (e.g. Grad-CAM)
+
+    def set_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Record the first forward's logits and resolve the targets from them."""
+        if self.logits is None:
+            self.logits = logits.detach()
+            self.targets = self.resolve_targets(self.logits, self.target_spec)
+        return self.targets
+
+    def class_score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-sample score of the target class: the logit, or the softmax probability."""
+        targets = self.set_logits(logits)
+        picked = logits if self.score == "logit" else F.softmax(logits, dim=1)
+        return picked.gather(1, targets.view(-1, 1)).squeeze(1)
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("cancelled by the caller")
+
+    def report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+        self.check_cancel()
+
+
+class Stopwatch:
+    """Wall-clock timer that synchronises CUDA so GPU work is counted where it happens."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
