@@ -11,7 +11,14 @@ Public API::
 """
 
 from .errors import (  # noqa: F401
-    Cancelled, InputError, LayerError, MethodError, ModelError, TargetError, VislibError, WeightsError,
+    Cancelled,
+    InputError,
+    LayerError,
+    MethodError,
+    ModelError,
+    TargetError,
+    VislibError,
+    WeightsError,
 )
 from .explain import Explanation, explain  # noqa: F401
 from .imageio import load_image  # noqa: F401

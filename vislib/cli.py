@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless debugging
         if os.environ.get("VISLIB_DEBUG"):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (set VISLIB_DEBUG=1 for details)", file=sys.stderr)
+        message = f"internal error: {type(exc).__name__}: {exc} (set VISLIB_DEBUG=1 for details)"
+        print(message, file=sys.stderr)
         return 1
     return 0
 

@@ -184,7 +184,9 @@ def resolve_targets(labels: list[str], logits: torch.Tensor, spec) -> torch.Tens
     if isinstance(spec, (list, tuple, np.ndarray)):
         if len(spec) != n:
             raise TargetError(f"{len(spec)} targets given for a batch of {n} images")
-        idx = [logits[i].argmax().item() if s is None else _target_index(labels, s) for i, s in enumerate(spec)]
+        idx = [
+            int(logits[i].argmax()) if s is None else _target_index(labels, s) for i, s in enumerate(spec)
+        ]
     else:
         idx = [_target_index(labels, spec)] * n
     return torch.tensor(idx, device=logits.device, dtype=torch.long)

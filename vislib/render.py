@@ -49,7 +49,9 @@ def heatmap(values: np.ndarray, colormap: str = "jet") -> Image.Image:
     return Image.fromarray(apply_colormap(values, colormap))
 
 
-def overlay(image: Image.Image, values: np.ndarray, *, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
+def overlay(
+    image: Image.Image, values: np.ndarray, *, alpha: float = 0.5, colormap: str = "jet"
+) -> Image.Image:
     """Blend a colormapped map over ``image``: (1 − alpha)·image + alpha·colour."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], not {alpha}")
