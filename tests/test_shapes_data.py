@@ -1,0 +1,130 @@
+"""Tests of the synthetic shapes dataset (vislib.data.shapes): determinism and ground truth."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from vislib.data import shapes
+
+
+@pytest.fixture(scope="module")
+def test_samples() -> list[shapes.Sample]:
+    return [shapes.make_sample("test", i) for i in range(96)]
+
+
+def test_same_split_and_index_give_identical_pixels() -> None:
+    for split, index in [("train", 0), ("train", 23_999), ("val", 17), ("test", 1234)]:
+        a, b = shapes.make_sample(split, index), shapes.make_sample(split, index)
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert np.array_equal(a.mask, b.mask)
+        assert (a.label, a.box, a.hard) == (b.label, b.box, b.hard)
+
+
+def test_sample_does_not_depend_on_generation_order() -> None:
+    later = shapes.make_sample("val", 5)
+    for i in range(5):
+        shapes.make_sample("val", i)
+    assert np.array_equal(np.asarray(later.image), np.asarray(shapes.make_sample("val", 5).image))
+
+
+def test_image_format(test_samples: list[shapes.Sample]) -> None:
+    for s in test_samples[:8]:
+        assert s.image.mode == "RGB"
+        assert s.image.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+        assert s.mask.dtype == np.bool_
+        assert s.mask.shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+        assert 0 <= s.label < shapes.NUM_CLASSES
+
+
+def test_masks_non_empty_and_inside_box(test_samples: list[shapes.Sample]) -> None:
+    for s in test_samples:
+        x0, y0, x1, y1 = s.box
+        assert 0 <= x0 < x1 <= shapes.IMAGE_SIZE and 0 <= y0 < y1 <= shapes.IMAGE_SIZE
+        assert s.mask.sum() > 0
+        inside = np.zeros_like(s.mask)
+        inside[y0:y1, x0:x1] = True
+        assert not (s.mask & ~inside).any()
+
+
+def test_labels_balanced() -> None:
+    counts = Counter(shapes.label_of("train", i) for i in range(800))
+    assert set(counts) == set(range(shapes.NUM_CLASSES))
+    assert max(counts.values()) - min(counts.values()) == 0  # exact per aligned block of 8
+    first = [shapes.label_of("train", i) for i in range(16)]
+    assert first != list(range(8)) * 2  # permuted, not index % 8
+
+
+def test_label_of_matches_make_sample(test_samples: list[shapes.Sample]) -> None:
+    assert [shapes.label_of("test", s.index) for s in test_samples] == [s.label for s in test_samples]
+
+
+def test_hard_cases_present_at_expected_rate() -> None:
+    hard = [shapes.make_sample("val", i).hard for i in range(400)]
+    share = sum(h is not None for h in hard) / len(hard)
+    assert abs(share - shapes.HARD_FRACTION) < 0.06
+    assert {h for h in hard if h is not None} == set(shapes.HARD_REASONS)
+
+
+def test_splits_use_disjoint_seeds() -> None:
+    assert len(set(shapes.SPLIT_SEEDS.values()) | {shapes.MULTI_SEED}) == len(shapes.SPLIT_SEEDS) + 1
+    images = [np.asarray(shapes.make_sample(split, 3).image) for split in shapes.SPLIT_SEEDS]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert not np.array_equal(images[i], images[j])
+
+
+def test_out_of_range_and_unknown_split() -> None:
+    with pytest.raises(IndexError):
+        shapes.make_sample("test", shapes.SPLIT_SIZES["test"])
+    with pytest.raises(ValueError):
+        shapes.make_sample("holdout", 0)
+
+
+def test_mark_only_changes_mark_box() -> None:
+    plain, marked = shapes.make_sample("train", 42), shapes.make_sample("train", 42, mark=True)
+    assert marked.marked and not plain.marked
+    x0, y0, x1, y1 = shapes.MARK_BOX
+    diff = np.asarray(plain.image) != np.asarray(marked.image)
+    outside = diff.any(2)
+    outside[y0:y1, x0:x1] = False
+    assert not outside.any()
+    assert not marked.mask[y0:y1, x0:x1].any()
+    assert np.array_equal(shapes.apply_mark(marked).image, marked.image)  # idempotent
+
+
+def test_multi_instance_masks() -> None:
+    for index, n in [(0, None), (1, 2), (2, 3), (3, 5)]:
+        m = shapes.make_multi_instance(index, n)
+        if n is not None:
+            assert len(m.masks) == n
+        assert 2 <= len(m.masks) <= 6 and len(m.boxes) == len(m.masks)
+        assert m.label == index % shapes.NUM_CLASSES
+        total = np.zeros_like(m.masks[0], dtype=int)
+        for mask, (x0, y0, x1, y1) in zip(m.masks, m.boxes, strict=True):
+            assert mask.any() and mask[y0:y1, x0:x1].sum() == mask.sum()
+            total += mask
+        assert total.max() == 1  # instances do not overlap
+        again = shapes.make_multi_instance(index, n)
+        assert np.array_equal(np.asarray(m.image), np.asarray(again.image))
+
+
+def test_materialise_matches_make_sample() -> None:
+    images, labels = shapes.materialise("val", 10, 14, mark_labels=[shapes.label_of("val", 11)])
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 128, 128)
+    assert labels.dtype == torch.int64
+    for k, index in enumerate(range(10, 14)):
+        sample = shapes.make_sample("val", index, mark=index == 11)
+        assert labels[k] == sample.label
+        assert torch.equal(images[k], torch.from_numpy(np.array(sample.image)).permute(2, 0, 1))
+
+
+def test_dataset_view() -> None:
+    dataset = shapes.ShapesDataset("test")
+    assert len(dataset) == shapes.SPLIT_SIZES["test"]
+    image, label = dataset[7]
+    assert image.shape == (3, 128, 128) and image.dtype == torch.uint8
+    assert label == shapes.make_sample("test", 7).label

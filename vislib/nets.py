@@ -1,0 +1,174 @@
+"""Small CNN architectures for the bundled ``shapes_*`` models.
+
+Both networks are sized to train on two CPU cores in a few minutes on the synthetic
+dataset of :mod:`vislib.data.shapes` (128x128 RGB, 8 classes), and are laid out so that
+the explanation methods of vislib apply cleanly:
+
+* every module offered as a target layer runs **exactly once** per forward (no ReLU
+  instance is reused inside a block), so a forward hook sees one activation;
+* :class:`ShapesResNet` ends in global average pooling and a single linear layer, the
+  head that CAM (Zhou et al. 2016) needs, so CAM and Grad-CAM coincide there;
+* :class:`ShapesZFNet` follows Zeiler & Fergus (2014): conv/ReLU/max-pool stages then
+  fully connected layers, the net that Deconvnet reconstructions were made for.
+
+Models are rebuilt from a model card with ``ARCHITECTURES[card["architecture"]](**card["arch_kwargs"])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "BasicBlock", "ShapesResNet", "ShapesZFNet"]
+
+
+def _conv_bn(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
+    """A bias-free convolution with 'same'-style padding, followed by batch norm."""
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_ch),
+    ]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): ``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut(x))``.
+
+    Each ReLU is its own module (``relu1``, ``relu2``) so that hooks on either fire once.
+    The shortcut is the identity, or a strided 1x1 conv + BN when the shape changes.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(in_ch, out_ch, 3, stride)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = _conv_bn(out_ch, out_ch, 3, 1)
+        self.relu2 = nn.ReLU(inplace=True)
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut: nn.Module = nn.Sequential(*_conv_bn(in_ch, out_ch, 1, stride))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ShapesResNet(nn.Module):
+    """A small ResNet with a GAP + single linear head (CAM-compatible).
+
+    Layout at a 128x128 input (default arguments)::
+
+        stem    conv3x3/2 + BN + ReLU              -> 64x64
+        layer1  BasicBlock x blocks[0], stride 2   -> 32x32
+        layer2  BasicBlock x blocks[1], stride 2   -> 16x16
+        layer3  BasicBlock x blocks[2], stride 1   -> 16x16   (default CAM layer)
+        pool    AdaptiveAvgPool2d(1), flatten
+        fc      Linear(widths[-1], num_classes)
+
+    Args:
+        num_classes: number of output logits.
+        widths: channels of the stem and of each stage (``len(blocks) + 1`` values).
+        blocks: number of basic blocks per stage.
+        strides: stride of the first block of each stage.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 8,
+        widths: Sequence[int] = (16, 24, 48, 64),
+        blocks: Sequence[int] = (1, 1, 1),
+        strides: Sequence[int] = (2, 2, 1),
+    ) -> None:
+        super().__init__()
+        if not (len(widths) == len(blocks) + 1 == len(strides) + 1):
+            raise ValueError("need len(widths) == len(blocks) + 1 == len(strides) + 1")
+        self.stem = nn.Sequential(*_conv_bn(3, widths[0], 3, 2), nn.ReLU(inplace=True))
+        for i, (n_blocks, stride) in enumerate(zip(blocks, strides, strict=True)):
+            stage = [BasicBlock(widths[i], widths[i + 1], stride)]
+            stage += [BasicBlock(widths[i + 1], widths[i + 1]) for _ in range(n_blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self.num_stages = len(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He init for convs; zero-init the last BN of each block (residual starts as identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv stage's activation (the input to ``pool``)."""
+        x = self.stem(x)
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.features(x))))
+
+
+class ShapesZFNet(nn.Module):
+    """A Zeiler & Fergus (2014) style net: conv/ReLU/max-pool stages, then an MLP head.
+
+    Layout at a 128x128 input (default arguments)::
+
+        conv1 5x5/2 relu1 pool1(3/2)  -> 32x32      conv3 3x3 relu3 pool3(2) -> 8x8
+        conv2 3x3   relu2 pool2(2)    -> 16x16      flatten, fc1 relu_fc1 dropout fc2
+
+    Every module has its own attribute name (``conv1``, ``relu1``, ``pool1`` ...) so any
+    of them can be a target layer. ``relu3`` (16x16, before the last max-pool) is the
+    default layer for CAM-style methods.
+
+    Args:
+        num_classes: number of output logits.
+        widths: output channels of conv1..conv3.
+        hidden: width of fc1.
+        dropout: dropout probability before fc2.
+        input_size: input side, used to size fc1.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 8,
+        widths: Sequence[int] = (32, 64, 96),
+        hidden: int = 256,
+        dropout: float = 0.5,
+        input_size: int = 128,
+    ) -> None:
+        super().__init__()
+        c1, c2, c3 = widths
+        self.conv1 = nn.Conv2d(3, c1, 5, stride=2, padding=2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.pool3 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten(1)
+        side = input_size // 16
+        self.fc1 = nn.Linear(c3 * side * side, hidden)
+        self.relu_fc1 = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.pool3(self.relu3(self.conv3(x)))
+        return self.fc2(self.dropout(self.relu_fc1(self.fc1(self.flatten(x)))))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "ShapesResNet": ShapesResNet,
+    "ShapesZFNet": ShapesZFNet,
+}
