@@ -17,7 +17,8 @@ class GapNet(nn.Module):
     def __init__(self, channels: int = 6, classes: int = 4):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, channels, 3, stride=2, padding=1), nn.ReLU()
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, channels, 3, stride=2, padding=1), nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, classes)
@@ -62,8 +63,8 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
     assert after["training"] == before["training"]
     assert after["requires_grad"] == before["requires_grad"]
     assert after["grad_enabled"] == before["grad_enabled"]
-    for a, b in zip(after["params"], before["params"]):
+    for a, b in zip(after["params"], before["params"], strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(after["buffers"], before["buffers"]):
+    for a, b in zip(after["buffers"], before["buffers"], strict=True):
         assert torch.equal(a, b)
     assert all(p.grad is None for p in model.parameters())

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FlatNet, GapNet, assert_untouched, snapshot, tiny_bundle
 
 import vislib
 from vislib.hooks import capture_layer
 from vislib.methods.cam import GradCAMPlusPlus, HiResCAM
-
-from helpers import FlatNet, GapNet, assert_untouched, snapshot, tiny_bundle
 
 SIX = ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 
@@ -95,7 +94,8 @@ def test_flatten_head_hirescam_sums_to_logit():
         (g,) = torch.autograd.grad(logits.gather(1, targets.view(-1, 1)).sum(), cap.activation)
     saliency = HiResCAM().saliency(cap.activation.detach(), g)
     bias = bundle.model.fc.bias.detach()[targets]
-    torch.testing.assert_close(saliency.sum(dim=(1, 2)) + bias, logits.detach().gather(1, targets.view(-1, 1))[:, 0])
+    expected = logits.detach().gather(1, targets.view(-1, 1))[:, 0]
+    torch.testing.assert_close(saliency.sum(dim=(1, 2)) + bias, expected)
     result = vislib.explain(bundle, inputs, methods=["hirescam"], target=targets.tolist())
     torch.testing.assert_close(torch.from_numpy(result.raw["hirescam"]), F.relu(saliency))
 

@@ -54,9 +54,10 @@ def test_explain_writes_overlays_maps_and_scores(tmp_path, image_file):
          "unknown method"),
         (["explain", "{img}", "--model", "vgg16", "--weights", "none", "--methods", "cam", "--out", "o"],
          "global-average-pool"),
-        (["explain", "{img}", "--model", "resnet18", "--weights", "none", "--target", "unicorn", "--out", "o"],
-         "unknown class"),
-        (["explain", "{broken}", "--model", "resnet18", "--weights", "none", "--out", "o"], "broken or truncated"),
+        (["explain", "{img}", "--model", "resnet18", "--weights", "none", "--target", "unicorn",
+          "--out", "o"], "unknown class"),
+        (["explain", "{broken}", "--model", "resnet18", "--weights", "none", "--out", "o"],
+         "broken or truncated"),
         (["explain", "{img}", "--out"], "expected one argument"),
     ],
 )
