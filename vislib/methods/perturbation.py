@@ -1,0 +1,707 @@
+"""The perturbation family: Score-CAM, Ablation-CAM, Eigen-CAM and occlusion.
+
+These methods explain by changing what the network sees (an input masked by one channel, an
+ablated channel, an occluded patch) and measuring the class score, or (Eigen-CAM) by a closed form
+on the activation. All requested methods share one captured activation of the target layer, reused
+from the CAM family's pass when it ran on the same layer.
+
+Every batch of perturbed forwards runs under ``torch.inference_mode`` with ``bundle.lock`` held
+for that batch only (other explanations can interleave), then reports progress through
+``ctx.report(done, total)``, which raises :class:`~vislib.errors.Cancelled` when the caller's cancel
+event is set: a cancelled run stops after the batch in flight. The only hook (Ablation-CAM's
+fallback path) lives in a context manager removed in ``finally``, while the lock is held.
+
+The score is ``ctx.score`` (the logit unless the caller asks for the softmax probability);
+occlusion accepts a per-method ``score`` option to reproduce Zeiler & Fergus (probability).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import LayerError, MethodError
+from ..hooks import capture_layer, resolve_layer
+from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
+from .registry import register_family
+
+SCORES = ("logit", "probability")
+
+
+def class_scores(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-row score of the row's target class: the logit, or the softmax probability."""
+    picked = logits.float() if score == "logit" else F.softmax(logits.float(), dim=1)
+    return picked.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared state of one family run
+
+
+@dataclass
+class Plan:
+    """What one method will do: how many forwards it needs, and the work itself."""
+
+    forwards: int
+    run: Callable[[], tuple[torch.Tensor, dict]]
+    seconds: float = 0.0
+
+
+class Session:
+    """State the perturbation methods of one explanation share: the activation, the logits,
+    progress over all of the family's forwards, and the batched forward loop."""
+
+    def __init__(self, ctx: ExplainContext):
+        self.ctx = ctx
+        self.bundle = ctx.bundle
+        self.device = ctx.bundle.device
+        self.done = 0
+        self.total = 0
+        self._activation: torch.Tensor | None = None
+
+    def activation(self) -> torch.Tensor:
+        """The target layer's activation N×C×h×w (float32, no graph)."""
+        if self._activation is None:
+            self._activation = self._capture()
+        return self._activation
+
+    def _capture(self) -> torch.Tensor:
+        ctx = self.ctx
+        shared = ctx.shared.get("cam_pass")
+        if shared and shared["layer"] == ctx.layer and shared["activation"].shape[0] == ctx.inputs.shape[0]:
+            return shared["activation"].detach().float()
+        layer, module = resolve_layer(self.bundle, ctx.layer)
+        with self.bundle.lock, Stopwatch(self.device) as sw:
+            with capture_layer(module, grad=False) as captured, torch.no_grad():
+                logits = self.bundle.model(ctx.inputs)
+        key = "forward" if "forward" not in ctx.pass_timings else "perturbation_forward"
+        ctx.pass_timings[key] = sw.seconds
+        ctx.set_logits(logits)
+        if captured.activation is None:
+            raise MethodError(f"layer {layer!r} did not run during the forward pass")
+        if captured.activation.dim() != 4:
+            raise LayerError(f"layer {layer!r} does not output an N×C×H×W activation")
+        return captured.activation.float()
+
+    def logits(self) -> torch.Tensor:
+        """The unperturbed logits (one forward if no earlier family ran one)."""
+        if self.ctx.logits is None:
+            with self.bundle.lock, torch.no_grad(), Stopwatch(self.device) as sw:
+                self.ctx.set_logits(self.bundle.model(self.ctx.inputs))
+            self.ctx.pass_timings["forward"] = sw.seconds
+        return self.ctx.logits
+
+    def advance(self, count: int) -> None:
+        """Count finished forwards, report progress, raise Cancelled if the caller asked."""
+        self.done += count
+        self.ctx.report(self.done, self.total)
+
+    def scores(
+        self,
+        rows: int,
+        make_batch: Callable[[int, int], object],
+        targets: torch.Tensor,
+        score: str,
+        batch_size: int,
+        forward: Callable[[object], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Target scores of ``rows`` perturbed inputs, built and run ``batch_size`` at a time.
+
+        ``make_batch(start, stop)`` builds rows [start, stop) (by default an input batch for the
+        model; with ``forward`` anything that callable takes). ``targets``: one class per row.
+        """
+        forward = forward or self.bundle.model
+        parts = []
+        for start in range(0, rows, batch_size):
+            stop = min(start + batch_size, rows)
+            with torch.inference_mode():
+                batch = make_batch(start, stop)
+                with self.bundle.lock:
+                    logits = forward(batch)
+                parts.append(class_scores(logits, targets[start:stop], score))
+            self.advance(stop - start)
+        if not parts:
+            return torch.zeros(0, device=self.device)
+        return torch.cat(parts)
+
+
+class PerturbationMethod(Method):
+    """Template: ``plan(session)`` says how many forwards the method needs and returns its work."""
+
+    family = "perturbation"
+    options_allowed: ClassVar[tuple[str, ...]] = ("batch_size",)
+    needs_activation: ClassVar[bool] = True
+    default_batch_size: ClassVar[int] = 32
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options_allowed))
+        if unknown:
+            allowed = ", ".join(self.options_allowed)
+            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
+        super().__init__(**options)
+
+    def plan(self, session: Session) -> Plan:
+        raise NotImplementedError
+
+    def int_option(self, key: str, default: int | None, low: int = 1) -> int | None:
+        value = self.options.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise MethodError(f"{self.name}: option {key!r} must be an integer ≥ {low}, not {value!r}")
+        return value
+
+    def bool_option(self, key: str, default: bool) -> bool:
+        value = self.options.get(key, default)
+        if not isinstance(value, bool):
+            raise MethodError(f"{self.name}: option {key!r} must be True or False, not {value!r}")
+        return value
+
+    @property
+    def batch_size(self) -> int:
+        return self.int_option("batch_size", self.default_batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Score-CAM
+
+
+def upsampled_masks(
+    features: torch.Tensor, size: tuple[int, int], align_corners: bool = False
+) -> torch.Tensor:
+    """norm(up(A)) for B×h×w maps: bilinear upsampling to ``size`` then per-map min-max to [0, 1].
+
+    A constant map has no defined min-max normalisation (0/0); its mask is 0 everywhere.
+    """
+    up = F.interpolate(features.unsqueeze(1), size=size, mode="bilinear", align_corners=align_corners)
+    up = up.squeeze(1)
+    lo = up.flatten(1).amin(dim=1).view(-1, 1, 1)
+    hi = up.flatten(1).amax(dim=1).view(-1, 1, 1)
+    span = hi - lo
+    return torch.where(span > 0, (up - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+
+
+@register_method
+class ScoreCAM(PerturbationMethod):
+    """Score-CAM (Wang et al., CVPR-W 2020): w = softmax_k S^c(x ⊙ norm(up(A^k))), map ReLU(Σ_k w_k A^k).
+
+    ``norm(up(·))`` is bilinear upsampling to the input size followed by per-channel min-max to
+    [0, 1]; S^c is the class logit (or probability when ``score="probability"``).
+
+    Exact savings (``skip=True``, default): the mask of channel k depends on A^k only through its
+    min-max normalised version, because norm(up(a·A + b)) = norm(up(A)) for a > 0 (bilinear
+    upsampling is linear and preserves constants). So
+
+    * every *constant* channel (identically zero ones included) has the mask 0, hence the masked
+      input x ⊙ 0 = 0: one forward on the zero image gives the score of all of them;
+    * channels whose feature-resolution normalised maps are equal have identical masked inputs,
+      hence identical scores: one forward serves the whole group.
+
+    Every channel still enters the softmax with its own (exact) score, so the map is the one the
+    channel-by-channel definition gives (up to float rounding), not an approximation.
+
+    Options: ``batch_size`` (masked inputs per forward, default 32), ``skip`` (default True),
+    ``align_corners`` (bilinear upsampling convention, default False; pytorch-grad-cam uses True),
+    ``top_k`` (APPROXIMATE: only the k channels with the highest mean activation are scored and
+    enter the softmax; marked ``approximate`` in the extras and title), ``return_weights`` (add the
+    N×C channel weights to the extras).
+    """
+
+    name = "scorecam"
+    title = "Score-CAM"
+    paper = "Wang et al. 2020, Score-CAM: Score-Weighted Visual Explanations for CNNs"
+    options_allowed = ("batch_size", "skip", "align_corners", "top_k", "return_weights")
+
+    def plan(self, session: Session) -> Plan:
+        ctx = session.ctx
+        A = session.activation()
+        n, c = A.shape[:2]
+        skip = self.bool_option("skip", True)
+        align = self.bool_option("align_corners", False)
+        top_k = self.int_option("top_k", None)
+        batch_size = self.batch_size
+        flat = A.flatten(2)
+        lo, hi = flat.amin(dim=2), flat.amax(dim=2)
+        constant = hi == lo
+        considered = torch.ones_like(constant)
+        approximate = top_k is not None and top_k < c
+        if approximate:
+            considered = torch.zeros_like(constant)
+            considered.scatter_(1, flat.mean(dim=2).topk(top_k, dim=1).indices, True)
+        span = torch.where(constant, torch.ones_like(hi), hi - lo).unsqueeze(2)
+        normed = torch.where(constant.unsqueeze(2), 0.0, (flat - lo.unsqueeze(2)) / span)
+        groups, feats, owner = [], [], []
+        for i in range(n):
+            wanted = considered[i] & ~constant[i] if skip else considered[i]
+            channels = wanted.nonzero().squeeze(1)
+            rows = normed[i, channels]
+            if skip and len(rows):
+                rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
+            else:
+                inverse = torch.arange(len(rows), device=A.device)
+            groups.append((channels, inverse, sum(len(f) for f in feats)))
+            feats.append(rows)
+            owner.append(torch.full((len(rows),), i, dtype=torch.long, device=A.device))
+        feats_all = torch.cat(feats).view(-1, *A.shape[2:])
+        owner_all = torch.cat(owner)
+        zero_pass = skip and bool((considered & constant).any())
+        size = tuple(ctx.inputs.shape[-2:])
+
+        def make_batch(start: int, stop: int) -> torch.Tensor:
+            masks = upsampled_masks(feats_all[start:stop], size, align)
+            return ctx.inputs[owner_all[start:stop]] * masks.unsqueeze(1)
+
+        def run() -> tuple[torch.Tensor, dict]:
+            targets = ctx.targets
+            row_scores = session.scores(len(feats_all), make_batch, targets[owner_all], ctx.score, batch_size)
+            scores = torch.full((n, c), float("-inf"), device=A.device)
+            if zero_pass:
+                zero_scores = self._zero_image_scores(session, targets)
+                scores = torch.where(considered & constant, zero_scores.view(-1, 1), scores)
+            for i, (channels, inverse, offset) in enumerate(groups):
+                scores[i, channels] = row_scores[offset + inverse]
+            weights = torch.softmax(scores, dim=1)
+            raw = F.relu(torch.einsum("nc,nchw->nhw", weights, A))
+            evaluated = len(feats_all)
+            extra = {
+                "channels": n * c,
+                "channels_evaluated": evaluated,
+                "channels_skipped": int(considered.sum()) - evaluated,
+                "forwards": evaluated + int(zero_pass),
+                "batch_size": batch_size,
+                "approximate": approximate,
+                "title": f"{self.title} (approximate: top {top_k} channels)" if approximate else self.title,
+            }
+            if approximate:
+                extra["channels_dropped"] = n * c - int(considered.sum())
+            if self.bool_option("return_weights", False):
+                extra["weights"] = weights.cpu().tolist()
+            return raw, extra
+
+        return Plan(forwards=len(feats_all) + int(zero_pass), run=run)
+
+    @staticmethod
+    def _zero_image_scores(session: Session, targets: torch.Tensor) -> torch.Tensor:
+        """Score of every sample's target on the all-zero input (the mask of a constant channel)."""
+        ctx = session.ctx
+        zeros = torch.zeros((1, *ctx.inputs.shape[1:]), device=ctx.inputs.device)
+        with torch.inference_mode():
+            with session.bundle.lock:
+                logits = session.bundle.model(zeros)
+            scores = class_scores(logits.expand(len(targets), -1), targets, ctx.score)
+        session.advance(1)
+        return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation-CAM
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps the target layer as one opaque call (the cut point)."""
+
+    def __init__(self, leaf: str):
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name == self.leaf or super().is_leaf_module(module, qualified_name)
+
+
+def shallow_clone(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer tensor but no container.
+
+    fx tracing runs the model's Python ``forward`` on proxies, so attribute assignments in a
+    forward (a counter, a cached feature map) would land on the shared model; on this copy they do
+    not. In-place weight updates of the original stay visible (same tensors). The copy has no
+    hooks, so other explanations' hooks on the shared model never fire in its forwards.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) not in memo:
+            copied = copy.copy(module)
+            for key, value in list(copied.__dict__.items()):
+                if isinstance(value, dict):
+                    copied.__dict__[key] = type(value)() if "hook" in key else type(value)(value)
+            memo[id(module)] = copied
+            copied._modules = type(module._modules)(
+                (name, None if child is None else clone(child)) for name, child in module._modules.items()
+            )
+        return memo[id(module)]
+
+    return clone(model)
+
+
+def trace_head(model: nn.Module, layer: str) -> tuple[fx.GraphModule | None, str]:
+    """The part of ``model`` above ``layer`` as a module taking the layer's output, or (None, reason).
+
+    A :func:`shallow_clone` of the model is traced with torch.fx (the target layer kept as a leaf),
+    and the nodes that depend on the layer's output are copied into a new graph whose only input is
+    that output. This works when nothing above the layer reads a value computed below it (a skip
+    connection around the layer, a size taken from the input); otherwise there is no head to cut
+    and the caller falls back to full forwards. The head shares the model's parameters; the model
+    itself is not changed.
+    """
+    root = shallow_clone(model)
+    try:
+        graph = _LeafTracer(layer).trace(root)
+    except Exception as exc:  # noqa: BLE001  (tracing fails on data-dependent control flow)
+        return None, f"torch.fx could not trace the model ({type(exc).__name__})"
+    nodes = list(graph.nodes)
+    cuts = [node for node in nodes if node.op == "call_module" and node.target == layer]
+    if len(cuts) != 1:
+        return None, f"layer {layer!r} is called {len(cuts)} times in the traced graph"
+    cut = cuts[0]
+    above: set[fx.Node] = set()
+    for node in nodes[nodes.index(cut) + 1:]:
+        if any(arg is cut or arg in above for arg in node.all_input_nodes):
+            above.add(node)
+    if nodes[-1].op != "output" or nodes[-1] not in above:
+        return None, f"the model's output does not depend on layer {layer!r} alone"
+    for node in above:
+        for arg in node.all_input_nodes:
+            if arg is not cut and arg not in above and arg.op != "get_attr":
+                return None, f"the part above {layer!r} also reads {arg.name!r} computed below it"
+    head = fx.Graph()
+    env = {cut: head.placeholder("activation")}
+    for node in nodes:
+        if node in above or (node.op == "get_attr" and any(user in above for user in node.users)):
+            env[node] = head.node_copy(node, lambda arg: env[arg])
+    try:
+        return fx.GraphModule(root, head), ""
+    except Exception as exc:  # noqa: BLE001
+        return None, f"the head above {layer!r} could not be built ({type(exc).__name__})"
+
+
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HEADS_LOCK = threading.Lock()
+
+
+def cached_head(model: nn.Module, layer: str, *, refresh: bool = False) -> tuple[fx.GraphModule | None, str]:
+    """:func:`trace_head`, traced once per (model, layer) unless ``refresh``.
+
+    fx tracing patches ``nn.Module.__call__`` process-wide while it runs, so callers hold the
+    bundle's lock (no other vislib forward of that model runs meanwhile) and it happens once.
+    """
+    with _HEADS_LOCK:
+        per_model = _HEADS.setdefault(model, {})
+        if refresh or layer not in per_model:
+            per_model[layer] = trace_head(model, layer)
+        return per_model[layer]
+
+
+@contextmanager
+def replaced_output(module: nn.Module, replacement: torch.Tensor) -> Iterator[None]:
+    """During a forward inside this context, ``module`` outputs ``replacement`` (same shape)."""
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or output.shape != replacement.shape:
+            raise LayerError("the target layer's output does not match the ablated activation")
+        return replacement
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@register_method
+class AblationCAM(PerturbationMethod):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_k = (S^c − S^c_{A^k=0}) / S^c, map ReLU(Σ_k w_k A^k).
+
+    S^c_{A^k=0} is the class score when channel k of the target layer's output is set to zero.
+    Only the part of the network above the layer has to run again: with the ``"fx-head"`` path the
+    model is cut at the layer with torch.fx and only the head runs, on batches of ablated copies of
+    the captured activation. When that cut does not exist (skip connections around the layer,
+    untraceable models) the ``"full-forward"`` path runs the whole model on the input with the
+    layer's output replaced by the ablated copies (a hook held under the lock). Identically-zero
+    channels are not ablated: zeroing them changes nothing, so their weight is exactly 0. Where
+    S^c = 0 the difference is not divided.
+
+    Options: ``batch_size`` (default 128 on the head path, 32 on the full path), ``path``
+    (``"auto"`` | ``"fx-head"`` | ``"full-forward"``).
+    """
+
+    name = "ablationcam"
+    title = "Ablation-CAM"
+    paper = "Desai & Ramaswamy 2020, Ablation-CAM: Gradient-free Localization"
+    options_allowed = ("batch_size", "path")
+    PATHS: ClassVar[tuple[str, ...]] = ("auto", "fx-head", "full-forward")
+
+    def plan(self, session: Session) -> Plan:
+        ctx = session.ctx
+        A = session.activation()
+        n, c = A.shape[:2]
+        wanted = self.options.get("path", "auto")
+        if wanted not in self.PATHS:
+            raise MethodError(f"ablationcam: path must be one of {self.PATHS}, not {wanted!r}")
+        active = A.flatten(2).abs().amax(dim=2) > 0
+        owner, channel = active.nonzero(as_tuple=True)
+        if wanted == "full-forward":
+            head, reason = None, "full forward requested"
+        else:
+            head, reason = self._head(session, A)
+        if head is None and wanted == "fx-head":
+            raise MethodError(f"ablationcam: no fx head for layer {ctx.layer!r}: {reason}")
+        path = "fx-head" if head is not None else "full-forward"
+        batch_size = self.int_option("batch_size", 128 if head is not None else 32)
+        _, module = resolve_layer(session.bundle, ctx.layer)
+
+        def ablated(start: int, stop: int) -> torch.Tensor:
+            batch = A[owner[start:stop]]  # indexing copies
+            batch[torch.arange(stop - start, device=A.device), channel[start:stop]] = 0.0
+            return batch
+
+        def full_forward(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            inputs, activation = batch
+            with replaced_output(module, activation):
+                return session.bundle.model(inputs)
+
+        if head is not None:
+            make_batch, forward = ablated, head
+        else:
+            def make_batch(start, stop):
+                return ctx.inputs[owner[start:stop]], ablated(start, stop)
+
+            forward = full_forward
+
+        def run() -> tuple[torch.Tensor, dict]:
+            base = class_scores(session.logits(), ctx.targets, ctx.score)
+            targets = ctx.targets[owner]
+            dropped = session.scores(len(owner), make_batch, targets, ctx.score, batch_size, forward)
+            divisor = torch.where(base != 0, base, torch.ones_like(base))
+            weights = torch.zeros((n, c), device=A.device)
+            weights[owner, channel] = (base[owner] - dropped) / divisor[owner]
+            raw = F.relu(torch.einsum("nc,nchw->nhw", weights, A))
+            extra = {
+                "path": path,
+                "channels": n * c,
+                "channels_evaluated": len(owner),
+                "channels_skipped": n * c - len(owner),
+                "forwards": len(owner),
+                "batch_size": batch_size,
+            }
+            if head is None:
+                extra["why_full_forward"] = reason
+            return raw, extra
+
+        return Plan(forwards=len(owner), run=run)
+
+    @staticmethod
+    def _head(session: Session, A: torch.Tensor) -> tuple[Callable | None, str]:
+        """The fx head above the layer, checked on the captured activation against the logits.
+
+        A cached head that no longer reproduces the logits (a submodule replaced since it was
+        traced) is traced again once before giving up.
+        """
+        expected = session.logits()
+        reason = ""
+        for refresh in (False, True):
+            with session.bundle.lock:
+                head, reason = cached_head(session.bundle.model, session.ctx.layer, refresh=refresh)
+            if head is None:
+                return None, reason
+            try:
+                with torch.inference_mode():
+                    logits = head(A.clone())  # the head may work in place (ReLU(inplace=True))
+            except Exception as exc:  # noqa: BLE001
+                return None, f"the fx head failed on the activation ({type(exc).__name__}: {exc})"
+            if not isinstance(logits, torch.Tensor) or logits.shape != expected.shape:
+                return None, "the fx head does not return the model's logits"
+            gap = (logits - expected).abs().max().item()
+            if gap <= 1e-4 * max(1.0, expected.abs().max().item()):
+                return head, ""
+            reason = f"the fx head's logits differ from the model's by {gap:.3g}"
+        return None, reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Eigen-CAM
+
+
+def eigen_cam(A: torch.Tensor, center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection of each sample's activation (HW×C) on its first right singular vector.
+
+    Returns (N×h×w projection, N share of the squared singular values on the first component).
+    A singular vector's sign is arbitrary, so the projection's sign is fixed: its sum is made
+    positive, or, where the sum vanishes (centred data), its largest-magnitude entry. Both rules
+    give the same map for A and −A.
+    """
+    n, c, h, w = A.shape
+    M = A.float().flatten(2).transpose(1, 2)  # N×HW×C
+    if center:
+        M = M - M.mean(dim=1, keepdim=True)
+    _, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    proj = torch.einsum("nzc,nc->nz", M, Vh[:, 0])
+    total = proj.sum(dim=1)
+    peak = proj.gather(1, proj.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    sign = torch.where(total.abs() > 1e-6 * proj.abs().sum(dim=1), total.sign(), peak.sign())
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    energy = S.pow(2)
+    share = energy[:, 0] / energy.sum(dim=1).clamp_min(torch.finfo(energy.dtype).tiny)
+    return (proj * sign.unsqueeze(1)).view(n, h, w), share
+
+
+@register_method
+class EigenCAM(PerturbationMethod):
+    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): ReLU of the projection of A (HW×C) on its first
+    right singular vector, sign fixed so the map is never randomly inverted.
+
+    Class-agnostic (no score, no forward beyond the shared one). Options: ``center`` (subtract the
+    per-channel mean before the SVD, as pytorch-grad-cam does; default False, as in the paper).
+    """
+
+    name = "eigencam"
+    title = "Eigen-CAM"
+    paper = "Muhammad & Yeasin 2020, Eigen-CAM: Class Activation Map using Principal Components"
+    options_allowed = ("center",)
+
+    def plan(self, session: Session) -> Plan:
+        A = session.activation()
+        center = self.bool_option("center", False)
+
+        def run() -> tuple[torch.Tensor, dict]:
+            proj, share = eigen_cam(A, center=center)
+            shares = [round(float(s), 6) for s in share]
+            return F.relu(proj), {"first_component_share": shares, "center": center}
+
+        return Plan(forwards=0, run=run)
+
+
+# --------------------------------------------------------------------------------------------------
+# Occlusion
+
+
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Start offsets of the patch along one axis: every ``stride``, plus one flush with the far edge."""
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
+def coverage(size: int, starts: list[int], patch: int, device: torch.device) -> torch.Tensor:
+    """size×windows float matrix: 1 where the pixel lies under the window."""
+    pixels = torch.arange(size, device=device).view(-1, 1)
+    first = torch.tensor(starts, device=device).view(1, -1)
+    return ((pixels >= first) & (pixels < first + patch)).float()
+
+
+@register_method
+class Occlusion(PerturbationMethod):
+    """Occlusion (Zeiler & Fergus, ECCV 2014, §4.3): the drop of the class score when a gray patch
+    covers each position, S^c(x) − S^c(x with the patch).
+
+    The patch (``patch``×``patch`` pixels, all channels) slides with ``stride``; one more window
+    sits flush with the right/bottom edge so every pixel is covered. The map is at pixel resolution:
+    each pixel gets the mean drop over the windows that cover it (patch 1, stride 1: the drop of
+    that pixel alone). Options: ``patch`` (default ⌊side/7⌋), ``stride`` (default patch/2),
+    ``fill`` (the patch's value in the model's *normalised* input space: default 0.0, i.e. the
+    dataset's mean colour, a mid gray for ImageNet statistics; ``"gray"`` for exactly RGB 0.5
+    through the bundle's normalisation; or a number / one number per channel), ``score``
+    (``"logit"`` | ``"probability"``, default the explanation's score; ZF plot the probability),
+    ``batch_size`` (default 32).
+    """
+
+    name = "occlusion"
+    title = "Occlusion"
+    paper = "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks (§4.3)"
+    options_allowed = ("batch_size", "patch", "stride", "fill", "score")
+    needs_activation = False
+
+    def plan(self, session: Session) -> Plan:
+        ctx = session.ctx
+        inputs = ctx.inputs
+        n, channels, height, width = inputs.shape
+        patch = self.int_option("patch", max(1, min(height, width) // 7))
+        if patch > min(height, width):
+            raise MethodError(f"occlusion: patch {patch} is larger than the {height}×{width} input")
+        stride = self.int_option("stride", max(1, patch // 2))
+        score = self.options.get("score", ctx.score)
+        if score not in SCORES:
+            raise MethodError(f"occlusion: score must be one of {SCORES}, not {score!r}")
+        fill, fill_label = self._fill(session, channels)
+        rows_y = coverage(height, window_starts(height, patch, stride), patch, inputs.device)
+        rows_x = coverage(width, window_starts(width, patch, stride), patch, inputs.device)
+        grid_h, grid_w = rows_y.shape[1], rows_x.shape[1]
+        per_sample = grid_h * grid_w
+        total = n * per_sample
+        owner = torch.arange(n, device=inputs.device).repeat_interleave(per_sample)
+        window = torch.arange(per_sample, device=inputs.device).repeat(n)
+
+        def make_batch(start: int, stop: int) -> torch.Tensor:
+            w = window[start:stop]
+            mask = rows_y[:, w // grid_w].T.unsqueeze(2) * rows_x[:, w % grid_w].T.unsqueeze(1)
+            return torch.where(mask.unsqueeze(1) > 0, fill, inputs[owner[start:stop]])
+
+        def run() -> tuple[torch.Tensor, dict]:
+            base = class_scores(session.logits(), ctx.targets, score)
+            occluded = session.scores(total, make_batch, ctx.targets[owner], score, self.batch_size)
+            drops = (base[owner] - occluded).view(n, grid_h, grid_w)
+            summed = torch.einsum("yi,nij,xj->nyx", rows_y, drops, rows_x)
+            counts = rows_y.sum(dim=1).view(-1, 1) * rows_x.sum(dim=1).view(1, -1)
+            extra = {
+                "patch": patch, "stride": stride, "fill": fill_label, "score": score,
+                "windows": [grid_h, grid_w], "forwards": total, "batch_size": self.batch_size,
+            }
+            return summed / counts, extra
+
+        return Plan(forwards=total, run=run)
+
+    def _fill(self, session: Session, channels: int) -> tuple[torch.Tensor, str | list[float]]:
+        """The patch value as a 1×C×1×1 tensor in the normalised input space, and how to report it."""
+        value = self.options.get("fill", 0.0)
+        device = session.ctx.inputs.device
+        if value == "gray":
+            pre = session.bundle.preprocess
+            if not hasattr(pre, "mean") or not hasattr(pre, "std"):
+                raise MethodError("occlusion: fill='gray' needs a bundle with a mean/std normalisation")
+            gray = [(0.5 - m) / s for m, s in zip(pre.mean, pre.std, strict=True)]
+            return torch.tensor(gray, device=device).view(1, -1, 1, 1), "gray"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return torch.full((1, channels, 1, 1), float(value), device=device), [float(value)]
+        if isinstance(value, (list, tuple)) and len(value) == channels:
+            values = [float(v) for v in value]
+            return torch.tensor(values, device=device).view(1, -1, 1, 1), values
+        raise MethodError(f"occlusion: fill must be a number, {channels} numbers or 'gray', not {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Family runner
+
+
+@register_family("perturbation")
+def run_perturbation_family(ctx: ExplainContext, names: list[str], options: dict) -> dict[str, MethodResult]:
+    """All requested perturbation methods, with progress over the sum of their forwards."""
+    methods = [get_method(name)(**options.get(name, {})) for name in names]
+    session = Session(ctx)
+    if any(m.needs_activation for m in methods):
+        session.activation()
+    session.logits()
+    plans: dict[str, Plan] = {}
+    for method in methods:
+        with Stopwatch(session.device) as sw:
+            plans[method.name] = method.plan(session)
+        plans[method.name].seconds = sw.seconds
+    session.total = sum(plan.forwards for plan in plans.values())
+    if session.total:
+        ctx.report(0, session.total)
+    else:
+        ctx.check_cancel()
+    results = {}
+    for name, plan in plans.items():
+        with Stopwatch(session.device) as sw:
+            raw, extra = plan.run()
+        results[name] = MethodResult(raw, plan.seconds + sw.seconds, extra)
+    return results
