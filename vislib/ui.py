@@ -1,0 +1,626 @@
+"""Pure helpers for the dashboard: no Streamlit in here, so all of it can be tested and timed alone.
+
+The pages (``app.py``, ``pages/*``) are thin: widgets in, one call into this module, render out.
+This module owns
+
+* the method catalogue as the UI shows it (grouped by family, default view, which methods depend
+  on the target layer),
+* the page state that lives in the URL (parse and serialise ``st.query_params``),
+* cache keys (SHA-256 of the image bytes plus every parameter),
+* the computation of a whole view (several layers, errors isolated per family and per method) and a
+  background job that reports progress and can be cancelled,
+* rendering: overlays, signed-RGB views of input-space signals, colour bars, the top-k bar chart,
+  feature-map and filter grids, PNG/NPZ downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from . import render
+from .errors import Cancelled, VislibError
+from .explain import Explanation, explain
+from .methods import METHODS
+from .methods.base import FAMILY_TITLES
+from .methods.registry import FAMILY_ORDER
+
+# --------------------------------------------------------------------------------------------------
+# Method catalogue
+
+#: The default view: the six gradient CAMs, guided backprop and Deconvnet (those that are registered).
+DEFAULT_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
+                   "guided_backprop", "deconvnet")
+#: Methods whose result does not depend on the target layer (computed once, not per layer row).
+LAYER_FREE = frozenset({"gradient", "deconvnet", "guided_backprop", "smoothgrad", "integrated_gradients",
+                        "occlusion"})
+#: Methods that need many forward passes: the UI marks them as slow.
+SLOW_METHODS = frozenset({"scorecam", "ablationcam", "occlusion", "smoothgrad", "integrated_gradients"})
+SCORES = ("logit", "probability")
+SIGNAL_VIEWS = ("signed RGB", "magnitude", "heatmap")
+
+
+def methods_by_family(methods: Mapping[str, type] | None = None) -> dict[str, list[str]]:
+    """Registered method names grouped by family, families in the order ``explain`` runs them."""
+    methods = METHODS if methods is None else methods
+    groups: dict[str, list[str]] = {}
+    families = list(FAMILY_ORDER) + sorted({c.family for c in methods.values()} - set(FAMILY_ORDER))
+    for family in families:
+        names = [n for n, c in methods.items() if c.family == family]
+        if names:
+            groups[family] = names
+    return groups
+
+
+def family_title(family: str) -> str:
+    return FAMILY_TITLES.get(family, family.title())
+
+
+def method_title(name: str) -> str:
+    cls = METHODS.get(name)
+    return getattr(cls, "title", name) if cls is not None else name
+
+
+def method_summary(name: str) -> str:
+    """The first paragraph of the method's docstring (it carries the formula), on one line."""
+    doc = (METHODS[name].__doc__ or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def default_methods(available: Iterable[str] | None = None) -> list[str]:
+    available = list(METHODS if available is None else available)
+    return [m for m in DEFAULT_METHODS if m in available]
+
+
+def uses_layer(name: str) -> bool:
+    """Whether the method's result depends on the target layer (a class may say so with ``uses_layer``)."""
+    flag = getattr(METHODS.get(name), "uses_layer", None)
+    return bool(flag) if flag is not None else name not in LAYER_FREE
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+
+
+def layer_label(name: str, shape: Sequence[int]) -> str:
+    """``layer4 · 512×7×7``."""
+    return f"{name} · {'×'.join(str(s) for s in shape)}"
+
+
+_SKIP_IN_WALK = ("BatchNorm", "Dropout", "Identity")
+
+
+def walk_layers(bundle, *, everything: bool = False) -> list[str]:
+    """Target layers in forward (definition) order for walking through the network.
+
+    By default a readable subset: blocks and stages up to two levels deep, without batch norm or
+    dropout; ``everything=True`` gives every candidate layer.
+    """
+    names = list(bundle.layers)
+    if everything:
+        return names
+    modules = dict(bundle.model.named_modules())
+    keep = [n for n in names
+            if n.count(".") <= 1 and not type(modules[n]).__name__.startswith(_SKIP_IN_WALK)]
+    return keep or names
+
+
+# --------------------------------------------------------------------------------------------------
+# Page state in the URL
+
+
+@dataclass
+class ViewState:
+    """What a link must reproduce: model, weights, layer(s), class, methods, score, sample."""
+
+    model: str | None = None
+    weights: str | None = None  # "pretrained" | "random"
+    layer: str | None = None
+    layers: list[str] = field(default_factory=list)  # extra rows
+    target: int | None = None
+    methods: list[str] | None = None
+    score: str | None = None
+    sample: str | None = None
+
+
+def _one(value) -> str | None:
+    if isinstance(value, (list, tuple)):
+        value = value[-1] if value else None
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+def _split(value) -> list[str]:
+    text = _one(value)
+    return [v.strip() for v in text.split(",") if v.strip()] if text else []
+
+
+def parse_query(
+    params: Mapping, *, models: Sequence[str], methods: Sequence[str],
+) -> tuple[ViewState, list[str]]:
+    """Parse ``st.query_params`` into a :class:`ViewState`; unknown values are dropped with a note.
+
+    Layers are checked later against the loaded model.
+    """
+    notes: list[str] = []
+    state = ViewState()
+    model = _one(params.get("model"))
+    if model is not None:
+        if model in models:
+            state.model = model
+        else:
+            notes.append(f"unknown model {model!r} in the link; using the default")
+    weights = _one(params.get("weights"))
+    if weights in ("pretrained", "random"):
+        state.weights = weights
+    state.layer = _one(params.get("layer"))
+    state.layers = _split(params.get("layers"))
+    target = _one(params.get("class"))
+    if target is not None:
+        if target.isdigit():
+            state.target = int(target)
+        else:
+            notes.append(f"class {target!r} in the link is not a class index; explaining the top class")
+    if params.get("methods") is not None:
+        wanted = _split(params.get("methods"))
+        unknown = [m for m in wanted if m not in methods]
+        if unknown:
+            notes.append(f"unknown method(s) in the link: {', '.join(unknown)}")
+        state.methods = [m for m in wanted if m in methods]
+    score = _one(params.get("score"))
+    if score in SCORES:
+        state.score = score
+    state.sample = _one(params.get("sample"))
+    return state, notes
+
+
+def to_query(state: ViewState) -> dict[str, str]:
+    """The URL parameters for ``state`` (empty values left out)."""
+    out = {
+        "model": state.model,
+        "weights": state.weights,
+        "layer": state.layer,
+        "layers": ",".join(state.layers) if state.layers else None,
+        "class": str(state.target) if state.target is not None else None,
+        "methods": ",".join(state.methods) if state.methods is not None else None,
+        "score": state.score,
+        "sample": state.sample,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache keys
+
+
+def image_digest(data: bytes) -> str:
+    """SHA-256 of the image file's bytes (the identity of an upload)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def result_key(digest: str, **params) -> str:
+    """SHA-256 over the image digest and every parameter that changes the result."""
+    payload = json.dumps({"image": digest, **params}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Computing a view
+
+
+@dataclass
+class LayerRow:
+    """One row of the results grid: the methods computed at one target layer."""
+
+    layer: str
+    methods: list[str]
+    explanation: Explanation | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # method -> message
+    explanations: dict[str, Explanation] = field(default_factory=dict)  # method -> its explanation
+
+    def has(self, method: str) -> bool:
+        return method in self.explanations
+
+
+@dataclass
+class ViewResult:
+    """Everything the Explain page shows, picklable (it goes through ``st.cache_data``)."""
+
+    rows: list[LayerRow]
+    probs: np.ndarray | None
+    target: int | None
+    labels: list[str]
+    input_image: Image.Image | None
+    model: str
+    weights: str
+    score: str
+    seconds: float
+    pass_timings: dict[str, float] = field(default_factory=dict)
+
+    def top_k(self, k: int = 5) -> list[tuple[int, str, float]]:
+        if self.probs is None:
+            return []
+        order = np.argsort(-self.probs)[:k]
+        return [(int(i), self.labels[i], float(self.probs[i])) for i in order]
+
+    @property
+    def errors(self) -> list[tuple[str, str, str]]:
+        """(layer, method, message) for every method that failed."""
+        return [(row.layer, m, msg) for row in self.rows for m, msg in row.errors.items()]
+
+
+def plan_rows(methods: Sequence[str], layer: str, extra_layers: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The first row holds every method; extra layer rows only the methods that depend on a layer."""
+    rows = [(layer, list(methods))]
+    layered = [m for m in methods if uses_layer(m)]
+    for extra in extra_layers:
+        if extra != layer and layered and extra not in [r[0] for r in rows]:
+            rows.append((extra, layered))
+    return rows
+
+
+def _explain_isolated(
+    bundle, image, methods, layer, *, explain_kw,
+) -> tuple[dict[str, Explanation], dict[str, str]]:
+    """Explain ``methods``; when that fails, retry per family, then per method, to isolate the failure.
+
+    A :class:`Cancelled` is never swallowed. Returns (method → explanation, method → error message).
+    """
+    try:
+        result = explain(bundle, image, methods, layer=layer, **explain_kw)
+        return {m: result for m in methods}, {}
+    except Cancelled:
+        raise
+    except VislibError as exc:
+        if len(methods) == 1:
+            return {}, {methods[0]: str(exc)}
+    found: dict[str, Explanation] = {}
+    errors: dict[str, str] = {}
+    groups = methods_by_family({m: METHODS[m] for m in methods})
+    for names in groups.values():
+        if len(groups) == 1:  # the whole request was this family: go straight to single methods
+            break
+        try:
+            result = explain(bundle, image, names, layer=layer, **explain_kw)
+            found.update({m: result for m in names})
+        except Cancelled:
+            raise
+        except VislibError:
+            pass
+    for name in methods:
+        if name in found:
+            continue
+        try:
+            found[name] = explain(bundle, image, [name], layer=layer, **explain_kw)
+        except Cancelled:
+            raise
+        except VislibError as exc:
+            errors[name] = str(exc)
+    return found, errors
+
+
+def compute_view(
+    bundle,
+    image,
+    methods: Sequence[str],
+    *,
+    layer: str | None = None,
+    extra_layers: Sequence[str] = (),
+    target=None,
+    score: str = "logit",
+    options: dict | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> ViewResult:
+    """Compute every panel of the Explain page.
+
+    ``image``: anything :func:`vislib.load_image` takes. Input, layer and target errors raise a
+    :class:`VislibError` (the whole view is unusable); a method that does not fit the model or layer
+    only marks its own panel. ``progress(done, total, text)`` is called from this thread.
+    """
+    from .imageio import load_image
+
+    start = time.perf_counter()
+    image = load_image(image) if not isinstance(image, Image.Image) else image
+    layer = layer or bundle.default_layer
+    if layer not in bundle.layers:
+        from .hooks import resolve_layer
+
+        resolve_layer(bundle, layer)  # raises a LayerError with a hint
+    bad = [x for x in extra_layers if x not in bundle.layers]
+    if bad:
+        from .hooks import resolve_layer
+
+        resolve_layer(bundle, bad[0])
+    plan = plan_rows(methods, layer, extra_layers)
+    rows: list[LayerRow] = []
+    first: Explanation | None = None
+    for index, (row_layer, row_methods) in enumerate(plan):
+        label = f"{row_layer} ({index + 1}/{len(plan)})" if len(plan) > 1 else row_layer
+
+        def report(done: int, total: int, _label=label) -> None:
+            if progress is not None:
+                progress(done, total, _label)
+
+        explain_kw = dict(target=target, score=score, options=options, progress=report, cancel=cancel)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled by the caller")
+        found, errors = _explain_isolated(bundle, image, row_methods, row_layer, explain_kw=explain_kw)
+        row = LayerRow(row_layer, list(row_methods), errors=errors, explanations=found)
+        row.explanation = next(iter(found.values()), None)
+        first = first or row.explanation
+        rows.append(row)
+    if first is None:  # every method failed: still show the prediction
+        with bundle.lock, torch.no_grad():
+            tensor = bundle.to_input([bundle.input_view(image)])
+            logits = bundle.model(tensor)
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        from .explain import resolve_targets
+
+        tgt = int(resolve_targets(bundle.labels, logits, target)[0])
+        view = bundle.input_view(image)
+    else:
+        probs, tgt, view = first.probs, int(first.target), first.input_image
+    timings: dict[str, float] = {}
+    for row in rows:
+        for expl in {id(e): e for e in row.explanations.values()}.values():
+            for k, v in expl.pass_timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+    return ViewResult(
+        rows=rows, probs=probs, target=tgt, labels=list(bundle.labels), input_image=view,
+        model=bundle.name, weights=bundle.weights, score=score, seconds=time.perf_counter() - start,
+        pass_timings=timings,
+    )
+
+
+class BackgroundJob:
+    """Run ``fn(progress, cancel)`` in a worker thread, so the page can poll, draw and cancel.
+
+    ``progress(done, total, text)`` updates :attr:`fraction` and :attr:`text`; :meth:`cancel` sets
+    the event that vislib checks between passes (it raises :class:`Cancelled` there, leaving the
+    model clean); :meth:`result` re-raises the worker's exception.
+    """
+
+    def __init__(self, fn: Callable[[Callable, threading.Event], object]):
+        self._fn = fn
+        self.cancel_event = threading.Event()
+        self._finished = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+        self.fraction = 0.0
+        self.text = ""
+        self.started = 0.0
+        self._thread = threading.Thread(target=self._run, name="vislib-job", daemon=True)
+
+    def start(self) -> BackgroundJob:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _progress(self, done: int, total: int, text: str = "") -> None:
+        self.fraction = min(1.0, max(0.0, done / total)) if total else 0.0
+        self.text = f"{text}: {done}/{total}" if text else f"{done}/{total}"
+
+    def _run(self) -> None:
+        try:
+            self._result = self._fn(self._progress, self.cancel_event)
+        except BaseException as exc:  # handed to the caller in result()
+            self._error = exc
+        finally:
+            self._finished.set()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def cancel(self, join_timeout: float | None = 60.0) -> bool:
+        """Ask the worker to stop and wait for it; True when it has finished."""
+        self.cancel_event.set()
+        self._thread.join(join_timeout)
+        return self.done
+
+    def result(self):
+        if not self.done:
+            raise RuntimeError("the job has not finished")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def is_signal(raw: np.ndarray) -> bool:
+    """An input-space signal (3×H×W, e.g. guided backprop) rather than a map (h×w)."""
+    return raw.ndim == 3 and raw.shape[0] == 3
+
+
+def panel_image(
+    row: LayerRow, method: str, *, alpha: float = 0.5, colormap: str = "jet", signal_view: str = "signed RGB",
+) -> Image.Image:
+    """The picture of one panel: an overlay for maps, the signal itself (or its heatmap) for signals."""
+    expl = row.explanations[method]
+    raw = expl.raw[method]
+    if is_signal(raw) and signal_view == "signed RGB":
+        return render.signed_rgb(raw)
+    if is_signal(raw) and signal_view == "magnitude":
+        return render.magnitude_gray(raw).convert("RGB")
+    return render.overlay(expl.input_image, expl.maps[method], alpha=alpha, colormap=colormap)
+
+
+@dataclass
+class Panel:
+    layer: str
+    method: str
+    title: str
+    seconds: float | None = None
+    flat: bool = False
+    error: str | None = None
+    signal: bool = False
+
+    @property
+    def caption(self) -> str:
+        if self.error:
+            return self.title
+        text = f"{self.title} · {format_seconds(self.seconds or 0.0)}"
+        return text + " · flat map" if self.flat else text
+
+
+def panels(result: ViewResult) -> list[list[Panel]]:
+    """The grid as rows (one per layer) of panels (one per method), errors included."""
+    grid = []
+    for row in result.rows:
+        line = []
+        for method in row.methods:
+            title = method_title(method)
+            if method in row.errors:
+                line.append(Panel(row.layer, method, title, error=row.errors[method]))
+                continue
+            expl = row.explanations[method]
+            line.append(Panel(
+                row.layer, method, title, seconds=expl.timings[method],
+                flat=bool(np.any(expl.flat[method])), signal=is_signal(expl.raw[method]),
+            ))
+        grid.append(line)
+    return grid
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1.0:
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.0095 else f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def colorbar(colormap: str = "jet", width: int = 256, height: int = 14) -> Image.Image:
+    """A horizontal colour bar for the shared [0, 1] scale."""
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    return render.heatmap(ramp, colormap)
+
+
+def render_all(
+    result: ViewResult, *, alpha: float, colormap: str, signal_view: str,
+) -> dict[tuple[str, str], Image.Image]:
+    """Every panel image of a view (what a re-render after an opacity/colormap change costs)."""
+    out = {}
+    for row in result.rows:
+        for method in row.explanations:
+            out[(row.layer, method)] = panel_image(row, method, alpha=alpha, colormap=colormap,
+                                                   signal_view=signal_view)
+    return out
+
+
+def topk_figure(top: Sequence[tuple[int, str, float]], target: int | None):
+    """Horizontal bars of the top-k class probabilities, the explained class highlighted.
+
+    Each bar carries its class index in ``customdata`` so a click can be turned back into a class.
+    """
+    import plotly.graph_objects as go
+
+    top = list(top)[::-1]  # plotly draws the first bar at the bottom
+    labels = [f"{label} " for _, label, _ in top]
+    colours = ["#e4572e" if idx == target else "#7a9cc6" for idx, _, _ in top]
+    fig = go.Figure(go.Bar(
+        x=[p for _, _, p in top], y=labels, orientation="h", marker_color=colours,
+        customdata=[idx for idx, _, _ in top], text=[f"{p:.1%}" for _, _, p in top],
+        textposition="outside", cliponaxis=False,
+        hovertemplate="%{y}: %{x:.2%}<br>class %{customdata}<extra>click to explain</extra>",
+    ))
+    top_p = max((p for _, _, p in top), default=1.0)
+    span = min(1.0, 1.25 * top_p) or 1.0
+    tickformat = ".0%" if span >= 0.05 else ".1%" if span >= 0.005 else ".2%"
+    fig.update_layout(
+        height=60 + 34 * max(1, len(top)), margin=dict(l=8, r=48, t=8, b=8), showlegend=False,
+        xaxis=dict(range=[0, span], tickformat=tickformat, title=None, fixedrange=True),
+        yaxis=dict(fixedrange=True, automargin=True), clickmode="event+select", dragmode=False,
+        bargap=0.25,
+    )
+    return fig
+
+
+def class_from_selection(selection, classes: Sequence[int] | None = None) -> int | None:
+    """The class index of the first selected bar of :func:`topk_figure` (``None`` if none)."""
+    if selection is None:
+        return None
+    sel = selection.get("selection", selection) if isinstance(selection, Mapping) else selection
+    points = sel.get("points", []) if isinstance(sel, Mapping) else getattr(sel, "points", [])
+    for point in points or []:
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)):
+            data = data[0] if data else None
+        if data is not None:
+            return int(data)
+        index = point.get("point_index", point.get("point_number"))
+        if index is not None and classes is not None:
+            ordered = list(classes)[::-1]  # the figure's bar order
+            if 0 <= int(index) < len(ordered):
+                return int(ordered[int(index)])
+    return None
+
+
+def maps_npz(result: ViewResult) -> bytes:
+    """All maps of a view in one ``.npz``: ``<method>@<layer>`` (H×W in [0, 1]), raw outputs as
+    ``raw/<method>@<layer>``, the input view, the class probabilities and the target."""
+    arrays: dict[str, np.ndarray] = {}
+    for row in result.rows:
+        for method, expl in row.explanations.items():
+            arrays[f"{method}@{row.layer}"] = expl.maps[method]
+            arrays[f"raw/{method}@{row.layer}"] = expl.raw[method]
+    if result.input_image is not None:
+        arrays["input"] = np.asarray(result.input_image)
+    if result.probs is not None:
+        arrays["probs"] = result.probs
+    arrays["target"] = np.array(-1 if result.target is None else result.target)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def safe_filename(*parts: str) -> str:
+    text = "_".join(parts)
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "file"
+
+
+# --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Samples
+
+
+def sample_choices() -> dict[str, Path | None]:
+    """Sample name → file; when no sample ships yet, one generated picture (``None``)."""
+    from .models import sample_images
+
+    files = {p.stem: p for p in sample_images()}
+    return files or {"generated shapes": None}
+
+
+def generated_sample(size: int = 256) -> bytes:
+    """A small synthetic picture (a few shapes on a soft background) as PNG bytes."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = np.stack([0.55 + 0.25 * xx, 0.6 + 0.2 * yy, 0.75 - 0.2 * xx], axis=-1)
+    img = Image.fromarray((base * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    s = size
+    draw.ellipse((0.12 * s, 0.18 * s, 0.45 * s, 0.51 * s), fill=(214, 60, 45))
+    draw.rectangle((0.58 * s, 0.55 * s, 0.86 * s, 0.83 * s), fill=(40, 90, 170))
+    draw.polygon([(0.62 * s, 0.12 * s), (0.88 * s, 0.42 * s), (0.52 * s, 0.42 * s)], fill=(245, 200, 40))
+    return render.to_png_bytes(img)
