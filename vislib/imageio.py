@@ -21,6 +21,7 @@ ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
 MAX_PIXELS = 40_000_000  # our own ceiling, below Pillow's bomb threshold
 MAX_BYTES = 50 * 1024 * 1024
 MIN_SIDE = 8
+MAX_ASPECT = 20.0  # a 5000×8 strip would become a 140000×224 view after resizing its short side
 NEUTRAL_BACKGROUND = (128, 128, 128)
 
 ImageSource = "str | os.PathLike | bytes | Image.Image | np.ndarray"
@@ -62,11 +63,7 @@ def decode_image_bytes(data: bytes, *, name: str = "image") -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
-            if img.width * img.height > MAX_PIXELS:
-                raise InputError(
-                    f"{name}: {img.width}×{img.height} pixels is more than the limit of "
-                    f"{MAX_PIXELS // 1_000_000} megapixels"
-                )
+            _check_geometry(img, name)
             img.seek(0)  # animated images: first frame
             img.load()
         except InputError:
@@ -74,6 +71,8 @@ def decode_image_bytes(data: bytes, *, name: str = "image") -> Image.Image:
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
             raise InputError(f"{name}: image is too large (decompression bomb guard)") from None
         except UnidentifiedImageError:
+            if _looks_like_allowed_format(data):
+                raise InputError(f"{name}: the image file is broken or truncated") from None
             allowed = ", ".join(sorted(ALLOWED_FORMATS))
             raise InputError(f"{name}: not a supported image (allowed: {allowed})") from None
         except (OSError, SyntaxError, ValueError) as exc:
@@ -81,25 +80,53 @@ def decode_image_bytes(data: bytes, *, name: str = "image") -> Image.Image:
     return _to_rgb(img, name=name)
 
 
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_allowed_format(data: bytes) -> bool:
+    """True when the bytes start like a format we accept (so a decoding failure means damage)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    return data.startswith(_SIGNATURES)
+
+
+def _check_geometry(img: Image.Image, name: str) -> None:
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise InputError(
+            f"{name}: {width}×{height} pixels is more than the limit of {MAX_PIXELS // 1_000_000} megapixels"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"{name}: {width}×{height} is too small (at least {MIN_SIDE} px a side)")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise InputError(f"{name}: {width}×{height} is too elongated (aspect ratio above {MAX_ASPECT:g}:1)")
+
+
 def _to_rgb(img: Image.Image, *, name: str = "image") -> Image.Image:
+    _check_geometry(img, name)
     try:
-        img = ImageOps.exif_transpose(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF must not stop a good image
         pass
-    if img.width < MIN_SIDE or img.height < MIN_SIDE:
-        raise InputError(f"{name}: {img.width}×{img.height} is too small (at least {MIN_SIDE} px a side)")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         scale = (hi - lo) or 1.0
         img = Image.fromarray(((arr - lo) / scale * 255).round().astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, NEUTRAL_BACKGROUND + (255,))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    try:
+        if img.mode == "P":
+            img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            img.mode in ("L", "RGB") and "transparency" in img.info
+        ):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, NEUTRAL_BACKGROUND + (255,))
+            img = Image.alpha_composite(background, rgba)
+        return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{name}: cannot convert an image of mode {img.mode} to RGB ({exc})") from None
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
