@@ -10,6 +10,7 @@ The hook is removed and the caller's grad mode restored in ``finally``, whatever
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,22 @@ class Captured:
     activation: torch.Tensor | None = None
 
 
+def this_thread_only(hook):
+    """Wrap a module hook so that it acts only on forward passes run by the registering thread.
+
+    Hooks are registered on the shared model, so without this a forward pass of another user's
+    request, running at the same time in another thread, would trigger (and corrupt) ours.
+    """
+    owner = threading.get_ident()
+
+    def guarded(*args):
+        if threading.get_ident() != owner:
+            return None
+        return hook(*args)
+
+    return guarded
+
+
 @contextmanager
 def capture_layer(module: nn.Module, *, grad: bool) -> Iterator[Captured]:
     """Record ``module``'s output during a forward pass run inside this context.
@@ -67,7 +84,7 @@ def capture_layer(module: nn.Module, *, grad: bool) -> Iterator[Captured]:
         torch.set_grad_enabled(True)
         return leaf.clone()
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(this_thread_only(hook))
     try:
         yield captured
     finally:
