@@ -68,3 +68,42 @@ def to_png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Input-space signals (gradient, Deconvnet, guided backprop, SmoothGrad, IG): 3×H×W signed arrays
+
+
+def _signal_array(signal) -> np.ndarray:
+    if hasattr(signal, "detach"):
+        signal = signal.detach().float().cpu().numpy()
+    arr = np.nan_to_num(np.asarray(signal, dtype=np.float32))
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise ValueError(f"an input-space signal is 3×H×W (channels first), not shape {arr.shape}")
+    return arr
+
+
+def _robust_max(values: np.ndarray, percentile: float) -> float:
+    """The ``percentile`` of ``values`` (falling back to the maximum when that is 0)."""
+    top = float(values.max()) if values.size else 0.0
+    q = float(np.percentile(values, percentile)) if values.size else 0.0
+    return q if q > 0 else top
+
+
+def signed_rgb(signal, *, percentile: float = 99.5) -> Image.Image:
+    """Signed RGB view of a 3×H×W signal: 0 is mid-gray, each channel's sign and size shown around it,
+    one symmetric scale for all channels, clipped at the ``percentile`` of |signal|."""
+    arr = _signal_array(signal)
+    scale = _robust_max(np.abs(arr), percentile)
+    unit = np.clip(arr / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(arr)
+    rgb = (0.5 + 0.5 * unit).transpose(1, 2, 0)
+    return Image.fromarray((rgb * 255.0).round().astype(np.uint8))
+
+
+def magnitude_gray(signal, *, percentile: float = 99.5) -> Image.Image:
+    """Grayscale magnitude view of a 3×H×W signal: max |·| over channels, clipped at its
+    ``percentile`` and scaled to [0, 255] (black = no signal)."""
+    mag = np.abs(_signal_array(signal)).max(axis=0)
+    scale = _robust_max(mag, percentile)
+    unit = np.clip(mag / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(mag)
+    return Image.fromarray((unit * 255.0).round().astype(np.uint8), mode="L")

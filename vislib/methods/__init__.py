@@ -6,4 +6,5 @@ Each family has one runner that computes every requested method of the family fr
 
 from .base import METHODS, Method, method_names, register_method  # noqa: F401
 from . import cam  # noqa: F401  (registers the CAM family)
+from . import backprop  # noqa: F401  (registers the backprop family)
 from . import perturbation  # noqa: F401  (registers the perturbation family)
