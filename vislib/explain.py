@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,6 +51,7 @@ class Explanation:
     weights: str
     batched: bool = False
     extras: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. an out-of-memory retry
 
     @property
     def methods(self) -> list[str]:
@@ -84,6 +88,7 @@ def explain(
     options: dict[str, dict] | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> Explanation:
     """Explain one image or a batch with several methods, sharing passes between them.
 
@@ -91,49 +96,171 @@ def explain(
     or an already preprocessed tensor (3×H×W or N×3×H×W). ``target``: a class index, a label, or
     ``None`` for the top-1 class; a batch takes one target for all or a list with one per sample.
     ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output).
+    ``options``: per-method settings, e.g. ``{"scorecam": {"batch_size": 64}}``. ``progress(done,
+    total)`` is called by long methods; setting ``cancel`` stops them (raising ``Cancelled``);
+    ``on_wait()`` is called if the explanation has to wait for a free GPU slot.
     """
     if isinstance(bundle, str):
         bundle = load_model(bundle)
     if score not in SCORES:
         raise MethodError(f"score must be one of {SCORES}, not {score!r}")
     names = parse_methods(methods)
-    options = options or {}
     batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
     layer_name, _ = resolve_layer(bundle, layer)
+    job = _Job(names=names, layer=layer_name, score=score, options=options or {}, progress=progress,
+               cancel=cancel)
+    with device_slot(bundle.device, on_wait):
+        part = _compute_resilient(bundle, inputs, target, job)
+    pick = (lambda a: a) if batched else (lambda a: a[0])
+    return Explanation(
+        maps={m: pick(a) for m, a in part.maps.items()},
+        raw={m: pick(a) for m, a in part.raw.items()},
+        flat={m: pick(a) for m, a in part.flat.items()},
+        timings=part.timings, pass_timings=part.pass_timings, probs=pick(part.probs),
+        target=part.targets if batched else part.targets[0],
+        input_image=views if batched else views[0], labels=bundle.labels, layer=layer_name,
+        score=score, model=bundle.name, weights=bundle.weights, batched=batched, extras=part.extras,
+        notes=job.notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One batch through the family runners, with out-of-memory recovery
+
+GPU_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("VISLIB_GPU_SLOTS", "2"))))
+
+
+@contextmanager
+def device_slot(device: torch.device, on_wait: Callable[[], None] | None = None):
+    """Bound the number of explanations running at once on the GPU; the rest wait their turn."""
+    if device.type != "cuda":
+        yield
+        return
+    if not GPU_SLOTS.acquire(blocking=False):
+        if on_wait is not None:
+            on_wait()
+        GPU_SLOTS.acquire()
+    try:
+        yield
+    finally:
+        GPU_SLOTS.release()
+
+
+@dataclass
+class _Job:
+    names: list[str]
+    layer: str
+    score: str
+    options: dict
+    progress: Callable[[int, int], None] | None
+    cancel: threading.Event | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Part:
+    """Results for a batch, every array with the batch first."""
+
+    maps: dict[str, np.ndarray]
+    raw: dict[str, np.ndarray]
+    flat: dict[str, np.ndarray]
+    timings: dict[str, float]
+    pass_timings: dict[str, float]
+    probs: np.ndarray
+    targets: list[int]
+    extras: dict[str, dict]
+
+
+def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _Part:
     ctx = ExplainContext(
-        bundle=bundle, inputs=inputs, layer=layer_name, score=score, target_spec=target,
+        bundle=bundle, inputs=inputs, layer=job.layer, score=job.score, target_spec=target,
         resolve_targets=lambda logits, spec: resolve_targets(bundle.labels, logits, spec),
-        progress=progress, cancel=cancel,
+        progress=job.progress, cancel=job.cancel,
     )
     results = {}
     for family in FAMILY_ORDER:
-        wanted = [n for n in names if METHODS[n].family == family]
+        wanted = [n for n in job.names if METHODS[n].family == family]
         if wanted:
-            results.update(FAMILY_RUNNERS[family](ctx, wanted, options))
+            results.update(FAMILY_RUNNERS[family](ctx, wanted, job.options))
     if ctx.logits is None:
         with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
             ctx.set_logits(bundle.model(inputs))
         ctx.pass_timings["forward"] = sw.seconds
     size = tuple(inputs.shape[-2:])
-    maps, raw, flat, timings, extras = {}, {}, {}, {}, {}
-    for name in names:
+    part = _Part({}, {}, {}, {}, dict(ctx.pass_timings), probs=np.empty(0), targets=[], extras={})
+    for name in job.names:
         result = results[name]
         with Stopwatch(bundle.device) as sw:
             display = result.extra.pop("display", result.raw)
             normed, is_flat = normalize_maps(display, size)
-        maps[name] = _unbatch(normed.cpu().numpy(), batched)
-        raw[name] = _unbatch(result.raw.detach().float().cpu().numpy(), batched)
-        flat[name] = _unbatch(is_flat.cpu().numpy(), batched)
-        timings[name] = result.seconds + sw.seconds
+        part.maps[name] = normed.cpu().numpy()
+        part.raw[name] = result.raw.detach().float().cpu().numpy()
+        part.flat[name] = is_flat.cpu().numpy()
+        part.timings[name] = result.seconds + sw.seconds
         if result.extra:
-            extras[name] = result.extra
-    probs = F.softmax(ctx.logits.float(), dim=1).cpu().numpy()
-    targets = ctx.targets.cpu().tolist()
-    return Explanation(
-        maps=maps, raw=raw, flat=flat, timings=timings, pass_timings=dict(ctx.pass_timings),
-        probs=_unbatch(probs, batched), target=targets if batched else targets[0],
-        input_image=views if batched else views[0], labels=bundle.labels, layer=layer_name,
-        score=score, model=bundle.name, weights=bundle.weights, batched=batched, extras=extras,
+            part.extras[name] = result.extra
+    part.probs = F.softmax(ctx.logits.float(), dim=1).cpu().numpy()
+    part.targets = ctx.targets.cpu().tolist()
+    return part
+
+
+def _compute_resilient(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _Part:
+    """``_compute``; on a GPU out-of-memory error, retry in two halves, then on a CPU copy.
+
+    The shared model is never moved: the CPU fallback uses a private copy, made once per bundle.
+    """
+    try:
+        return _compute(bundle, inputs, target, job)
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        n = inputs.shape[0]
+        if n > 1:
+            job.notes.append(f"out of GPU memory with a batch of {n}: retried in two halves")
+            half = n // 2
+            first, second = _split_target(target, half)
+            a = _compute_resilient(bundle, inputs[:half], first, job)
+            b = _compute_resilient(bundle, inputs[half:], second, job)
+            return _merge(a, b)
+        if not can_fall_back_to_cpu(bundle):
+            raise
+        job.notes.append("out of GPU memory: this image was explained on the CPU")
+        return _compute(cpu_copy(bundle), inputs.cpu(), target, job)
+
+
+def can_fall_back_to_cpu(bundle: ModelBundle) -> bool:
+    return bundle.device.type != "cpu"
+
+
+def cpu_copy(bundle: ModelBundle) -> ModelBundle:
+    """A private CPU copy of the bundle (made once, under the bundle's lock)."""
+    with bundle.lock:
+        if bundle.cpu_fallback is None:
+            bundle.cpu_fallback = replace(
+                bundle, model=copy.deepcopy(bundle.model).cpu(), device=torch.device("cpu"),
+                lock=threading.RLock(), cpu_fallback=None,
+            )
+        return bundle.cpu_fallback
+
+
+def _split_target(target, half: int):
+    if isinstance(target, torch.Tensor):
+        target = target.tolist()
+    if isinstance(target, (list, tuple, np.ndarray)):
+        return list(target[:half]), list(target[half:])
+    return target, target
+
+
+def _merge(a: _Part, b: _Part) -> _Part:
+    cat = lambda x, y: np.concatenate([x, y], axis=0)  # noqa: E731
+    return _Part(
+        maps={m: cat(a.maps[m], b.maps[m]) for m in a.maps},
+        raw={m: cat(a.raw[m], b.raw[m]) for m in a.raw},
+        flat={m: cat(a.flat[m], b.flat[m]) for m in a.flat},
+        timings={m: a.timings[m] + b.timings.get(m, 0.0) for m in a.timings},
+        pass_timings={k: a.pass_timings.get(k, 0.0) + b.pass_timings.get(k, 0.0)
+                      for k in {**a.pass_timings, **b.pass_timings}},
+        probs=cat(a.probs, b.probs), targets=a.targets + b.targets, extras={**b.extras, **a.extras},
     )
 
 
@@ -234,7 +361,3 @@ def _tensor_view(bundle: ModelBundle, tensor: torch.Tensor) -> Image.Image:
     lo, hi = tensor.min(), tensor.max()
     arr = ((tensor - lo) / (hi - lo).clamp_min(1e-12)).mul(255).round().byte()
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
-
-
-def _unbatch(array: np.ndarray, batched: bool) -> np.ndarray:
-    return array if batched else array[0]

@@ -90,6 +90,7 @@ class ModelBundle:
     weights: str = "random"
     card: dict | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    cpu_fallback: ModelBundle | None = field(default=None, repr=False)  # made on a GPU out-of-memory
 
     def input_view(self, img: Image.Image) -> Image.Image:
         """The image as the model sees it (resized and cropped), for overlays that line up."""

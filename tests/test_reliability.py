@@ -1,0 +1,83 @@
+"""Faults and shared state: out-of-memory recovery, bounded memory, concurrent users."""
+
+import importlib
+import resource
+
+import numpy as np
+import pytest
+import torch
+from helpers import GapNet, assert_untouched, snapshot, tiny_bundle
+
+import vislib
+from vislib.methods.registry import FAMILY_RUNNERS
+
+explain_module = importlib.import_module("vislib.explain")  # the module, not the function
+
+SIX = ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+
+
+@pytest.fixture
+def gap():
+    torch.manual_seed(1)
+    return tiny_bundle(GapNet())
+
+
+def oom_when(predicate):
+    """Wrap the CAM runner so that it raises a CUDA out-of-memory error when predicate(ctx) holds."""
+    real = FAMILY_RUNNERS["cam"]
+    calls = []
+
+    def runner(ctx, names, options):
+        calls.append((ctx.bundle, ctx.inputs.shape[0]))
+        if predicate(ctx):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(ctx, names, options)
+
+    return runner, calls
+
+
+def test_oom_with_a_batch_retries_in_halves(gap, monkeypatch):
+    x = torch.rand(4, 3, 16, 16)
+    reference = vislib.explain(gap, x, methods=SIX, target=[0, 1, 2, 3])
+    runner, calls = oom_when(lambda ctx: ctx.inputs.shape[0] > 1)
+    monkeypatch.setitem(FAMILY_RUNNERS, "cam", runner)
+    before = snapshot(gap.model)
+    result = vislib.explain(gap, x, methods=SIX, target=[0, 1, 2, 3])
+    assert [n for _, n in calls] == [4, 2, 1, 1, 2, 1, 1]
+    for m in SIX:
+        np.testing.assert_allclose(result.maps[m], reference.maps[m], atol=1e-6)
+    np.testing.assert_allclose(result.probs, reference.probs, atol=1e-6)
+    assert result.target == [0, 1, 2, 3]
+    assert any("retried in two halves" in note for note in result.notes)
+    assert_untouched(gap.model, before)
+
+
+def test_oom_on_one_image_falls_back_to_a_private_cpu_copy(gap, monkeypatch):
+    x = torch.rand(3, 16, 16)
+    reference = vislib.explain(gap, x, methods=["gradcam"])
+    runner, calls = oom_when(lambda ctx: ctx.bundle is gap)  # the shared bundle always fails
+    monkeypatch.setitem(FAMILY_RUNNERS, "cam", runner)
+    monkeypatch.setattr(explain_module, "can_fall_back_to_cpu", lambda bundle: True)
+    result = vislib.explain(gap, x, methods=["gradcam"])
+    assert calls[0][0] is gap and calls[1][0] is gap.cpu_fallback
+    assert gap.cpu_fallback.model is not gap.model  # the shared model was never moved
+    np.testing.assert_allclose(result.maps["gradcam"], reference.maps["gradcam"], atol=1e-6)
+    assert any("on the CPU" in note for note in result.notes)
+
+
+def test_oom_without_a_fallback_is_raised(gap, monkeypatch):
+    runner, _ = oom_when(lambda ctx: True)
+    monkeypatch.setitem(FAMILY_RUNNERS, "cam", runner)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        vislib.explain(gap, torch.rand(3, 16, 16), methods=["gradcam"])
+
+
+def test_memory_stays_bounded_over_200_explanations(gap):
+    x = torch.rand(2, 3, 16, 16)
+    for _ in range(20):  # warm up allocator and caches
+        vislib.explain(gap, x, methods=SIX)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(200):
+        vislib.explain(gap, x, methods=SIX, target=i % 4)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 30, f"peak RSS grew by {grown_mb:.1f} MB over 200 explanations"
