@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import LayerError, MethodError
-from ..hooks import capture_layer, resolve_layer
+from ..hooks import capture_layer, resolve_layer, this_thread_only
 from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
 from .registry import register_family
 
@@ -409,7 +409,7 @@ def replaced_output(module: nn.Module, replacement: torch.Tensor) -> Iterator[No
             raise LayerError("the target layer's output does not match the ablated activation")
         return replacement
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(this_thread_only(hook))
     try:
         yield
     finally:
