@@ -81,3 +81,74 @@ def test_memory_stays_bounded_over_200_explanations(gap):
         vislib.explain(gap, x, methods=SIX, target=i % 4)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 30, f"peak RSS grew by {grown_mb:.1f} MB over 200 explanations"
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency: many sessions share one cached model
+
+REQUESTS = [
+    dict(methods=["gradcam", "gradcam++", "layercam"], target=0, layer="features"),
+    dict(methods=["cam", "hirescam"], target=3, layer="features"),
+    dict(methods=["gradcam", "xgradcam"], target=1, layer="features.1"),
+    dict(methods=["gradient", "guided_backprop"], target=2, layer="features"),
+    dict(methods=["deconvnet"], target=0, layer="features"),
+    dict(methods=["guided_gradcam", "gradcam"], target=1, layer="features"),
+    dict(methods=["eigencam", "ablationcam"], target=2, layer="features"),
+    dict(methods=["scorecam"], target=3, layer="features.1"),
+    dict(methods=["occlusion"], target=None, layer="features", options={"occlusion": {"patch": 4, "stride": 4}}),
+    dict(methods=["integrated_gradients"], target=1, layer="features", options={"integrated_gradients": {"steps": 8}}),
+]
+FAILING = [
+    dict(methods=["gradcam", "deconvnet"], target=99, layer="features"),  # raises after the forward
+    dict(methods=["cam"], target=0, layer="features.1"),  # CAM does not apply on that layer
+]
+
+
+def _run(bundle, x, request):
+    return vislib.explain(bundle, x, methods=request["methods"], target=request["target"],
+                          layer=request["layer"], options=request.get("options"))
+
+
+def test_threads_get_their_single_thread_results_and_leave_the_model_clean(gap):
+    import random
+    import threading
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)  # many threads on a small machine: keep each one single-threaded
+    x = torch.rand(3, 16, 16)
+    reference = [_run(gap, x, r) for r in REQUESTS]
+    before = snapshot(gap.model)
+    errors, mismatches = [], []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        for _ in range(20):
+            if rng.random() < 0.15:
+                request = rng.choice(FAILING)
+                try:
+                    _run(gap, x, request)
+                    mismatches.append(("no error", request))
+                except vislib.VislibError:
+                    pass
+                continue
+            i = rng.randrange(len(REQUESTS))
+            try:
+                result = _run(gap, x, REQUESTS[i])
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(repr(exc))
+                continue
+            for m in REQUESTS[i]["methods"]:
+                if not np.allclose(result.maps[m], reference[i].maps[m], atol=1e-5):
+                    mismatches.append((i, m))
+            if result.target != reference[i].target:
+                mismatches.append((i, "target"))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.set_num_threads(threads_before)
+    assert not errors, errors[:3]
+    assert not mismatches, mismatches[:5]
+    assert_untouched(gap.model, before)
