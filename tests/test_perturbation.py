@@ -259,6 +259,19 @@ def test_ablationcam_fx_head_equals_full_forward_and_reference():
     torch.testing.assert_close(raw(fast, "ablationcam"), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_ablationcam_head_is_traced_again_after_a_submodule_is_replaced():
+    torch.manual_seed(0)
+    net = DeepNet()
+    bundle = bundle_of(net)
+    x = inputs(1)
+    vislib.explain(bundle, x, methods=["ablationcam"], target=0)  # traces and caches the head
+    net.fc = nn.Linear(net.fc.in_features, 3)  # the cached head still holds the old layer
+    result = vislib.explain(bundle, x, methods=["ablationcam"], target=0)
+    assert result.extras["ablationcam"]["path"] == "fx-head"
+    expected = ablation_reference(net, x, torch.tensor([0]), lambda a: net.fc(net.top(a).flatten(1)))
+    torch.testing.assert_close(raw(result, "ablationcam"), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_ablationcam_falls_back_when_a_skip_connection_crosses_the_layer():
     torch.manual_seed(0)
     net = SkipNet()
