@@ -1,0 +1,224 @@
+"""Rendering: the markdown tables, the JSON file and the scaling plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .suite import ALL_CAMS_ROW, PROMISE_RATIO
+
+PROMISE_MODELS = ("resnet50",)
+
+
+def fmt_ms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    ms = seconds * 1000
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
+
+
+def fmt_x(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}×"
+
+
+def fmt_rho(rho: float | None) -> str:
+    return "–" if rho is None else f"{rho:.4f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def _mark(row: dict) -> str:
+    return {"estimated": " (est.)", "skipped": " (est.)", "error": ""}.get(row.get("status"), "")
+
+
+def _mem(row: dict) -> str:
+    mem = row.get("memory") or {}
+    parts = []
+    if mem.get("rss_delta_mib") is not None:
+        parts.append(f"{mem['rss_delta_mib']:.0f}")
+    if mem.get("cuda_peak_mib") is not None:
+        parts.append(f"cuda {mem['cuda_peak_mib']:.0f}")
+    return " / ".join(parts) or "–"
+
+
+def method_table(run: dict) -> list[str]:
+    """One line per method, the batch sizes side by side."""
+    batches = list(run["references"])
+    header = ["method", "family"]
+    for b in batches:
+        header += [f"ms/img b={b}", "× fwd", "× fwd+bwd"]
+    header += [f"peak ΔRSS MiB b={batches[-1]}", "ρ paper"]
+    by_method: dict[str, dict[str, dict]] = {}
+    for row in run["rows"] + run["all_cams"]:
+        by_method.setdefault(row["method"], {})[str(row["batch"])] = row
+    ref_row = ["**forward (reference)**", ""]
+    for b in batches:
+        ref = run["references"][b]
+        ref_row += [fmt_ms(ref["forward"]["per_image_s"]), "1.00×", ""]
+    body = [ref_row + [_mem(run["references"][batches[-1]]["forward"]), ""]]
+    both_row = ["**forward + backward to input (reference)**", ""]
+    for b in batches:
+        ref = run["references"][b]
+        both_row += [fmt_ms(ref["forward_backward"]["per_image_s"]), "", "1.00×"]
+    body.append(both_row + [_mem(run["references"][batches[-1]]["forward_backward"]), ""])
+    for method, per_batch in by_method.items():
+        first = next(iter(per_batch.values()))
+        name = f"**{method}**" if method == ALL_CAMS_ROW else method
+        if first.get("options"):
+            name += " (" + ", ".join(f"{k}={v}" for k, v in first["options"].items()) + ")"
+        cells = [name, first.get("family", "")]
+        for b in batches:
+            row = per_batch.get(b)
+            if row is None or row["status"] == "error":
+                cells += ["error" if row else "–", "", ""]
+                continue
+            cells += [fmt_ms(row.get("per_image_s")) + _mark(row), fmt_x(row.get("x_forward")),
+                      fmt_x(row.get("x_fwd_bwd"))]
+        last = per_batch.get(batches[-1], first)
+        cells += [_mem(last), fmt_rho(first.get("rho_paper"))]
+        body.append(cells)
+    return _table(header, body)
+
+
+def peer_table(run: dict, footnotes: dict[str, int]) -> list[str]:
+    header = ["method", "library", "their class", "batch", "their ms/img", "ours ms/img", "theirs/ours",
+              "ρ theirs vs ours", "ρ paper: theirs / ours", "notes"]
+    ours = {(r["method"], str(r["batch"])): r for r in run["rows"]}
+    body = []
+    for row in run["peers"]:
+        mine = ours.get((row["method"], str(row["batch"])), {})
+        note = ""
+        if row.get("note"):
+            footnotes.setdefault(row["note"], len(footnotes) + 1)
+            note = f"[{footnotes[row['note']]}]"
+        if row["status"] != "ok":
+            note = (note + " " + row["status"] + ": " + row.get("message", "")).strip()
+        paper = "–"
+        if row.get("rho_paper") is not None or mine.get("rho_paper") is not None:
+            paper = f"{fmt_rho(row.get('rho_paper'))} / {fmt_rho(mine.get('rho_paper'))}"
+        body.append([
+            row["method"], row["library"], row["peer"], str(row["batch"]), fmt_ms(row.get("per_image_s")),
+            fmt_ms(mine.get("per_image_s")), fmt_x(row.get("x_ours")), fmt_rho(row.get("rho_ours")), paper,
+            note.replace("|", "/"),
+        ])
+    return _table(header, body)
+
+
+def promise_lines(results: dict) -> list[str]:
+    lines = []
+    for check in results.get("promises", []):
+        verdict = "met" if check["met"] else "MISSED"
+        lines.append(f"- {check['what']}: {check['ratio']:.2f}× forward (target ≤ {check['target']:.1f}×): "
+                     f"**{verdict}**")
+    return lines
+
+
+def evaluate_promises(results: dict) -> list[dict]:
+    """The six CAMs in one call against one forward pass, on resnet50 at 224×224 (where it is stated)."""
+    checks = []
+    for run in results["runs"]:
+        if run["model"] not in PROMISE_MODELS or list(run["input"]) != [3, 224, 224]:
+            continue
+        for row in run["all_cams"]:
+            if row.get("x_forward") is None:
+                continue
+            checks.append({
+                "what": f"{ALL_CAMS_ROW}, {run['model']} {'×'.join(map(str, run['input']))} "
+                        f"batch {row['batch']} on {run['device']}",
+                "model": run["model"], "device": run["device"], "batch": row["batch"],
+                "ratio": row["x_forward"], "target": PROMISE_RATIO, "met": row["x_forward"] <= PROMISE_RATIO,
+            })
+    return checks
+
+
+def render_markdown(results: dict) -> str:
+    meta = results["meta"]
+    out = [f"# vislib benchmark ({meta['started']})", ""]
+    out += [f"- {k}: {v}" for k, v in meta.items() if k != "started"]
+    out += ["", "Times are medians of several runs after a warm-up, per image (ms/img); ratios are to the "
+            "references measured in the same run at the same batch size. `(est.)`: the method was stopped "
+            "when its projected time exceeded the row budget (estimate from its progress reports). "
+            "Peak ΔRSS: rise of the process's resident-set high-water mark during the row."]
+    footnotes: dict[str, int] = {}
+    for run in results["runs"]:
+        out += ["", f"## {run['model']} on {run['device']}: input {'×'.join(map(str, run['input']))}, "
+                f"layer `{run['layer']}`, weights {run['weights']}", ""]
+        scale = next(iter(run.get("layer_gradient", {}).values()), None)
+        if scale:
+            out += [f"Median |∂S/∂A| at `{run['layer']}`: {scale['median_abs_gradient']:.2e}; an absolute "
+                    f"eps = {scale['eps']:g} exceeds the Grad-CAM++ denominator at "
+                    f"{100 * scale['eps_dominates_share']:.0f}% of the positive-gradient positions.", ""]
+        out += method_table(run)
+        if run["peers"]:
+            out += ["", f"### {run['model']}: side by side with the peer libraries", ""]
+            out += peer_table(run, footnotes)
+    for skipped in results.get("skipped", []):
+        out += ["", f"- skipped: {skipped}"]
+    out += ["", "## Promises", ""]
+    missing = "- all six CAMs ≤ 1.3× one forward pass: not measured here (stated for resnet50 at 224×224)"
+    out += promise_lines(results) or [missing]
+    if footnotes:
+        out += ["", "## Notes on the peers", ""]
+        out += [f"{n}. {text}" for text, n in sorted(footnotes.items(), key=lambda kv: kv[1])]
+    return "\n".join(out) + "\n"
+
+
+def scaling_figure(scaling: dict):
+    """A plotly figure: per-image time against batch size and against input size."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("against batch size", "against input size (batch 1)"))
+    for col, axis, key in ((1, "batch", "batch"), (2, "size", "size")):
+        points = scaling["points"][axis]
+        xs = [p[key] for p in points]
+        for series, label, color in (("forward_per_image_s", "forward pass", "#888"),
+                                     ("cams_per_image_s", "six CAMs, one call", "#d62728")):
+            fig.add_trace(go.Scatter(
+                x=xs, y=[p[series] * 1000 for p in points], mode="lines+markers", name=label,
+                line={"color": color}, showlegend=col == 1,
+                customdata=[[p["x_forward"]] for p in points],
+                hovertemplate="%{y:.1f} ms/img (%{customdata[0]:.2f}× forward)<extra>" + label + "</extra>",
+            ), row=1, col=col)
+    fig.update_xaxes(title_text="batch size", type="log", row=1, col=1)
+    fig.update_xaxes(title_text="input side (px)", row=1, col=2)
+    fig.update_yaxes(title_text="ms per image", row=1, col=1)
+    fig.update_layout(title=f"CAM engine scaling: {scaling['model']} on {scaling['device']}", height=450)
+    return fig
+
+
+def write_results(results: dict, out_dir: Path) -> list[Path]:
+    """results.md, results.json and, with scaling data, scaling.html/.json (and .png with kaleido)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    md = out_dir / "results.md"
+    md.write_text(render_markdown(results))
+    written.append(md)
+    js = out_dir / "results.json"
+    js.write_text(json.dumps(results, indent=1, default=_jsonable))
+    written.append(js)
+    for i, scale in enumerate(results.get("scaling", [])):
+        stem = "scaling" if i == 0 else f"scaling-{i}"
+        (out_dir / f"{stem}.json").write_text(json.dumps(scale, indent=1, default=_jsonable))
+        fig = scaling_figure(scale)
+        fig.write_html(out_dir / f"{stem}.html", include_plotlyjs=True, full_html=True)
+        written += [out_dir / f"{stem}.json", out_dir / f"{stem}.html"]
+        try:
+            import kaleido  # noqa: F401
+
+            fig.write_image(out_dir / f"{stem}.png")
+            written.append(out_dir / f"{stem}.png")
+        except Exception:  # PNG is optional: kaleido (and a browser for it) may be missing
+            pass
+    return written
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,183 @@
+"""``python -m benchmarks.run``: every vislib method against the physical references and the peers.
+
+Examples::
+
+    python -m benchmarks.run --quick                    # CI smoke: a couple of minutes on 2 CPU cores
+    python -m benchmarks.run                            # resnet50 + shapes_resnet, batch 1 and 16
+    python -m benchmarks.run --methods gradcam,gradcam++ --batches 1 --no-scaling
+
+resnet50 runs with random weights unless ``--pretrained`` finds torchvision's checkpoint in the local
+cache (nothing is ever downloaded): timing does not depend on the weights. Results go to
+``results/bench-<timestamp>/`` (results.md, results.json, scaling.html/.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+os.environ.setdefault("VISLIB_OFFLINE", "1")  # a benchmark never downloads weights
+
+import torch  # noqa: E402
+
+import vislib  # noqa: E402
+from vislib.errors import VislibError  # noqa: E402
+from vislib.models import pretrained_available  # noqa: E402
+
+from . import peers as peer_lib  # noqa: E402
+from .report import evaluate_promises, render_markdown, write_results  # noqa: E402
+from .suite import BenchConfig, bench_bundle, scaling  # noqa: E402
+
+# --quick: a smoke run for CI. resnet18 instead of resnet50, and the many-pass methods with reduced
+# settings (shown next to their names in the table) so that every method and peer still runs.
+QUICK = {
+    "models": ["resnet18", "shapes_resnet"], "batches": [1, 2], "repeats": 1, "warmup": 1, "budget": 2.0,
+    "peer_batches": [1], "scaling_model": "resnet18", "scaling_batches": [1, 2], "scaling_sizes": [224, 288],
+    "options": {
+        "smoothgrad": {"n_samples": 4, "batch_size": 4},
+        "integrated_gradients": {"steps": 4, "batch_size": 4},
+        "occlusion": {"patch": 56, "stride": 56},
+        "scorecam": {"batch_size": 64},
+        "ablationcam": {"batch_size": 64},
+    },
+}
+FULL = {
+    "scaling_model": "resnet50", "options": {},
+    "models": ["resnet50", "shapes_resnet"], "batches": [1, 16], "repeats": 3, "warmup": 1, "budget": 30.0,
+    "peer_batches": None, "scaling_batches": [1, 2, 4, 8, 16, 32, 64],
+    "scaling_sizes": [224, 288, 352, 416, 512],
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke settings (< 2 minutes on 2 CPU cores)")
+    p.add_argument("--models", type=_names, help="comma-separated models (default resnet50,shapes_resnet)")
+    p.add_argument("--methods", type=_names, help="comma-separated vislib methods (default: all registered)")
+    p.add_argument("--batches", type=_ints, help="batch sizes (default 1,16)")
+    p.add_argument("--size", type=int, help="input side in pixels (default: each model's own)")
+    p.add_argument("--repeats", type=int, help="timed runs per row after the warm-up (default 3)")
+    p.add_argument("--warmup", type=int, help="discarded warm-up runs per row (default 1)")
+    p.add_argument("--budget", type=float, help="seconds one row may take (default 30)")
+    p.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam, torchcam and Captum")
+    p.add_argument("--peer-batches", type=_ints, help="batch sizes at which the peers run (default: all)")
+    p.add_argument("--devices", type=_names, help="cpu and/or cuda (default: cpu, plus cuda when present)")
+    p.add_argument("--no-scaling", action="store_true", help="skip the batch-size / input-size sweep")
+    p.add_argument("--scaling-model", help="model of the scaling sweep (default resnet50)")
+    p.add_argument("--scaling-batches", type=_ints)
+    p.add_argument("--scaling-sizes", type=_ints)
+    p.add_argument("--pretrained", action="store_true",
+                   help="use torchvision's pretrained weights when they are in the local cache")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, help="results folder (default results/bench-<timestamp>)")
+    p.add_argument("--options", type=json.loads,
+                   help='per-method options as JSON, e.g. \'{"smoothgrad": {"n_samples": 10}}\'')
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.devices is None:
+        args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return args
+
+
+def load_bundle(name: str, device: str, pretrained: bool, log) -> tuple[object | None, str]:
+    """The model, or None and why it was skipped (a bundled model whose weights are not there yet)."""
+    try:
+        source = vislib.models.model_spec(name).source
+    except VislibError as exc:
+        return None, str(exc)
+    weights = "default"
+    if source == "torchvision":
+        weights = "default" if pretrained and pretrained_available(name) else None
+        if pretrained and weights is None:
+            log(f"{name}: pretrained weights not cached, using random weights (timing does not depend "
+                "on them)")
+    try:
+        torch.manual_seed(0)
+        return vislib.load_model(name, weights=weights, device=device), ""
+    except VislibError as exc:
+        return None, f"{name}: {exc}"
+
+
+def environment(args) -> dict:
+    libs = peer_lib.installed_libraries() if not args.no_peers else {}
+    return {
+        "started": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "vislib": vislib.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"torch threads {torch.get_num_threads()}",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "peers": ", ".join(f"{k} {v}" for k, v in libs.items()) or "none installed",
+        "methods": ", ".join(vislib.METHODS),
+        "settings": f"batches {args.batches}, {args.repeats} run(s) after {args.warmup} warm-up, "
+                    f"row budget {args.budget:g} s" + (" (--quick)" if args.quick else ""),
+        "method options": json.dumps(args.options) if args.options else "defaults",
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    config = BenchConfig(
+        batches=args.batches, repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
+        methods=args.methods, peers=not args.no_peers, peer_batches=args.peer_batches, size=args.size,
+        options=args.options, log=log,
+    )
+    try:
+        config.method_names()
+    except VislibError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = {"meta": environment(args), "runs": [], "scaling": [], "skipped": []}
+    started = time.perf_counter()
+    for device in args.devices:
+        for name in args.models:
+            bundle, why = load_bundle(name, device, args.pretrained, log)
+            if bundle is None:
+                log(f"skipping {name} on {device}: {why}")
+                results["skipped"].append(f"{name} on {device}: {why}")
+                continue
+            results["runs"].append(bench_bundle(bundle, config, device_label=device))
+        if not args.no_scaling:
+            bundle, why = load_bundle(args.scaling_model, device, args.pretrained, log)
+            if bundle is None:
+                results["skipped"].append(f"scaling on {device}: {why}")
+            else:
+                results["scaling"].append(scaling(bundle, batches=args.scaling_batches,
+                                                  sizes=args.scaling_sizes, config=config))
+    results["promises"] = evaluate_promises(results)
+    results["meta"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["meta"]["total time"] = f"{time.perf_counter() - started:.0f} s"
+    out = args.out or Path("results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    written = write_results(results, out)
+    print(render_markdown(results))
+    log("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

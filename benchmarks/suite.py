@@ -1,0 +1,339 @@
+"""The benchmark itself: every registered vislib method, the physical references, the peers.
+
+``bench_bundle`` measures one model on one device and returns plain data (JSON-ready dicts);
+``scaling`` measures the CAM engine against batch size and input size. Rendering lives in
+:mod:`benchmarks.report`. All ratios are taken against the references measured in the same call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+import vislib
+from vislib.errors import Cancelled, VislibError
+
+from . import peers as peer_lib
+from .measure import (
+    Memory,
+    MemoryProbe,
+    Timing,
+    agreement,
+    as_maps,
+    forward_backward_reference,
+    forward_reference,
+    pearson,
+    time_call,
+    time_paired,
+)
+from .reference import PAPER_FORMULAS, paper_maps
+
+SIX_CAMS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+ALL_CAMS_ROW = "all six CAMs"
+PROMISE_RATIO = 1.3  # the six CAMs together cost at most this many forward passes
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``budget_s`` bounds one row (all its calls); a method whose single call is
+    estimated (from its progress reports) to exceed it is stopped and reported as an estimate."""
+
+    batches: Sequence[int] = (1, 16)
+    repeats: int = 3
+    warmup: int = 1
+    budget_s: float = 30.0
+    methods: Sequence[str] | None = None  # None: every registered method, at run time
+    peers: bool = True
+    peer_batches: Sequence[int] | None = None  # None: the same as ``batches``
+    size: int | None = None  # input side; None: the model's own input size
+    options: dict[str, dict] = field(default_factory=dict)  # per-method options, mirrored by the peers
+    seed: int = 0
+    log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
+
+    def method_names(self) -> list[str]:
+        names = list(vislib.METHODS) if self.methods is None else list(self.methods)
+        unknown = [n for n in names if n not in vislib.METHODS]
+        if unknown:
+            raise VislibError(f"unknown method(s) {unknown}; registered: {', '.join(vislib.METHODS)}")
+        return names
+
+
+def make_inputs(bundle, batch: int, size: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A deterministic N×3×S×S batch: the bundled sample images when there are any (at the model's
+    own size), else a smooth random pattern (low-frequency colour blobs plus a little noise) in the
+    model's normalised input space."""
+    side = size or bundle.input_size
+    samples = vislib.sample_images()
+    if samples and size in (None, bundle.input_size):
+        views = [bundle.input_view(vislib.load_image(samples[i % len(samples)])) for i in range(batch)]
+        return bundle.to_input(views)
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(batch, 3, 7, 7, generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
+    noise = 0.1 * torch.randn(batch, 3, side, side, generator=gen)
+    return (smooth + noise).to(bundle.device)
+
+
+def top1_targets(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(inputs).argmax(dim=1)
+
+
+def _row_base(**kw) -> dict:
+    return {"status": "ok", "message": "", **kw}
+
+
+def _timing_fields(timing: Timing, refs: dict, memory: Memory) -> dict:
+    forward = refs["forward"]["per_image_s"]
+    both = refs["forward_backward"]["per_image_s"]
+    return {
+        "per_image_s": timing.per_image,
+        "median_s": timing.median,
+        "runs_s": timing.runs,
+        "warmup": timing.warmup,
+        "x_forward": timing.per_image / forward,
+        "x_fwd_bwd": timing.per_image / both,
+        "memory": vars(memory),
+        "note": timing.note,
+    }
+
+
+class BudgetGuard:
+    """A progress callback that cancels a vislib call whose projected duration exceeds the budget.
+
+    The projection is the time so far plus the remaining steps at the rate measured since the first
+    report, so a call's fixed start-up cost (its first forward pass) is not multiplied.
+    """
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.cancel = threading.Event()
+        self.estimate_s: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.cancel.clear()
+        self.start = time.perf_counter()
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, done)
+            return
+        t1, d1 = self.first
+        if done <= d1 or done >= total:
+            return
+        projected = (now - self.start) + (now - t1) / (done - d1) * (total - done)
+        if projected > self.budget_s:
+            self.estimate_s = projected
+            self.cancel.set()
+
+
+def measure_references(bundle, inputs, targets, config: BenchConfig) -> dict:
+    """Forward (no_grad) and forward + backward to the input, timed like the methods."""
+    refs = {}
+    for name, fn in (
+        ("forward", forward_reference(bundle.model, inputs)),
+        ("forward_backward", forward_backward_reference(bundle.model, inputs, targets)),
+    ):
+        with MemoryProbe(bundle.device) as probe:
+            timing, out = time_call(
+                fn, device=bundle.device, batch=len(inputs), repeats=config.repeats,
+                warmup=config.warmup, budget_s=config.budget_s,
+            )
+        refs[name] = {**timing.as_dict(), "memory": vars(probe.result)}
+        if name == "forward_backward":
+            refs["_gradient"] = out.detach()
+    return refs
+
+
+def run_ours(bundle, inputs, targets, methods: list[str], refs: dict, config: BenchConfig, label: str):
+    """Time ``vislib.explain`` end to end (maps normalised to input size, copied to numpy)."""
+    guard = BudgetGuard(config.budget_s)
+    target_list = targets.tolist()
+
+    def call():
+        guard.reset()
+        return vislib.explain(bundle, inputs, methods=methods, target=target_list, progress=guard,
+                              cancel=guard.cancel, options=config.options)
+
+    row = _row_base(method=label, family=_family(methods), batch=len(inputs))
+    if len(methods) == 1 and config.options.get(methods[0]):
+        row["options"] = dict(config.options[methods[0]])
+    with MemoryProbe(bundle.device) as probe:
+        try:
+            timing, explanation = time_call(
+                call, device=bundle.device, batch=len(inputs), repeats=config.repeats,
+                warmup=config.warmup, budget_s=config.budget_s,
+            )
+        except Cancelled:
+            row.update(status="estimated", per_image_s=guard.estimate_s / len(inputs),
+                       message=f"stopped: one call projected at {guard.estimate_s:.0f} s "
+                               f"> the {config.budget_s:g} s row budget")
+            forward = refs["forward"]["per_image_s"]
+            row.update(x_forward=row["per_image_s"] / forward,
+                       x_fwd_bwd=row["per_image_s"] / refs["forward_backward"]["per_image_s"])
+            return row, None
+        except VislibError as exc:
+            row.update(status="error", message=str(exc))
+            return row, None
+    row.update(_timing_fields(timing, refs, probe.result))
+    return row, explanation
+
+
+def _family(methods: list[str]) -> str:
+    families = {vislib.METHODS[m].family for m in methods}
+    return families.pop() if len(families) == 1 else "+".join(sorted(families))
+
+
+def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dict, config: BenchConfig):
+    """Time one peer implementation and correlate its output with ours and with the paper formula."""
+    row = _row_base(method=peer.ours, library=peer.library, peer=peer.peer_name, batch=len(inputs),
+                    note=peer.note)
+    if ours_row.get("status") == "estimated":
+        row.update(status="skipped", message="ours was over the row budget; the peer needs as many passes")
+        return row
+    defaults = getattr(vislib.METHODS[peer.ours], "defaults", None) or {}
+    options = {**defaults, **config.options.get(peer.ours, {})}
+    setup = peer_lib.peer_setup(bundle.model, _layer_of(bundle), inputs, targets, options)
+    close = None
+    try:
+        run, close = peer.make(setup)
+        with MemoryProbe(bundle.device) as probe:
+            timing, out = time_call(run, device=bundle.device, batch=len(inputs), repeats=config.repeats,
+                                    warmup=config.warmup, budget_s=config.budget_s)
+    except Exception as exc:  # a peer failing is a result, not a benchmark crash
+        row.update(status="error", message=f"{type(exc).__name__}: {exc}"[:300])
+        return row
+    finally:
+        if close is not None:
+            close()
+    row.update(per_image_s=timing.per_image, runs_s=timing.runs, memory=vars(probe.result),
+               timing_note=timing.note)
+    if ours_row.get("per_image_s"):
+        row["x_ours"] = timing.per_image / ours_row["per_image_s"]
+    size = tuple(inputs.shape[-2:])
+    if ours_out is not None:
+        rho, compared = agreement(ours_out.raw[peer.ours], ours_out.maps[peer.ours], out, size)
+        row.update(rho_ours=rho, compared=compared)
+    if peer.ours in paper:
+        row["rho_paper"] = pearson(as_maps(out, size), as_maps(paper[peer.ours], size))
+    return row
+
+
+def _layer_of(bundle) -> str:
+    return bundle.default_layer
+
+
+def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None) -> dict:
+    """All rows for one model on one device: references, our methods, the six CAMs, the peers."""
+    methods = config.method_names()
+    libraries = peer_lib.installed_libraries() if config.peers else {}
+    peer_batches = set(config.peer_batches or config.batches)
+    result = {
+        "model": bundle.name, "weights": bundle.weights, "device": device_label or str(bundle.device),
+        "layer": bundle.default_layer, "references": {}, "rows": [], "peers": [], "all_cams": [],
+        "paper_formula": {},
+    }
+    over_budget: dict[str, float] = {}  # method -> per-image estimate at an earlier batch size
+    for batch in config.batches:
+        inputs = make_inputs(bundle, batch, config.size, config.seed)
+        result["input"] = list(inputs.shape[1:])
+        targets = top1_targets(bundle.model, inputs)
+        config.log(f"{bundle.name} {result['device']} batch {batch}: references")
+        refs = measure_references(bundle, inputs, targets, config)
+        gradient = refs.pop("_gradient")
+        result["references"][str(batch)] = refs
+        paper, scale = paper_maps(bundle.model, bundle.default_layer, inputs, targets)
+        result.setdefault("layer_gradient", {})[str(batch)] = scale
+        for name in methods:
+            if name in over_budget:
+                est = over_budget[name]
+                result["rows"].append(_row_base(
+                    method=name, family=vislib.METHODS[name].family, batch=batch, status="skipped",
+                    per_image_s=est, x_forward=est / refs["forward"]["per_image_s"],
+                    x_fwd_bwd=est / refs["forward_backward"]["per_image_s"],
+                    message="over the row budget at a smaller batch; per-image estimate carried over"))
+                continue
+            config.log(f"  {name}")
+            row, out = run_ours(bundle, inputs, targets, [name], refs, config, name)
+            if row["status"] == "estimated":
+                over_budget[name] = row["per_image_s"]
+            if out is not None:
+                _add_paper_agreement(row, out, name, paper, gradient, tuple(inputs.shape[-2:]))
+            result["rows"].append(row)
+            if batch in peer_batches:
+                for peer in peer_lib.peers_for(name, libraries):
+                    config.log(f"    vs {peer.library} {peer.peer_name}")
+                    result["peers"].append(run_peer(peer, bundle, inputs, targets, row, out, paper, config))
+        config.log(f"  {ALL_CAMS_ROW}")
+        result["all_cams"].append(all_cams_row(bundle, inputs, targets, refs, config))
+    return result
+
+
+def all_cams_row(bundle, inputs, targets, refs: dict, config: BenchConfig) -> dict:
+    """The six CAMs in one ``explain`` call, timed alternately with a forward pass (paired), so the
+    promise (≤ 1.3 forward passes) is judged under the same load; the ratios to the batch's
+    references are kept as well."""
+    cams = [m for m in SIX_CAMS if m in vislib.METHODS]
+    target_list = targets.tolist()
+    row = _row_base(method=ALL_CAMS_ROW, family="cam", batch=len(inputs), methods=cams)
+    with MemoryProbe(bundle.device) as probe:
+        fwd, ours, _ = time_paired(
+            forward_reference(bundle.model, inputs),
+            lambda: vislib.explain(bundle, inputs, methods=cams, target=target_list),
+            device=bundle.device, batch=len(inputs), repeats=config.repeats, warmup=config.warmup,
+            budget_s=config.budget_s,
+        )
+    row.update(_timing_fields(ours, refs, probe.result))
+    row["paired_forward_per_image_s"] = fwd.per_image
+    row["x_forward_batch_reference"] = row["x_forward"]
+    row["x_forward"] = ours.median / fwd.median
+    return row
+
+
+def _add_paper_agreement(row: dict, out, name: str, paper: dict, gradient: torch.Tensor, size) -> None:
+    """ρ between our output and the textbook formula (CAMs) or plain autograd (``gradient``)."""
+    if name in paper and name in PAPER_FORMULAS:
+        row["rho_paper"] = pearson(torch.as_tensor(out.maps[name]), as_maps(paper[name], size))
+    elif name == "gradient":
+        raw = torch.as_tensor(out.raw[name])
+        if raw.shape == gradient.shape:
+            row["rho_paper"] = pearson(raw, gradient)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaling of the CAM engine
+
+
+def scaling(bundle, *, batches: Sequence[int], sizes: Sequence[int], config: BenchConfig) -> dict:
+    """Per-image time of a forward pass and of the six CAMs in one call, against batch size (at the
+    model's input size) and against input size (batch 1)."""
+    cams = [m for m in SIX_CAMS if m in vislib.METHODS]
+    points = {"batch": [], "size": []}
+    grid = [("batch", b, config.size or bundle.input_size) for b in batches]
+    grid += [("size", 1, s) for s in sizes]
+    for axis, batch, side in grid:
+        config.log(f"scaling {bundle.name}: batch {batch}, {side}×{side}")
+        inputs = make_inputs(bundle, batch, side, config.seed)
+        targets = top1_targets(bundle.model, inputs)
+        target_list = targets.tolist()
+        with MemoryProbe(bundle.device) as probe:
+            fwd, ours, _ = time_paired(
+                forward_reference(bundle.model, inputs),
+                partial(vislib.explain, bundle, inputs, methods=cams, target=target_list),
+                device=bundle.device, batch=batch, repeats=config.repeats, warmup=config.warmup,
+                budget_s=config.budget_s,
+            )
+        points[axis].append({
+            "batch": batch, "size": side, "forward_per_image_s": fwd.per_image,
+            "cams_per_image_s": ours.per_image, "x_forward": ours.median / fwd.median,
+            "memory": vars(probe.result),
+        })
+    return {"model": bundle.name, "device": str(bundle.device), "methods": cams, "points": points}

@@ -1,0 +1,249 @@
+"""Smoke and unit tests of the benchmark (benchmarks/): structure and arithmetic, never timing thresholds.
+
+A tiny analytic-size CNN at 32×32 keeps the whole file to a few seconds; the peers are exercised only
+when they are installed (requirements-bench.txt).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import vislib
+from benchmarks import measure, report, suite
+from benchmarks.measure import agreement, pearson, time_call, time_paired
+from benchmarks.reference import paper_maps
+from benchmarks.suite import ALL_CAMS_ROW, BenchConfig, BudgetGuard, bench_bundle
+from vislib.models import Preprocess
+
+SIDE = 32
+FAST_METHODS = ["cam", "gradcam", "gradcam++", "hirescam", "gradient", "guided_backprop", "eigencam"]
+
+
+class TinyNet(nn.Module):
+    """conv → ReLU → conv → ReLU (the target layer) → global average pool → linear."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return vislib.load_model(TinyNet(), preprocess=Preprocess(resize=SIDE, crop=SIDE), default_layer="features.4",
+                             device="cpu", name="tiny")
+
+
+@pytest.fixture(scope="module")
+def result(bundle):
+    methods = [m for m in FAST_METHODS if m in vislib.METHODS]
+    config = BenchConfig(batches=(1, 2), repeats=2, warmup=1, methods=methods, peers=False)
+    return bench_bundle(bundle, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# The core loop
+
+
+def test_every_requested_method_has_a_row_per_batch(result):
+    methods = [m for m in FAST_METHODS if m in vislib.METHODS]
+    assert {(r["method"], r["batch"]) for r in result["rows"]} == {(m, b) for m in methods for b in (1, 2)}
+    assert all(r["status"] == "ok" for r in result["rows"]), [r for r in result["rows"] if r["status"] != "ok"]
+    assert [r["batch"] for r in result["all_cams"]] == [1, 2]
+    assert result["input"] == [3, SIDE, SIDE]
+    assert set(result["references"]) == {"1", "2"}
+
+
+def test_ratios_use_the_references_of_the_same_run(result):
+    for row in result["rows"]:
+        refs = result["references"][str(row["batch"])]
+        assert row["x_forward"] == row["per_image_s"] / refs["forward"]["per_image_s"]
+        assert row["x_fwd_bwd"] == row["per_image_s"] / refs["forward_backward"]["per_image_s"]
+        assert row["per_image_s"] == row["median_s"] / row["batch"]
+        assert len(row["runs_s"]) == 2 and row["warmup"] == 1
+
+
+def test_all_cams_row_is_paired_with_its_own_forward(result):
+    for row in result["all_cams"]:
+        assert row["method"] == ALL_CAMS_ROW
+        assert row["methods"] == [m for m in suite.SIX_CAMS if m in vislib.METHODS]
+        assert row["x_forward"] == pytest.approx(row["per_image_s"] / row["paired_forward_per_image_s"])
+        refs = result["references"][str(row["batch"])]
+        assert row["x_forward_batch_reference"] == row["per_image_s"] / refs["forward"]["per_image_s"]
+
+
+def test_our_maps_agree_with_the_textbook_formulas(result):
+    """ρ against independent float64 formulas (CAMs) and plain autograd (gradient)."""
+    for row in result["rows"]:
+        if row["method"] in ("cam", "gradcam", "gradcam++", "hirescam", "gradient"):
+            assert row["rho_paper"] == pytest.approx(1.0, abs=1e-4), row["method"]
+
+
+def test_memory_is_measured_per_row(result):
+    for row in result["rows"]:
+        mem = row["memory"]
+        assert mem["peak_rss_mib"] > 0 and mem["rss_delta_mib"] >= 0
+        assert mem["cuda_peak_mib"] is None
+
+
+def test_markdown_and_json_outputs(result, tmp_path):
+    results = {"meta": {"started": "now", "torch": torch.__version__}, "runs": [result], "skipped": ["x: why"]}
+    results["promises"] = report.evaluate_promises(results)
+    assert results["promises"] == []  # the promise is stated for resnet50 at 224×224 only
+    written = report.write_results(results, tmp_path)
+    assert {p.name for p in written} == {"results.md", "results.json"}
+    text = (tmp_path / "results.md").read_text()
+    header = "| method | family | ms/img b=1 | × fwd | × fwd+bwd | ms/img b=2 | × fwd | × fwd+bwd |"
+    assert header in text
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    for method in [r["method"] for r in result["rows"]] + ["**forward (reference)**", f"**{ALL_CAMS_ROW}**"]:
+        assert any(line.startswith(f"| {method} |") for line in lines), method
+    assert "- skipped: x: why" in text and "## Promises" in text
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    assert loaded["runs"][0]["rows"][0]["x_forward"] == result["rows"][0]["x_forward"]
+
+
+def test_promise_verdict_is_the_paired_ratio_against_the_target():
+    run = {"model": "resnet50", "device": "cpu", "input": [3, 224, 224], "all_cams": [
+        {"batch": 1, "x_forward": 1.2}, {"batch": 16, "x_forward": 1.31}]}
+    checks = report.evaluate_promises({"runs": [run]})
+    assert [(c["batch"], c["met"]) for c in checks] == [(1, True), (16, False)]
+    assert all(c["target"] == suite.PROMISE_RATIO == 1.3 for c in checks)
+
+
+def test_scaling_points_and_plot(bundle, tmp_path):
+    config = BenchConfig(repeats=1, warmup=0)
+    data = suite.scaling(bundle, batches=[1, 2], sizes=[SIDE, 40], config=config)
+    assert [p["batch"] for p in data["points"]["batch"]] == [1, 2]
+    assert [p["size"] for p in data["points"]["size"]] == [SIDE, 40]
+    for p in data["points"]["batch"] + data["points"]["size"]:
+        assert p["x_forward"] == pytest.approx(p["cams_per_image_s"] / p["forward_per_image_s"])
+    results = {"meta": {"started": "now"}, "runs": [], "scaling": [data]}
+    names = {p.name for p in report.write_results(results, tmp_path)}
+    assert {"scaling.html", "scaling.json"} <= names
+    assert "plotly" in (tmp_path / "scaling.html").read_text()[:200_000].lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring tools
+
+
+def test_time_call_counts_warmup_and_repeats():
+    calls = []
+    timing, out = time_call(lambda: calls.append(1) or len(calls), device=torch.device("cpu"), batch=4,
+                            repeats=3, warmup=1)
+    assert len(calls) == 4 and len(timing.runs) == 3 and timing.warmup == 1 and out == 4
+    assert timing.per_image == timing.median / 4
+
+
+def test_time_call_budget_keeps_one_measured_call():
+    calls = []
+    timing, _ = time_call(lambda: calls.append(1), device=torch.device("cpu"), batch=1, repeats=5,
+                          warmup=2, budget_s=0.0)
+    assert len(calls) == 1 and len(timing.runs) == 1 and timing.warmup == 0 and "budget" in timing.note
+
+
+def test_time_paired_alternates():
+    order = []
+    ref, timed, out = time_paired(lambda: order.append("f"), lambda: order.append("m") or "out",
+                                  device=torch.device("cpu"), batch=1, repeats=2, warmup=1)
+    assert order == ["f", "m"] * 3 and len(ref.runs) == len(timed.runs) == 2 and out == "out"
+
+
+def test_budget_guard_projects_from_the_rate_after_the_first_report(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: next(clock))
+    guard = BudgetGuard(budget_s=5.0)  # reset() reads t = 0
+    guard(0, 100)  # t = 1: start-up cost (1 s) is not extrapolated
+    guard(10, 100)  # t = 2: 0.1 s per step → 2 + 0.1·90 = 11 s
+    assert guard.cancel.is_set() and guard.estimate_s == pytest.approx(11.0)
+
+
+def test_pearson_by_hand():
+    a = torch.tensor([[1.0, 2.0, 4.0, 7.0], [0.0, 1.0, 0.0, 1.0]])
+    assert pearson(a, 3 * a + 2) == pytest.approx(1.0)
+    assert pearson(a, -a) == pytest.approx(-1.0)
+    # x = (1, 2, 3), y = (1, 3, 2): Σ dx·dy = 1, Σ dx² = Σ dy² = 2, ρ = 0.5
+    assert pearson(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0]])) == pytest.approx(0.5)
+    assert pearson(torch.ones(1, 4), a[:1]) is None
+
+
+def test_agreement_compares_signals_raw_and_maps_at_input_size():
+    signal = torch.randn(2, 3, 8, 8)
+    rho, what = agreement(signal.numpy(), None, -signal, (8, 8))
+    assert what == "input-space signal" and rho == pytest.approx(-1.0)
+    coarse = torch.rand(2, 4, 4)
+    ours = measure.as_maps(coarse, (8, 8))
+    rho, what = agreement(coarse.numpy(), ours.numpy(), 5 * coarse + 1, (8, 8))
+    assert what == "map at input size" and rho == pytest.approx(1.0)
+
+
+def test_reference_gradcam_times_area_is_cam_on_a_gap_linear_head(bundle):
+    """GAP + linear head: g = w_c / Z everywhere, so Grad-CAM·Z = CAM (METHODS.md equivalence)."""
+    x = torch.randn(2, 3, SIDE, SIDE)
+    targets = torch.tensor([0, 3])
+    maps, scale = paper_maps(bundle.model, "features.4", x, targets)
+    z = maps["cam"].shape[-1] * maps["cam"].shape[-2]
+    torch.testing.assert_close(maps["gradcam"] * z, maps["cam"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(maps["xgradcam"] * z, maps["cam"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(maps["hirescam"] * z, maps["cam"], rtol=1e-9, atol=1e-9)
+    assert 0.0 <= scale["eps_dominates_share"] <= 1.0 and scale["median_abs_gradient"] > 0
+
+
+def test_reference_leaves_the_model_untouched(bundle):
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    paper_maps(bundle.model, "features.4", torch.randn(1, 3, SIDE, SIDE), torch.tensor([1]))
+    assert all(p.grad is None for p in bundle.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in bundle.model.state_dict().items())
+    assert all(not m._forward_hooks for m in bundle.model.modules())
+
+
+# --------------------------------------------------------------------------------------------------
+# Peers (only where installed) and the command line
+
+
+@pytest.mark.skipif(not any(importlib.util.find_spec(m) for m in ("pytorch_grad_cam", "torchcam", "captum")),
+                    reason="no peer library installed (requirements-bench.txt)")
+def test_peers_side_by_side(bundle):
+    methods = [m for m in ("gradcam", "gradcam++", "gradient") if m in vislib.METHODS]
+    config = BenchConfig(batches=(2,), repeats=1, warmup=0, methods=methods)
+    result = bench_bundle(bundle, config)
+    ours = {r["method"]: r for r in result["rows"]}
+    assert result["peers"], "installed peers must produce rows"
+    for row in result["peers"]:
+        assert row["status"] == "ok", row
+        assert row["x_ours"] == row["per_image_s"] / ours[row["method"]]["per_image_s"]
+        assert -1.0 <= row["rho_ours"] <= 1.0 + 1e-9
+    for row in result["peers"]:
+        if row["method"] in ("gradcam", "gradient"):  # no known disagreement: same maps
+            assert row["rho_ours"] == pytest.approx(1.0, abs=1e-4), row
+    assert all(p.grad is None for p in bundle.model.parameters())  # peers ran on their own copies
+
+
+def test_command_line_writes_the_results_folder(tmp_path, capsys):
+    from benchmarks.run import main
+
+    out = tmp_path / "bench"
+    code = main(["--models", "resnet18,no_such_model", "--size", "32", "--methods", "gradcam,hirescam",
+                 "--batches", "1", "--repeats", "1", "--warmup", "0", "--no-peers", "--devices", "cpu",
+                 "--scaling-model", "resnet18", "--scaling-batches", "1", "--scaling-sizes", "32",
+                 "--out", str(out)])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "scaling.html", "scaling.json"}
+    data = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in data["runs"]] == ["resnet18"]
+    assert data["runs"][0]["weights"] == "random"
+    assert any("no_such_model" in s for s in data["skipped"])
+    assert "| gradcam |" in capsys.readouterr().out
