@@ -272,6 +272,35 @@ def test_ablationcam_head_is_traced_again_after_a_submodule_is_replaced():
     torch.testing.assert_close(raw(result, "ablationcam"), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_tracing_leaves_other_threads_forwards_alone():
+    """fx patches nn.Module.__call__ for the whole process while it traces: a forward run by another
+    thread at that moment must still compute real tensors."""
+    torch.manual_seed(0)
+    other, x = DeepNet(), inputs(1)
+    with torch.no_grad():
+        expected = other(x)
+    seen = {}
+
+    class SpawnsAForward(nn.Module):
+        def forward(self, h):
+            def work():
+                with torch.no_grad():
+                    seen["out"] = other(x)
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+            return h
+
+    torch.manual_seed(0)
+    net = DeepNet()
+    net.top.append(SpawnsAForward())
+    head, _ = trace_head(net, "features")
+    assert head is not None
+    assert type(seen["out"]) is torch.Tensor
+    torch.testing.assert_close(seen["out"], expected)
+
+
 def test_ablationcam_falls_back_when_a_skip_connection_crosses_the_layer():
     torch.manual_seed(0)
     net = SkipNet()

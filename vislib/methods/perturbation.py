@@ -318,14 +318,30 @@ class ScoreCAM(PerturbationMethod):
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps the target layer as one opaque call (the cut point)."""
+    """fx tracer that keeps the target layer as one opaque call (the cut point).
+
+    While it traces, fx patches ``nn.Module.__call__`` and ``__getattr__`` process-wide; calls
+    from any other thread (another model's forward running meanwhile) pass straight through to
+    the real module instead of being recorded, so tracing never disturbs them.
+    """
 
     def __init__(self, leaf: str):
         super().__init__()
         self.leaf = leaf
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return qualified_name == self.leaf or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(module, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def shallow_clone(model: nn.Module) -> nn.Module:
@@ -399,11 +415,7 @@ _HEADS_LOCK = threading.Lock()
 
 
 def cached_head(model: nn.Module, layer: str, *, refresh: bool = False) -> tuple[fx.GraphModule | None, str]:
-    """:func:`trace_head`, traced once per (model, layer) unless ``refresh``.
-
-    fx tracing patches ``nn.Module.__call__`` process-wide while it runs, so callers hold the
-    bundle's lock (no other vislib forward of that model runs meanwhile) and it happens once.
-    """
+    """:func:`trace_head`, traced once per (model, layer) unless ``refresh``."""
     with _HEADS_LOCK:
         per_model = _HEADS.setdefault(model, {})
         if refresh or layer not in per_model:
