@@ -168,6 +168,24 @@ def test_receptive_field_of_torchvision_resnet_stem():
         assert features.receptive_field(bundle, layer, (10, 5)) == (top, left, bottom, right)
 
 
+def test_zf_style_net_receptive_fields_and_projections():
+    """ShapesZFNet (random weights): conv 5/2 → pool 3/2 → conv 3 → pool 2 → conv 3 → relu3."""
+    nets = pytest.importorskip("vislib.nets")
+    torch.manual_seed(5)
+    net = nets.ShapesZFNet(widths=(8, 12, 16), hidden=16, input_size=64)
+    bundle = load_model(net, preprocess=Preprocess(resize=64, crop=64), device="cpu")
+    x = torch.randn(3, 64, 64)
+    chain = [(5, 2, 2), (3, 2, 1), (3, 1, 1), (2, 2, 0), (3, 1, 1)]
+    tops = features.top_channels(bundle, x, "relu3", n=5)
+    assert len(tops) == 5
+    for t in tops:
+        i, j = t.position
+        top, bottom = analytic_rf(chain, i, 64)
+        left, right = analytic_rf(chain, j, 64)
+        assert t.box == (top, left, bottom, right)
+        assert np.abs(t.reconstruction_patch).sum() > 0 and not outside_box(t).any()
+
+
 def test_projections_stay_inside_their_receptive_field_on_resnet():
     torch.manual_seed(3)
     bundle = load_model(torchvision.models.resnet18(weights=None), preprocess=Preprocess(resize=64, crop=64),

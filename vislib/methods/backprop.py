@@ -572,6 +572,7 @@ def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, ta
         ig, _ = integrated_gradients(
             ctx, x, targets, baseline=opts["baseline"], steps=_positive_int(base, "steps", opts["steps"]),
             batch_size=_positive_int(base, "batch_size", opts["batch_size"]), blur_sigma=opts["blur_sigma"],
+            report=lambda done: ctx.check_cancel(),
         )
         return ig
     rule = _rule_of(base)
