@@ -86,8 +86,8 @@ def method_table(run: dict) -> list[str]:
 
 
 def peer_table(run: dict, footnotes: dict[str, int]) -> list[str]:
-    header = ["method", "library", "their class", "batch", "their ms/img", "ours ms/img", "theirs/ours",
-              "ρ theirs vs ours", "ρ paper: theirs / ours", "notes"]
+    header = ["method", "library", "their class", "batch", "their ms/img", "ours ms/img (paired)",
+              "theirs/ours", "ρ theirs vs ours", "ρ paper: theirs / ours", "notes"]
     ours = {(r["method"], str(r["batch"])): r for r in run["rows"]}
     body = []
     for row in run["peers"]:
@@ -96,15 +96,17 @@ def peer_table(run: dict, footnotes: dict[str, int]) -> list[str]:
         if row.get("note"):
             footnotes.setdefault(row["note"], len(footnotes) + 1)
             note = f"[{footnotes[row['note']]}]"
+        ours_ms = fmt_ms(row.get("ours_paired_per_image_s"))
         if row["status"] != "ok":
             note = (note + " " + row["status"] + ": " + row.get("message", "")).strip()
+            ours_ms = fmt_ms(mine.get("per_image_s")) + _mark(mine)
         paper = "–"
         if row.get("rho_paper") is not None or mine.get("rho_paper") is not None:
             paper = f"{fmt_rho(row.get('rho_paper'))} / {fmt_rho(mine.get('rho_paper'))}"
         body.append([
             row["method"], row["library"], row["peer"], str(row["batch"]), fmt_ms(row.get("per_image_s")),
-            fmt_ms(mine.get("per_image_s")), fmt_x(row.get("x_ours")), fmt_rho(row.get("rho_ours")), paper,
-            note.replace("|", "/"),
+            ours_ms, fmt_x(row.get("x_ours")),
+            fmt_rho(row.get("rho_ours")), paper, note.replace("|", "/"),
         ])
     return _table(header, body)
 
@@ -143,7 +145,9 @@ def render_markdown(results: dict) -> str:
     out += ["", "Times are medians of several runs after a warm-up, per image (ms/img); ratios are to the "
             "references measured in the same run at the same batch size. `(est.)`: the method was stopped "
             "when its projected time exceeded the row budget (estimate from its progress reports). "
-            "Peak ΔRSS: rise of the process's resident-set high-water mark during the row."]
+            "Peak ΔRSS: rise of the process's resident-set high-water mark during the row. The six CAMs "
+            "row and the peer rows are timed *paired*: alternately with a forward pass (six CAMs) or "
+            "with our method (peers), so that their ratios see the same machine load."]
     footnotes: dict[str, int] = {}
     for run in results["runs"]:
         out += ["", f"## {run['model']} on {run['device']}: input {'×'.join(map(str, run['input']))}, "

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def _names(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke settings (< 2 minutes on 2 CPU cores)")
-    p.add_argument("--models", type=_names, help="comma-separated models (default resnet50,shapes_resnet)")
+    p.add_argument("--models", type=_names,
+                   help="comma-separated models, NAME or NAME@SIDE (default resnet50,shapes_resnet)")
     p.add_argument("--methods", type=_names, help="comma-separated vislib methods (default: all registered)")
     p.add_argument("--batches", type=_ints, help="batch sizes (default 1,16)")
     p.add_argument("--size", type=int, help="input side in pixels (default: each model's own)")
@@ -155,13 +157,15 @@ def main(argv=None) -> int:
     results = {"meta": environment(args), "runs": [], "scaling": [], "skipped": []}
     started = time.perf_counter()
     for device in args.devices:
-        for name in args.models:
+        for entry in args.models:
+            name, _, side = entry.partition("@")  # "resnet18@112": a model at its own input size
             bundle, why = load_bundle(name, device, args.pretrained, log)
             if bundle is None:
                 log(f"skipping {name} on {device}: {why}")
                 results["skipped"].append(f"{name} on {device}: {why}")
                 continue
-            results["runs"].append(bench_bundle(bundle, config, device_label=device))
+            run_config = replace(config, size=int(side)) if side else config
+            results["runs"].append(bench_bundle(bundle, run_config, device_label=device))
         if not args.no_scaling:
             bundle, why = load_bundle(args.scaling_model, device, args.pretrained, log)
             if bundle is None:

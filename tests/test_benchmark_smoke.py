@@ -224,7 +224,8 @@ def test_peers_side_by_side(bundle):
     assert result["peers"], "installed peers must produce rows"
     for row in result["peers"]:
         assert row["status"] == "ok", row
-        assert row["x_ours"] == row["per_image_s"] / ours[row["method"]]["per_image_s"]
+        assert row["x_ours"] == pytest.approx(row["per_image_s"] / row["ours_paired_per_image_s"])
+        assert row["method"] in ours
         assert -1.0 <= row["rho_ours"] <= 1.0 + 1e-9
     for row in result["peers"]:
         if row["method"] in ("gradcam", "gradient"):  # no known disagreement: same maps
@@ -236,14 +237,14 @@ def test_command_line_writes_the_results_folder(tmp_path, capsys):
     from benchmarks.run import main
 
     out = tmp_path / "bench"
-    code = main(["--models", "resnet18,no_such_model", "--size", "32", "--methods", "gradcam,hirescam",
+    code = main(["--models", "resnet18@32,no_such_model", "--size", "40", "--methods", "gradcam,hirescam",
                  "--batches", "1", "--repeats", "1", "--warmup", "0", "--no-peers", "--devices", "cpu",
                  "--scaling-model", "resnet18", "--scaling-batches", "1", "--scaling-sizes", "32",
                  "--out", str(out)])
     assert code == 0
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "scaling.html", "scaling.json"}
     data = json.loads((out / "results.json").read_text())
-    assert [r["model"] for r in data["runs"]] == ["resnet18"]
+    assert [(r["model"], r["input"]) for r in data["runs"]] == [("resnet18", [3, 32, 32])]
     assert data["runs"][0]["weights"] == "random"
     assert any("no_such_model" in s for s in data["skipped"])
     assert "| gradcam |" in capsys.readouterr().out
