@@ -126,14 +126,14 @@ def raw(result, method: str) -> torch.Tensor:
 # Score-CAM
 
 
-def score_cam_reference(model, x, targets, score="logit"):
+def score_cam_reference(model, x, targets, score="logit", align_corners=False):
     """Straight from the definition: one masked forward per sample and channel, no batching."""
     A = features_of(model, x)
     maps = []
     for i in range(len(x)):
         scores = []
         for k in range(A.shape[1]):
-            up = F.interpolate(A[i : i + 1, k : k + 1], size=x.shape[-2:], mode="bilinear")
+            up = F.interpolate(A[i : i + 1, k : k + 1], x.shape[-2:], mode="bilinear", align_corners=align_corners)
             lo, hi = up.min(), up.max()
             mask = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
             scores.append(target_scores(model, x[i : i + 1] * mask, targets[i : i + 1], score))
@@ -142,14 +142,14 @@ def score_cam_reference(model, x, targets, score="logit"):
     return torch.stack(maps)
 
 
-@pytest.mark.parametrize("score", ["logit", "probability"])
-def test_scorecam_equals_reference_loop(score):
+@pytest.mark.parametrize("score, align_corners", [("logit", False), ("probability", False), ("logit", True)])
+def test_scorecam_equals_reference_loop(score, align_corners):
     torch.manual_seed(0)
     bundle = bundle_of(DeepNet())
     x = inputs(2)
-    result = vislib.explain(bundle, x, methods=["scorecam"], target=[0, 2], score=score,
-                            options={"scorecam": {"batch_size": 3}})
-    expected = score_cam_reference(bundle.model, x, torch.tensor([0, 2]), score)
+    options = {"scorecam": {"batch_size": 3, "align_corners": align_corners}}
+    result = vislib.explain(bundle, x, methods=["scorecam"], target=[0, 2], score=score, options=options)
+    expected = score_cam_reference(bundle.model, x, torch.tensor([0, 2]), score, align_corners)
     torch.testing.assert_close(raw(result, "scorecam"), expected, rtol=1e-4, atol=1e-6)
     assert result.extras["scorecam"]["approximate"] is False
 

@@ -217,7 +217,16 @@ class ScoreCAM(PerturbationMethod):
       hence identical scores: one forward serves the whole group.
 
     Every channel still enters the softmax with its own (exact) score, so the map is the one the
-    channel-by-channel definition gives (up to float rounding), not an approximation.
+    channel-by-channel definition gives (up to float rounding), not an approximation. (The
+    peers' ``(up − min)/(max − min + ε)`` also gives the zero mask for zero channels; for a
+    non-zero constant channel it amplifies rounding noise of the upsampling instead.)
+
+    Speed: the masked forwards are the whole cost and cannot be shared between channels, so the
+    exact gains are the skipped channels plus cheaper forwards (inference mode, channels-last
+    batches of 32). Measured on 1 CPU thread, ResNet-50 at 224 px, random weights: 1.24× less
+    CPU time per masked forward than contiguous no-grad batches of 16; 104 of 2048 layer4
+    channels were constant on a random image. Against pytorch-grad-cam's configuration
+    (``align_corners=True``) the maps agree at Pearson 0.9999999.
 
     Options: ``batch_size`` (masked inputs per forward, default 32), ``channels_last`` (memory
     order of the masked batches, default True), ``skip`` (default True),
@@ -449,13 +458,13 @@ class AblationCAM(PerturbationMethod):
     the captured activation. When that cut does not exist (skip connections around the layer,
     untraceable models) the ``"full-forward"`` path runs the whole model on the input with the
     layer's output replaced by the ablated copies (a hook held under the lock). Identically-zero
-    channels are not ablated: zeroing them changes nothing, so their weight is exactly 0. Where
-    S^c = 0 the difference is not divided.
+    channels are not ablated: zeroing them changes nothing, so their weight is exactly 0. As in the
+    definition, a negative S^c flips the weights' sign; where S^c = 0 the difference is not divided.
 
-    Options: ``batch_size`` (default on the head path: 128, fewer where 128 ablated activations
-    would pass 256 MiB; 32 on the full path), ``channels_last``
-    (memory order of the input batches on the full path, default True), ``path``
-    (``"auto"`` | ``"fx-head"`` | ``"full-forward"``).
+    Options: ``batch_size`` (head path: 128, fewer where 128 ablated activations would pass
+    256 MiB; full path: 32), ``channels_last`` (memory order of the input batches on the full path,
+    default True), ``path`` (``"auto"`` | ``"fx-head"`` | ``"full-forward"``).
+    The path taken, and why the head was not usable, are in the extras.
     """
 
     name = "ablationcam"
