@@ -1,0 +1,296 @@
+"""vislib dashboard, Explain page: what does the network look at?
+
+Run with ``streamlit run app.py`` (settings in ``.streamlit/config.toml``). The page is thin: widgets
+in, one call into :mod:`vislib.ui` (which calls :func:`vislib.explain`), render out.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import vislib
+from pages.common import image_picker, keep_state, model_picker, nav, show_error
+from vislib import ui
+from vislib.errors import VislibError
+from vislib.render import COLORMAPS, to_png_bytes
+
+st.set_page_config(page_title="vislib · Explain", page_icon=":material/visibility:", layout="wide")
+keep_state()
+state = st.session_state
+TOP_CLASS = -1  # the class picker's "explain the predicted class" entry
+
+
+class _Miss(Exception):
+    """Raised inside the cached lookup so that nothing is stored for an unknown key."""
+
+
+@st.cache_data(max_entries=24, ttl=3600, show_spinner=False)
+def _view_cache(key: str, _result: ui.ViewResult | None = None) -> ui.ViewResult:
+    """Results keyed by SHA-256(image bytes + every parameter); called with ``_result`` to store."""
+    if _result is None:
+        raise _Miss
+    return _result
+
+
+def _family_key(family: str) -> str:
+    return f"methods_{family}"
+
+
+def load_url_state() -> None:
+    """Once per session: the link's model, layer, class, methods, score and sample become the state."""
+    if state.get("_url_loaded"):
+        return
+    state["_url_loaded"] = True
+    parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS))
+    state["_url_notes"] = notes
+    for name in ("model", "weights", "layer", "score"):
+        if getattr(parsed, name):
+            state[name] = getattr(parsed, name)
+    if parsed.layers:
+        state["layers"] = parsed.layers
+    if parsed.target is not None:
+        state["target"] = parsed.target
+    if parsed.methods is not None:
+        for family, names in ui.methods_by_family().items():
+            state[_family_key(family)] = [m for m in parsed.methods if m in names]
+    if parsed.sample:
+        state["source"], state["sample"] = "Sample", parsed.sample
+
+
+def _stop(key: str) -> None:
+    state["_stopped"] = key
+
+
+def _pick_bar(classes: list[int]) -> None:
+    chosen = ui.class_from_selection(state.get("topk_chart"), classes)
+    if chosen is not None:
+        state["target"] = chosen
+
+
+def compute(key: str, job_fn) -> tuple[ui.ViewResult | None, bool]:
+    """(result, from cache): the cached result, or ``job_fn`` run in a worker with a progress bar
+    and a Stop button.
+
+    When the script is interrupted (a widget changed, Stop pressed), ``finally`` cancels the job
+    and waits for it: vislib unwinds its hooks, so the next run finds the model clean.
+    """
+    try:
+        return _view_cache(key), True
+    except _Miss:
+        pass
+    if state.get("_stopped") == key:
+        st.warning("Stopped before it finished. Change a setting, or compute it again.",
+                   icon=":material/stop_circle:")
+        if not st.button("Compute again", icon=":material/refresh:"):
+            return None, False
+        state.pop("_stopped", None)
+    job = ui.BackgroundJob(job_fn).start()
+    slot, bar = st.empty(), None
+    try:
+        while not job.wait(0.05):
+            if bar is None and job.elapsed > 0.3:
+                with slot.container():
+                    bar = st.progress(0.0, text="Computing…")
+                    st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=_stop, args=(key,))
+            if bar is not None:
+                bar.progress(job.fraction, text=f"Computing… {job.text}")
+    finally:
+        if not job.done:
+            job.cancel()
+    slot.empty()
+    result = job.result()
+    _view_cache(key, _result=result)
+    return result, False
+
+
+def _method_label(name: str) -> str:
+    return ui.method_title(name) + (" :material/hourglass_top:" if name in ui.SLOW_METHODS else "")
+
+
+def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
+    """Layer, comparison layers and methods pickers: (layer, extra layers, methods)."""
+    layer, extra_layers, methods = None, [], []
+    if bundle is not None:
+        layers = list(bundle.layers)
+        if state.get("layer") not in bundle.layers:
+            if state.get("layer"):
+                st.warning(f"Layer {state['layer']!r} is not in {bundle.name}; using {bundle.default_layer}.")
+            state["layer"] = bundle.default_layer
+        st.selectbox(
+            "Target layer", layers, key="layer",
+            format_func=lambda n: ui.layer_label(n, bundle.layers[n]) + (
+                "  (default)" if n == bundle.default_layer else ""),
+            help="The layer whose activations the CAM family weighs: later layers are more semantic "
+                 "and coarser, earlier ones finer.",
+        )
+        layer = state["layer"]
+        state["layers"] = [x for x in state.get("layers", []) if x in bundle.layers and x != layer]
+        st.multiselect("Compare layers (extra rows)", [n for n in layers if n != layer], key="layers",
+                       format_func=lambda n: ui.layer_label(n, bundle.layers[n]),
+                       placeholder="Add layers to compare…")
+        extra_layers = list(state["layers"])
+    st.markdown("### :material/tune: Methods")
+    for family, names in ui.methods_by_family().items():
+        key = _family_key(family)
+        if key not in state:
+            state[key] = [m for m in ui.default_methods() if m in names]
+        state[key] = [m for m in state[key] if m in names]
+        st.pills(ui.family_title(family), names, selection_mode="multi", key=key,
+                 format_func=_method_label,
+                 help=":material/hourglass_top: methods need many passes: they show a progress bar and "
+                      "can be stopped.")
+        methods += list(state[key])
+    return layer, extra_layers, methods
+
+
+def display_controls() -> tuple[float, str, str, int]:
+    st.markdown("### :material/palette: Display")
+    alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
+    colormap = st.selectbox("Colormap", list(COLORMAPS), key="cmap")
+    signal_view = st.radio(
+        "Input-space signals", ui.SIGNAL_VIEWS, key="signal_view", horizontal=True,
+        help="Deconvnet, guided backprop, gradients: the signal as a signed RGB image (grey = 0), its "
+             "magnitude (black = 0), or the magnitude as a heatmap over the image.",
+    )
+    ncols = st.slider("Panels per line", 2, 8, 4, key="ncols")
+    return alpha, colormap, signal_view, ncols
+
+
+def class_picker_and_chart(result: ui.ViewResult, score: str) -> None:
+    probs, labels = result.probs, result.labels
+    names = list(labels)
+    if len(set(labels)) != len(labels):  # ImageNet has a few duplicate names
+        names = [f"{lab} (#{i})" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    top_index = int(probs.argmax())
+    st.selectbox(
+        "Class to explain", [TOP_CLASS, *range(len(labels))], key="target",
+        format_func=lambda i: (f"Top class: {names[top_index]} · {probs[top_index]:.1%}" if i == TOP_CLASS
+                               else f"{names[i]} · {probs[i]:.1%}"),
+        help="Type to search any class. Default: the predicted (top-1) class.",
+    )
+    top = result.top_k(5)
+    classes = [i for i, _, _ in top]
+    st.plotly_chart(ui.topk_figure(top, result.target), key="topk_chart",
+                    on_select=lambda: _pick_bar(classes), selection_mode="points",
+                    config={"displayModeBar": False})
+    st.markdown(f"Explaining **{names[result.target]}** (the {score} of class {result.target}) · "
+                f"click a bar to explain another class.")
+
+
+def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, colormap, signal_view,
+                 ncols) -> None:
+    for row, line in zip(result.rows, ui.panels(result), strict=True):
+        if len(result.rows) > 1:
+            shape = "×".join(str(s) for s in bundle.layers[row.layer])
+            st.markdown(f"**Layer `{row.layer}`** · {shape}")
+        for start in range(0, len(line), ncols):
+            for panel, column in zip(line[start:start + ncols], st.columns(ncols), strict=False):
+                with column:
+                    if panel.error:
+                        st.markdown(f"**{panel.title}**")
+                        st.error(panel.error, icon=":material/block:")
+                        continue
+                    image = ui.panel_image(row, panel.method, alpha=alpha, colormap=colormap,
+                                           signal_view=signal_view)
+                    st.image(image, caption=panel.caption, width="stretch")
+                    st.download_button(
+                        "PNG", data=lambda image=image: to_png_bytes(image), on_click="ignore",
+                        file_name=ui.safe_filename(panel.method, row.layer, image_name) + ".png",
+                        mime="image/png", key=f"dl_{row.layer}_{panel.method}", icon=":material/download:",
+                        type="tertiary",
+                    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sidebar
+
+load_url_state()
+with st.sidebar:
+    nav()
+    st.markdown("### :material/image: Input")
+    picked = image_picker()
+    st.markdown("### :material/neurology: Model")
+    bundle = model_picker()
+    layer, extra_layers, methods = sidebar_controls(bundle)
+    if state.get("score") not in ui.SCORES:
+        state["score"] = "logit"
+    score = st.radio("Score to explain", ui.SCORES, key="score", horizontal=True,
+                     help="The class logit (default, as in the papers) or its softmax probability.")
+    alpha, colormap, signal_view, ncols = display_controls()
+    st.caption(f"vislib {vislib.__version__} · device: {bundle.device if bundle else '–'}")
+
+# The link reproduces the view: model, weights, layer(s), class, methods, score, sample.
+target = state.get("target", TOP_CLASS)
+if bundle is not None and (not isinstance(target, int) or not TOP_CLASS <= target < len(bundle.labels)):
+    target = state["target"] = TOP_CLASS
+explain_target = None if target == TOP_CLASS else target
+st.query_params.from_dict(ui.to_query(ui.ViewState(
+    model=state.get("model"), weights=state.get("weights"), layer=layer, layers=extra_layers,
+    target=explain_target, methods=methods, score=score,
+    sample=state.get("sample") if state.get("source") == "Sample" else None,
+)))
+
+# ---------------------------------------------------------------------------------------------------
+# Main area
+
+st.title("What does the network see?")
+st.caption("Class activation maps, backprop signals and perturbation maps for one image, side by side. "
+           "Pick the image, model, layer and methods on the left.")
+for note in state.pop("_url_notes", []):
+    st.warning(note)
+if picked is None:
+    st.info("Upload an image, take a photo, or pick a sample in the sidebar.", icon=":material/image:")
+    st.stop()
+if bundle is None:
+    st.stop()
+if not methods:
+    st.info("Choose at least one method in the sidebar.", icon=":material/tune:")
+    st.stop()
+
+image_bytes, image_name = picked
+key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer,
+                    layers=extra_layers, target=explain_target, score=score, methods=methods)
+
+
+def job(progress, cancel):
+    return ui.compute_view(bundle, image_bytes, methods, layer=layer, extra_layers=extra_layers,
+                           target=explain_target, score=score, progress=progress, cancel=cancel,
+                           image_name=image_name)
+
+
+try:
+    result, cached = compute(key, job)
+except VislibError as exc:
+    show_error(exc)
+    st.stop()
+if result is None:
+    st.stop()
+
+left, right = st.columns([1, 2], gap="large")
+with left:
+    width, height = result.input_image.size
+    st.image(result.input_image, caption=f"Model input ({width}×{height}) · {image_name}", width="stretch")
+with right:
+    class_picker_and_chart(result, score)
+
+head, scale, download = st.columns([3, 2, 1], vertical_alignment="center")
+with head:
+    st.subheader("Maps")
+    passes = " · ".join(f"{k.replace('_', ' ')} {ui.format_seconds(v)}"
+                        for k, v in result.pass_timings.items())
+    st.caption(f"Computed in {ui.format_seconds(result.seconds)}" + (" (cached)" if cached else "")
+               + (f" · shared passes: {passes}" if passes else ""))
+with scale:
+    st.image(ui.colorbar(colormap, width=240, height=12), width="stretch")
+    st.caption("low → high · one colour scale, each map min–max normalised")
+with download:
+    st.download_button("All maps (.npz)", data=lambda: ui.maps_npz(result), on_click="ignore",
+                       file_name=ui.safe_filename(bundle.name, image_name, "maps") + ".npz",
+                       mime="application/octet-stream", icon=":material/download:", key="dl_npz")
+results_grid(result, bundle, image_name, alpha=alpha, colormap=colormap, signal_view=signal_view, ncols=ncols)
+
+with st.expander("About these methods", icon=":material/school:"):
+    for name in methods:
+        cls = vislib.METHODS[name]
+        st.markdown(f"**{ui.method_title(name)}** ({ui.family_title(cls.family)}) — {cls.paper}  \n"
+                    f"{ui.method_summary(name)}")

@@ -1,0 +1,176 @@
+"""vislib dashboard, Layer explorer: walk through the network from input to output.
+
+For the chosen model, image and layer: the feature maps, the Zeiler & Fergus top-N Deconvnet
+reconstructions with their receptive-field patches, and the first-layer filters.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+from PIL import Image
+
+from pages.common import image_picker, keep_state, model_picker, nav, show_error
+from vislib import features, ui
+from vislib.errors import VislibError
+from vislib.imageio import load_image
+from vislib.render import COLORMAPS
+
+st.set_page_config(page_title="vislib · Layer explorer", page_icon=":material/layers:", layout="wide")
+keep_state()
+state = st.session_state
+
+
+TABS = ("Feature maps", "Top-N Deconvnet reconstructions", "First-layer filters")
+
+
+@st.cache_data(max_entries=32, ttl=3600, show_spinner=False)
+def cached_view(digest: str, model: str, _bundle, _data: bytes):
+    """The image as the model sees it (decoded once per image and model)."""
+    return _bundle.input_view(load_image(_data))
+
+
+@st.cache_data(max_entries=32, ttl=3600, show_spinner=False)
+def cached_feature_maps(digest: str, model: str, weights: str, layer: str, _bundle, _data: bytes):
+    return features.feature_maps(_bundle, _data, layer)
+
+
+@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
+def cached_top_channels(digest: str, model: str, weights: str, layer: str, n: int, _bundle, _data: bytes):
+    return features.top_channels(_bundle, _data, layer, n=n)
+
+
+@st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
+def cached_filters(model: str, weights: str, normalize: str, _bundle):
+    return features.filters_grid(_bundle, normalize=normalize, scale=8)
+
+
+def _step(walk: list[str], delta: int) -> None:
+    index = walk.index(state["walk_layer"]) if state.get("walk_layer") in walk else 0
+    state["walk_layer"] = walk[max(0, min(len(walk) - 1, index + delta))]
+
+
+def layer_walker(bundle) -> str:
+    """A select slider over the layers in forward order, with previous/next buttons."""
+    everything = st.toggle("Every module", key="walk_all",
+                           help="Off: stages and blocks only. On: every module with a spatial output "
+                                "(convolutions, batch norms, activations…).")
+    walk = ui.walk_layers(bundle, everything=everything)
+    if state.get("walk_layer") not in walk:
+        start = state.get("layer") if state.get("layer") in walk else None
+        state["walk_layer"] = start or (bundle.default_layer if bundle.default_layer in walk else walk[0])
+    prev_col, slider_col, next_col = st.columns([1, 12, 1], vertical_alignment="bottom")
+    with prev_col:
+        st.button("", icon=":material/chevron_left:", key="walk_prev", on_click=_step, args=(walk, -1),
+                  disabled=state["walk_layer"] == walk[0], help="Previous layer (towards the input)")
+    with slider_col:
+        st.select_slider("Layer (input → output)", walk, key="walk_layer")
+    with next_col:
+        st.button("", icon=":material/chevron_right:", key="walk_next", on_click=_step, args=(walk, 1),
+                  disabled=state["walk_layer"] == walk[-1], help="Next layer (towards the output)")
+    return state["walk_layer"]
+
+
+def feature_map_tab(bundle, digest, data, layer) -> None:
+    c1, c2, c3 = st.columns(3)
+    count = c1.select_slider("Channels shown", [16, 32, 64, 128, 256], value=32, key="fm_count")
+    order = c2.radio("Order", ("strongest first", "channel index"), key="fm_order", horizontal=True)
+    colormap = c3.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("viridis"),
+                            key="fm_cmap")
+    maps = cached_feature_maps(digest, bundle.name, bundle.weights, layer, bundle, data)
+    channels, size = maps.shape[0], maps.shape[1:]
+    if order == "strongest first":
+        picked = maps.reshape(channels, -1).max(axis=1).argsort()[::-1][:count]
+    else:
+        picked = list(range(min(count, channels)))
+    scale = max(1, 48 // max(size))
+    grid = features.tile_maps(maps[list(picked)], columns=16 if len(picked) > 32 else 8, normalize="all",
+                              colormap=colormap, scale=scale)
+    st.image(grid, width="stretch",
+             caption=f"{len(picked)} of {channels} channels, {size[0]}×{size[1]} each, one colour scale "
+                     f"for all ({'strongest first' if order == 'strongest first' else 'in channel order'})")
+    active = float((maps > 0).mean())
+    st.caption(f"{active:.0%} of the layer's activations are positive; strongest: {float(maps.max()):.3g}.")
+
+
+def deconvnet_tab(bundle, digest, data, layer) -> None:
+    n = st.slider("Top channels", 1, 16, 9, key="zf_n",
+                  help="The channels with the strongest single activation on this image.")
+    with st.spinner("Projecting the strongest activations back to pixels…"):
+        projections = cached_top_channels(digest, bundle.name, bundle.weights, layer, n, bundle, data)
+    if not projections:
+        st.info("No channel of this layer is positive on this image: nothing to project.")
+        return
+    st.caption("Each pair: the Deconvnet reconstruction of one channel's strongest activation (every other "
+               "activation of the layer set to zero), cropped to that unit's receptive field, beside the "
+               "image patch it sees (Zeiler & Fergus 2014, Fig. 2).")
+    per_line = 3
+    for start in range(0, len(projections), per_line):
+        for proj, column in zip(projections[start:start + per_line], st.columns(per_line), strict=False):
+            top, left, bottom, right = proj.box
+            with column:
+                size = rec_size(proj)
+                rec, patch = st.columns(2, gap="small")
+                rec.image(proj.render().resize(size, Image.NEAREST), width="stretch")
+                patch.image(proj.patch.resize(size, Image.NEAREST), width="stretch")
+                st.caption(f"channel {proj.channel} · activation {proj.value:.3g} · at {proj.position} · "
+                           f"field {right - left}×{bottom - top} px")
+
+
+def rec_size(proj) -> tuple[int, int]:
+    top, left, bottom, right = proj.box
+    w, h = max(1, right - left), max(1, bottom - top)
+    return 128, max(1, round(128 * h / w))
+
+
+def filters_tab(bundle) -> None:
+    name, conv = features.first_conv(bundle.model)
+    normalize = st.radio("Scale", ("each", "all"), key="filters_norm", horizontal=True,
+                         format_func={"each": "each filter min–max", "all": "one scale (grey = 0)"}.get)
+    st.image(cached_filters(bundle.name, bundle.weights, normalize, bundle),
+             caption=f"{conv.out_channels} filters of `{name}` ({conv.kernel_size[0]}×{conv.kernel_size[1]}, "
+                     f"RGB)", width=min(900, 40 * 8 * 2 + 300))
+    if bundle.weights == "random":
+        st.caption("Random weights: the filters are noise. Trained first layers show oriented edges and "
+                   "colour blobs.")
+
+
+with st.sidebar:
+    nav()
+    st.markdown("### :material/image: Input")
+    picked = image_picker()
+    st.markdown("### :material/neurology: Model")
+    bundle = model_picker()
+
+st.title("Layer explorer")
+st.caption("Walk through the network from the input to the output: what each layer computes on your image.")
+if picked is None:
+    st.info("Upload an image, take a photo, or pick a sample in the sidebar.", icon=":material/image:")
+    st.stop()
+if bundle is None:
+    st.stop()
+data, image_name = picked
+digest = ui.image_digest(data)
+
+try:
+    layer = layer_walker(bundle)
+    shape = bundle.layers[layer]
+    walk = ui.walk_layers(bundle, everything=bool(state.get("walk_all")))
+    kind = type(bundle.model.get_submodule(layer)).__name__
+    view, info = st.columns([1, 5], vertical_alignment="center")
+    view.image(cached_view(digest, bundle.name, bundle, data), width="stretch")
+    info.markdown(f"#### `{layer}` · {kind}")
+    info.caption(f"Output: {shape[0]} channels of {shape[1]}×{shape[2]} · step {walk.index(layer) + 1} of "
+                 f"{len(walk)} from the input" + (" · the Explain page's default target layer"
+                                                  if layer == bundle.default_layer else ""))
+    tabs = st.tabs(TABS, key="explorer_tab", on_change="rerun")
+    for tab, name in zip(tabs, TABS, strict=True):
+        if tab.open:
+            with tab:
+                if name == TABS[0]:
+                    feature_map_tab(bundle, digest, data, layer)
+                elif name == TABS[1]:
+                    deconvnet_tab(bundle, digest, data, layer)
+                else:
+                    filters_tab(bundle)
+except VislibError as exc:
+    show_error(exc)

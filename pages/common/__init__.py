@@ -1,0 +1,169 @@
+"""Streamlit pieces shared by the dashboard's pages (``app.py`` and ``pages/*.py``).
+
+Only widgets and caching live here; the logic is in :mod:`vislib.ui` (pure, tested without
+Streamlit). This folder is not a page: Streamlit only lists the ``*.py`` files directly in ``pages/``.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+import vislib
+from vislib import ui
+from vislib.errors import VislibError
+from vislib.models import DEFAULT_MODEL, model_spec, pretrained_available
+
+#: Session keys that must survive a switch between pages (widget state alone does not).
+PERSISTENT = ("model", "weights", "source", "sample", "layer")
+SOURCES = ("Sample", "Upload", "Camera")
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
+
+
+def keep_state() -> None:
+    """Re-assign persistent keys so Streamlit keeps them when their widgets are not on this page."""
+    for key in PERSISTENT:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+@st.cache_resource(max_entries=3, show_spinner=False)
+def load_bundle(name: str, weights: str):
+    """One model per (name, weights) per process; the bundle carries its own lock for hooked passes.
+
+    A random initialisation is seeded (without touching the global RNG), so a link reproduces it.
+    """
+    if weights != "random":
+        return vislib.load_model(name, weights="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return vislib.load_model(name, weights=None)
+
+
+def default_model(models: list[str]) -> str:
+    if DEFAULT_MODEL in models:
+        return DEFAULT_MODEL
+    bundled = [m for m in models if model_spec(m).source == "bundled"]
+    if bundled:
+        return bundled[0]
+    return "resnet18" if "resnet18" in models else models[0]
+
+
+def default_weights(name: str) -> str:
+    spec = model_spec(name)
+    if spec.source == "torchvision" and not pretrained_available(name):
+        return "random"
+    return "pretrained"
+
+
+def _model_label(name: str) -> str:
+    spec = model_spec(name)
+    return f"{name} · bundled" if spec.source == "bundled" else f"{name} · torchvision"
+
+
+def _weights_label(source: str):
+    return {"pretrained": "Trained (bundled)" if source == "bundled" else "Pretrained (ImageNet)",
+            "random": "Random init"}.get
+
+
+def _on_model_change() -> None:
+    st.session_state["weights"] = default_weights(st.session_state["model"])
+    for key in ("layer", "layers", "target"):
+        st.session_state.pop(key, None)
+
+
+def missing_weights_note(name: str) -> str:
+    import torchvision
+
+    from vislib.models import pretrained_cache_path
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = pretrained_cache_path(weights)
+    return (
+        f"ImageNet weights for **{name}** are not on this machine. To use them, download "
+        f"[{path.name}]({weights.url}) into `{path.parent}` (or start the app once with internet "
+        f"access). Meanwhile you can explore the randomly initialised network: its maps show the "
+        f"architecture's bias, not what it learned."
+    )
+
+
+def model_picker():
+    """Model and weights pickers (in the current container); the loaded bundle, or None after an error."""
+    models = vislib.list_models()
+    state = st.session_state
+    if state.get("model") not in models:
+        state["model"] = default_model(models)
+    st.selectbox("Model", models, key="model", format_func=_model_label, on_change=_on_model_change)
+    name = state["model"]
+    spec = model_spec(name)
+    if state.get("weights") not in ("pretrained", "random"):
+        state["weights"] = default_weights(name)
+    st.radio("Weights", ("pretrained", "random"), key="weights", horizontal=True,
+             format_func=_weights_label(spec.source))
+    if spec.source == "torchvision" and not pretrained_available(name):
+        st.caption(missing_weights_note(name))
+    try:
+        with st.spinner(f"Loading {name}…"):
+            return load_bundle(name, state["weights"])
+    except VislibError as exc:
+        st.error(str(exc))
+        return None
+
+
+def _forget_image(key: str) -> None:
+    """The user removed the upload or the photo: forget the stored copy too."""
+    if st.session_state.get(key) is None:
+        st.session_state.pop("image_bytes", None)
+        st.session_state.pop("image_from", None)
+
+
+def _remember(data: bytes, name: str) -> None:
+    st.session_state["image_bytes"] = data
+    st.session_state["image_name"] = name
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _sample_bytes(name: str) -> bytes:
+    path = ui.sample_choices().get(name)
+    return path.read_bytes() if path is not None else ui.generated_sample()
+
+
+def image_picker() -> tuple[bytes, str] | None:
+    """Sample / upload / camera; returns (file bytes, name) or None while there is no image yet."""
+    state = st.session_state
+    if state.get("source") not in SOURCES:
+        state["source"] = SOURCES[0]
+    st.segmented_control("Image", SOURCES, key="source", width="stretch")
+    source = state.get("source") or SOURCES[0]
+    if source == "Sample":
+        samples = ui.sample_choices()
+        if state.get("sample") not in samples:
+            state["sample"] = next(iter(samples))
+        st.selectbox("Sample image", list(samples), key="sample", label_visibility="collapsed")
+        return _sample_bytes(state["sample"]), state["sample"]
+    if source == "Upload":
+        upload = st.file_uploader("Upload an image (JPEG, PNG, WebP, BMP)", type=UPLOAD_TYPES, key="upload",
+                                  on_change=_forget_image, args=("upload",))
+        if upload is not None:
+            _remember(upload.getvalue(), upload.name)
+            state["image_from"] = "Upload"
+    else:
+        photo = st.camera_input("Take a photo", key="camera", on_change=_forget_image, args=("camera",))
+        if photo is not None:
+            _remember(photo.getvalue(), "camera photo")
+            state["image_from"] = "Camera"
+    if state.get("image_from") == source and state.get("image_bytes"):
+        return state["image_bytes"], state["image_name"]
+    return None
+
+
+def nav() -> None:
+    """Page links at the top of the sidebar (the default page list is hidden in config.toml)."""
+    st.page_link("app.py", label="Explain", icon=":material/visibility:")
+    st.page_link("pages/1_Layer_explorer.py", label="Layer explorer", icon=":material/layers:")
+    st.divider()
+
+
+def show_error(exc: BaseException) -> None:
+    """A user-caused problem as one short message (never a traceback)."""
+    st.error(str(exc), icon=":material/error:")

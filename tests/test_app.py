@@ -1,0 +1,258 @@
+"""The dashboard's pages under streamlit.testing.v1.AppTest: upload, pick, see the panels and the chart,
+the URL state, caching, and the messages for the errors a user can cause.
+
+Two tiny models are registered for the duration of this module (GAP head and flatten head) so the
+pages run in well under a second; they are removed again afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from helpers import PLAIN, FlatNet, GapNet
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import vislib
+from vislib import models, ui
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+EXPLORER = "pages/1_Layer_explorer.py"
+TIMEOUT = 120
+LABELS = ["circle", "square", "triangle", "star"]
+
+
+def _register(name: str, net_type, **kwargs) -> None:
+    @models.register_model(name, source="test", description="test model")
+    def build(weights):
+        torch.manual_seed(0)
+        return models.make_bundle(name, net_type(**kwargs), preprocess=PLAIN, labels=LABELS[: kwargs["classes"]],
+                                  default_layer="features", device=torch.device("cpu"), weights="test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models():
+    names = {"tiny_gap": (GapNet, dict(channels=6, classes=4)), "tiny_flat": (FlatNet, dict(classes=3))}
+    for name, (net, kwargs) in names.items():
+        if name not in vislib.list_models():
+            _register(name, net, **kwargs)
+    yield
+    for name in names:
+        models._REGISTRY.pop(name, None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    st.cache_data.clear()
+    yield
+
+
+def png_bytes(seed: int = 0, size: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run_app(**params) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(params)
+    return at.run()
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for image in at.image for c in image.captions]
+
+
+PANEL = re.compile(r"^(.+) · [\d.]+ (ms|s)( · flat map)?$")  # "Grad-CAM · 2.1 ms"
+
+
+def panel_titles(at: AppTest) -> list[str]:
+    return [m.group(1) for m in map(PANEL.match, captions(at)) if m]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+# --------------------------------------------------------------------------------------------------
+# Explain page
+
+
+def test_default_view_shows_panels_chart_and_downloads():
+    at = run_app(model="tiny_gap")
+    assert_clean(at)
+    expected = [vislib.METHODS[m].title for m in ui.default_methods()]
+    assert panel_titles(at) == expected
+    assert any(c.startswith("Model input (16×16)") for c in captions(at))
+    assert len(at.get("plotly_chart")) == 1
+    labels = [b.label for b in at.get("download_button")]
+    assert labels.count("PNG") == len(expected) and "All maps (.npz)" in labels
+    assert at.selectbox(key="target").value == -1  # the predicted class by default
+    assert at.query_params["model"] == "tiny_gap"
+    assert at.query_params["methods"] == ",".join(ui.default_methods())
+    assert "class" not in at.query_params
+
+
+def test_upload_pick_methods_and_class():
+    at = run_app(model="tiny_gap", methods="gradcam")
+    at.segmented_control(key="source").set_value("Upload").run()
+    assert_clean(at)
+    assert any("Upload an image" in i.value for i in at.info)
+    at.file_uploader(key="upload").set_value(("photo.png", png_bytes(3), "image/png")).run()
+    assert_clean(at)
+    assert any("photo.png" in c for c in captions(at))
+    assert panel_titles(at) == ["Grad-CAM"]
+    at.pills(key="methods_cam").set_value(["gradcam", "hirescam"]).run()
+    assert panel_titles(at) == ["Grad-CAM", "HiResCAM"]
+    at.selectbox(key="target").set_value(2).run()
+    assert_clean(at)
+    assert at.query_params["class"] == "2"
+    assert any("**triangle**" in m.value and "class 2" in m.value for m in at.markdown)
+
+
+def test_the_link_reproduces_the_view():
+    at = run_app(model="tiny_gap", layer="features.0", **{"class": "1"}, methods="gradcam,layercam",
+                 score="probability")
+    assert_clean(at)
+    assert at.selectbox(key="layer").value == "features.0"
+    assert at.selectbox(key="target").value == 1
+    assert at.radio(key="score").value == "probability"
+    assert panel_titles(at) == ["Grad-CAM", "LayerCAM"]
+    assert any("**square**" in m.value and "probability of class 1" in m.value for m in at.markdown)
+    assert at.query_params == {"model": "tiny_gap", "weights": "pretrained", "layer": "features.0",
+                               "class": "1", "methods": "gradcam,layercam", "score": "probability",
+                               "sample": next(iter(ui.sample_choices()))}
+
+
+def test_opacity_and_colormap_rerender_without_recomputing(monkeypatch):
+    calls = []
+    real = ui.compute_view
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ui, "compute_view", counting)
+    at = run_app(model="tiny_gap", methods="gradcam")
+    first = [u for image in at.image for u in image.value]
+    at.slider(key="alpha").set_value(0.9).run()
+    at.selectbox(key="cmap").set_value("viridis").run()
+    assert_clean(at)
+    assert len(calls) == 1
+    assert [u for image in at.image for u in image.value] != first  # the overlay did change
+    at.radio(key="score").set_value("probability").run()
+    assert len(calls) == 2  # a parameter of the result does recompute
+
+
+def test_extra_layer_rows():
+    at = run_app(model="tiny_gap", methods="gradcam,deconvnet", layers="features.0")
+    assert_clean(at)
+    assert panel_titles(at) == ["Grad-CAM", "Deconvnet", "Grad-CAM"]
+    assert any("Layer `features.0`" in m.value for m in at.markdown)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors a user can cause: a short message, never a traceback, the rest of the page keeps working
+
+
+def test_broken_upload_gives_a_message():
+    at = run_app(model="tiny_gap", methods="gradcam")
+    at.segmented_control(key="source").set_value("Upload").run()
+    at.file_uploader(key="upload").set_value(("broken.png", b"\x89PNG\r\n\x1a\n garbage", "image/png")).run()
+    assert_clean(at)
+    assert len(at.error) == 1 and "broken.png" in errors(at)[0]
+    assert "Traceback" not in errors(at)[0]
+    assert len(at.get("plotly_chart")) == 0
+    at.segmented_control(key="source").set_value("Sample").run()  # the page keeps working
+    assert_clean(at)
+    assert not at.error and panel_titles(at) == ["Grad-CAM"]
+
+
+def test_cam_on_a_head_without_gap_fails_alone():
+    at = run_app(model="tiny_flat", methods="cam,gradcam,hirescam,guided_backprop")
+    assert_clean(at)
+    assert len(at.error) == 1 and "CAM needs a global-average-pool + linear head" in errors(at)[0]
+    assert panel_titles(at) == ["Grad-CAM", "HiResCAM", "Guided backprop"]
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_a_layer_that_does_not_fit_the_method():
+    # features.0 has 8 channels, the linear head reads 6: CAM does not apply there, Grad-CAM does
+    at = run_app(model="tiny_gap", methods="cam,gradcam", layer="features.0")
+    assert_clean(at)
+    assert len(at.error) == 1 and "features.0" in errors(at)[0]
+    assert panel_titles(at) == ["Grad-CAM"]
+
+
+def test_unknown_layer_in_the_link_falls_back_to_the_default():
+    at = run_app(model="tiny_gap", methods="gradcam", layer="nope")
+    assert_clean(at)
+    assert any("'nope' is not in tiny_gap" in w.value for w in at.warning)
+    assert at.selectbox(key="layer").value == "features" and panel_titles(at) == ["Grad-CAM"]
+
+
+def test_missing_pretrained_weights_offline(monkeypatch):
+    monkeypatch.setenv("VISLIB_OFFLINE", "1")
+    monkeypatch.setattr(models, "pretrained_available", lambda name: False)
+    at = run_app(model="resnet18", weights="pretrained", methods="gradcam")
+    assert_clean(at)
+    assert len(at.error) == 1 and "pretrained weights for resnet18 are not cached" in errors(at)[0]
+    assert any("weights=None" in e or "random" in e for e in errors(at))
+    at.radio(key="weights").set_value("random").run()  # random init keeps working
+    assert_clean(at)
+    assert not at.error and panel_titles(at) == ["Grad-CAM"]
+
+
+def test_no_method_selected():
+    at = run_app(model="tiny_gap", methods="")
+    assert_clean(at)
+    assert any("at least one method" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer explorer
+
+
+def test_layer_explorer_walks_the_network():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = "tiny_gap"
+    at.run()
+    at.switch_page(EXPLORER).run()
+    assert_clean(at)
+    walk = ui.walk_layers(vislib.load_model("tiny_gap"))
+    assert walk == ["features.0", "features.1", "features.2", "features", "pool"]
+    assert at.session_state["walk_layer"] == "features"  # starts at the Explain page's layer
+    assert any("channels" in c and "one colour scale" in c for c in captions(at))
+    index = walk.index("features")
+    at.button(key="walk_prev").click().run()
+    assert_clean(at)
+    assert at.session_state["walk_layer"] == walk[index - 1]
+    at.button(key="walk_next").click().run()
+    assert at.session_state["walk_layer"] == "features"
+
+
+def test_layer_explorer_deconvnet_and_filters_tabs():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = "tiny_gap"
+    at.run()
+    at.switch_page(EXPLORER).run()
+    at.session_state["explorer_tab"] = "Top-N Deconvnet reconstructions"
+    at.run()
+    assert_clean(at)
+    assert any(c.startswith("channel ") and "field" in c for c in [m.value for m in at.caption])
+    at.session_state["explorer_tab"] = "First-layer filters"
+    at.run()
+    assert_clean(at)
+    assert any("filters of `features.0`" in c for c in captions(at))
