@@ -59,13 +59,45 @@ class PeerSetup:
 Adapter = Callable[[PeerSetup], tuple[Callable[[], torch.Tensor], Callable[[], None]]]
 
 
+def one_pass(_s: PeerSetup) -> tuple[int, str]:
+    return 1, "forward_backward"
+
+
 @dataclass(frozen=True)
 class PeerMethod:
+    """One peer implementation of one of our methods. ``passes(setup)`` = (passes per image, kind):
+    the cost model that lets the benchmark skip a peer it can predict to be over the row budget
+    (a peer call cannot be interrupted)."""
+
     library: str
     peer_name: str
     ours: str
     make: Adapter
     note: str = ""
+    passes: Callable[[PeerSetup], tuple[int, str]] = one_pass
+
+
+def _channel_passes(s: PeerSetup) -> tuple[int, str]:
+    seen = {}
+
+    def hook(_module, _inputs, output) -> None:
+        seen["c"] = output.shape[1]
+
+    with torch.no_grad():
+        handle = s.module.register_forward_hook(hook)
+        try:
+            s.model(s.inputs[:1])
+        finally:
+            handle.remove()
+    return int(seen["c"]), "forward"
+
+
+def _occlusion_passes(s: PeerSetup) -> tuple[int, str]:
+    kw = _occlusion_kwargs(s)
+    h, w = s.inputs.shape[-2:]
+    _, ph, pw = kw["sliding_window_shapes"]
+    _, sh, sw = kw["strides"]
+    return ((h - ph) // sh + 1) * ((w - pw) // sw + 1), "forward"
 
 
 def _no_close() -> None:
@@ -255,8 +287,10 @@ PEER_METHODS: list[PeerMethod] = [
     PeerMethod("pytorch-grad-cam", "XGradCAM", "xgradcam", _pgc_cam("XGradCAM")),
     PeerMethod("pytorch-grad-cam", "LayerCAM", "layercam", _pgc_cam("LayerCAM")),
     PeerMethod("pytorch-grad-cam", "HiResCAM", "hirescam", _pgc_cam("HiResCAM")),
-    PeerMethod("pytorch-grad-cam", "ScoreCAM", "scorecam", _pgc_cam("ScoreCAM"), SCORECAM_NOTE),
-    PeerMethod("pytorch-grad-cam", "AblationCAM", "ablationcam", _pgc_cam("AblationCAM"), ABLATION_PGC),
+    PeerMethod("pytorch-grad-cam", "ScoreCAM", "scorecam", _pgc_cam("ScoreCAM"), SCORECAM_NOTE,
+               _channel_passes),
+    PeerMethod("pytorch-grad-cam", "AblationCAM", "ablationcam", _pgc_cam("AblationCAM"), ABLATION_PGC,
+               _channel_passes),
     PeerMethod("pytorch-grad-cam", "EigenCAM", "eigencam", _pgc_cam("EigenCAM"), EIGENCAM_PGC),
     PeerMethod("pytorch-grad-cam", "GuidedBackpropReLUModel", "guided_backprop", _pgc_guided_backprop,
                GUIDED_PGC),
@@ -266,7 +300,8 @@ PEER_METHODS: list[PeerMethod] = [
     PeerMethod("torchcam", "GradCAMpp", "gradcam++", _torchcam("GradCAMpp"), GRADCAMPP_TORCHCAM),
     PeerMethod("torchcam", "XGradCAM", "xgradcam", _torchcam("XGradCAM")),
     PeerMethod("torchcam", "LayerCAM", "layercam", _torchcam("LayerCAM")),
-    PeerMethod("torchcam", "ScoreCAM", "scorecam", _torchcam("ScoreCAM", gradient=False), SCORECAM_NOTE),
+    PeerMethod("torchcam", "ScoreCAM", "scorecam", _torchcam("ScoreCAM", gradient=False), SCORECAM_NOTE,
+               _channel_passes),
     # Captum
     PeerMethod("captum", "LayerGradCam", "gradcam",
                _captum("LayerGradCam", layer=True, kwargs_from=lambda s: {"relu_attributions": True})),
@@ -278,11 +313,12 @@ PEER_METHODS: list[PeerMethod] = [
                _captum("GuidedGradCam", layer=True, kwargs_from=lambda s: {"interpolate_mode": "bilinear"}),
                GUIDED_GRADCAM_NOTE),
     PeerMethod("captum", "NoiseTunnel(Saliency, smoothgrad)", "smoothgrad", _captum_smoothgrad,
-               SMOOTHGRAD_NOTE),
+               SMOOTHGRAD_NOTE, lambda s: (int(s.options.get("n_samples", 50)), "forward_backward")),
     PeerMethod("captum", "IntegratedGradients", "integrated_gradients",
-               _captum("IntegratedGradients", kwargs_from=_ig_kwargs)),
+               _captum("IntegratedGradients", kwargs_from=_ig_kwargs), "",
+               lambda s: (int(s.options.get("steps", 32)), "forward_backward")),
     PeerMethod("captum", "Occlusion", "occlusion", _captum("Occlusion", kwargs_from=_occlusion_kwargs),
-               OCCLUSION_NOTE),
+               OCCLUSION_NOTE, _occlusion_passes),
 ]
 
 

@@ -233,6 +233,29 @@ def test_peers_side_by_side(bundle):
     assert all(p.grad is None for p in bundle.model.parameters())  # peers ran on their own copies
 
 
+def test_peer_cost_model(bundle):
+    from benchmarks import peers
+
+    x = torch.randn(2, 3, SIDE, SIDE)
+    setup = peers.peer_setup(bundle.model, "features.4", x, torch.tensor([0, 1]), {"patch": 4, "stride": 2})
+    assert peers._channel_passes(setup) == (8, "forward")
+    assert peers._occlusion_passes(setup) == (((SIDE - 4) // 2 + 1) ** 2, "forward")  # 15 × 15 windows
+
+
+def test_peer_predicted_over_budget_is_skipped_without_running(bundle):
+    from benchmarks.peers import PeerMethod
+
+    def never(_setup):
+        raise AssertionError("a skipped peer must not run")
+
+    peer = PeerMethod("lib", "Slow", "gradcam", never, passes=lambda s: (1000, "forward"))
+    refs = {"forward": {"per_image_s": 0.01}, "forward_backward": {"per_image_s": 0.02}}
+    x = torch.randn(2, 3, SIDE, SIDE)
+    row = suite.run_peer(peer, bundle, x, torch.tensor([0, 1]), {"status": "ok"}, None, {}, refs,
+                         BenchConfig(budget_s=5.0))
+    assert row["status"] == "skipped" and row["per_image_s"] == pytest.approx(10.0)  # 1000 × 0.01 s
+
+
 def test_command_line_writes_the_results_folder(tmp_path, capsys):
     from benchmarks.run import main
 
