@@ -128,7 +128,7 @@ def filters_tab(bundle) -> None:
                          format_func={"each": "each filter min–max", "all": "one scale (grey = 0)"}.get)
     st.image(cached_filters(bundle.name, bundle.weights, normalize, bundle),
              caption=f"{conv.out_channels} filters of `{name}` ({conv.kernel_size[0]}×{conv.kernel_size[1]}, "
-                     f"RGB)", width=min(900, 40 * 8 * 2 + 300))
+                     f"RGB)", width=640)
     if bundle.weights == "random":
         st.caption("Random weights: the filters are noise. Trained first layers show oriented edges and "
                    "colour blobs.")
@@ -162,6 +162,7 @@ try:
     info.caption(f"Output: {shape[0]} channels of {shape[1]}×{shape[2]} · step {walk.index(layer) + 1} of "
                  f"{len(walk)} from the input" + (" · the Explain page's default target layer"
                                                   if layer == bundle.default_layer else ""))
+    st.caption(" → ".join(f"**{n}**" if n == layer else n for n in walk))
     tabs = st.tabs(TABS, key="explorer_tab", on_change="rerun")
     for tab, name in zip(tabs, TABS, strict=True):
         if tab.open:

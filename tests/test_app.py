@@ -39,6 +39,7 @@ def _register(name: str, net_type, **kwargs) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models():
+    threads = torch.get_num_threads()  # the app bounds torch's threads for the server process
     names = {"tiny_gap": (GapNet, dict(channels=6, classes=4)), "tiny_flat": (FlatNet, dict(classes=3))}
     for name, (net, kwargs) in names.items():
         if name not in vislib.list_models():
@@ -46,6 +47,7 @@ def tiny_models():
     yield
     for name in names:
         models._REGISTRY.pop(name, None)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +122,24 @@ def test_upload_pick_methods_and_class():
     assert_clean(at)
     assert at.query_params["class"] == "2"
     assert any("**triangle**" in m.value and "class 2" in m.value for m in at.markdown)
+
+
+def test_camera_photo():
+    at = run_app(model="tiny_gap", methods="gradcam")
+    at.segmented_control(key="source").set_value("Camera").run()
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(5, size=48))).save(buffer, format="JPEG")
+    at.camera_input(key="camera").set_value(("photo.jpg", buffer.getvalue(), "image/jpeg")).run()
+    assert_clean(at)
+    assert any("camera photo" in c for c in captions(at)) and panel_titles(at) == ["Grad-CAM"]
+
+
+def test_the_bundled_model_is_the_default():
+    at = run_app(methods="gradcam")
+    assert_clean(at)
+    expected = models.DEFAULT_MODEL if models.DEFAULT_MODEL in vislib.list_models() else "resnet18"
+    assert at.selectbox(key="model").value == expected
+    assert panel_titles(at) == ["Grad-CAM"]
 
 
 def test_the_link_reproduces_the_view():
