@@ -93,7 +93,7 @@ class _RuleReLU(torch.autograd.Function):
         elif rule == "deconvnet":
             grad = R.clamp_min(0)
         elif rule == "guided":
-            grad = _threshold_backward(R.clamp_min(0), out, 0)
+            grad = _threshold_backward(R, out, 0).clamp_min_(0)  # a fresh tensor: safe in place
         else:  # "identity": used to find receptive fields
             grad = R
         return grad, None, None
@@ -129,7 +129,7 @@ class _ReluRuleMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _RELU_FUNCS:
             x, inplace = _relu_call(func, args, kwargs)
-            if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+            if x.requires_grad and torch.is_grad_enabled():
                 self.state.count += 1
                 return _RuleReLU.apply(x, self.state, inplace)
         elif self.state.linearize_pools and func in _MAXPOOL_FUNCS:
