@@ -143,7 +143,7 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
                  help=":material/hourglass_top: methods need many passes: they show a progress bar and "
                       "can be stopped.")
         methods += list(state[key])
-    return layer, extra_layers, methods
+    return layer, extra_layers, ui.display_order(methods)
 
 
 def display_controls() -> tuple[float, str, str, int]:

@@ -51,6 +51,15 @@ def test_default_view_is_six_cams_guided_backprop_and_deconvnet():
     assert ui.default_methods(["gradcam", "occlusion"]) == ["gradcam"]
 
 
+def test_display_order_puts_signals_after_maps():
+    names = [m for m in ("deconvnet", "gradcam", "occlusion", "guided_backprop", "hirescam") if m in vislib.METHODS]
+    ordered = ui.display_order(names)
+    families = [vislib.METHODS[m].family for m in ordered]
+    assert families == sorted(families, key=ui.DISPLAY_FAMILY_ORDER.index)
+    assert [m for m in ordered if vislib.METHODS[m].family == "backprop"] == \
+        [m for m in names if vislib.METHODS[m].family == "backprop"]
+
+
 def test_plan_rows_repeats_only_layer_dependent_methods():
     rows = ui.plan_rows(["gradcam", "guided_backprop", "occlusion", "hirescam"], "l4", ["l3", "l4", "l3"])
     assert rows == [("l4", ["gradcam", "guided_backprop", "occlusion", "hirescam"]),
@@ -58,14 +67,21 @@ def test_plan_rows_repeats_only_layer_dependent_methods():
     assert ui.plan_rows(["guided_backprop"], "l4", ["l3"]) == [("l4", ["guided_backprop"])]
 
 
-def test_walk_layers_keeps_forward_order_and_skips_batch_norm():
+def test_forward_order_puts_containers_after_their_children():
+    names = ["conv1", "layer1", "layer1.0", "layer1.0.conv", "layer1.1", "layer2", "layer2.0", "fc"]
+    assert ui.forward_order(names) == ["conv1", "layer1.0.conv", "layer1.0", "layer1.1", "layer1", "layer2.0",
+                                       "layer2", "fc"]
+
+
+def test_walk_layers_goes_from_input_to_output():
     torch.manual_seed(0)
     bundle = vislib.load_model("resnet18", weights=None, device="cpu")
     walk = ui.walk_layers(bundle)
+    assert walk == ["conv1", "relu", "maxpool", "layer1.0", "layer1", "layer2.0", "layer2", "layer3.0", "layer3",
+                    "layer4.0", "layer4", "avgpool"]
     every = ui.walk_layers(bundle, everything=True)
-    assert every == list(bundle.layers)
-    assert [every.index(n) for n in walk] == sorted(every.index(n) for n in walk)  # a subsequence
-    assert "bn1" not in walk and "conv1" in walk and "layer4" in walk and "layer4.1.conv2" not in walk
+    assert sorted(every) == sorted(bundle.layers)
+    assert every.index("layer1.0.conv1") < every.index("layer1.0") < every.index("layer1") < every.index("layer2.0")
 
 
 def test_layer_label():

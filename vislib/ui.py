@@ -82,6 +82,21 @@ def default_methods(available: Iterable[str] | None = None) -> list[str]:
     return [m for m in DEFAULT_METHODS if m in available]
 
 
+#: Panel order: maps over the image first (CAM family, perturbation), then input-space signals.
+DISPLAY_FAMILY_ORDER = ("cam", "perturbation", "backprop")
+
+
+def display_order(methods: Sequence[str]) -> list[str]:
+    """``methods`` with heatmap families first and input-space signals last (stable within a family)."""
+    order = list(DISPLAY_FAMILY_ORDER)
+
+    def rank(name: str) -> int:
+        family = METHODS[name].family if name in METHODS else ""
+        return order.index(family) if family in order else len(order)
+
+    return sorted(methods, key=rank)
+
+
 def uses_layer(name: str) -> bool:
     """Whether the method's result depends on the target layer (a class may say so with ``uses_layer``)."""
     flag = getattr(METHODS.get(name), "uses_layer", None)
@@ -100,18 +115,38 @@ def layer_label(name: str, shape: Sequence[int]) -> str:
 _SKIP_IN_WALK = ("BatchNorm", "Dropout", "Identity")
 
 
-def walk_layers(bundle, *, everything: bool = False) -> list[str]:
-    """Target layers in forward (definition) order for walking through the network.
+def forward_order(names: Sequence[str]) -> list[str]:
+    """Module names (definition order) rearranged so that a container follows its children: the
+    order in which their outputs are computed (``layer1.0``, ``layer1.1``, ``layer1``, ``layer2.0``…)."""
+    out: list[str] = []
+    pending: list[str] = []  # open containers, innermost last
+    for name in names:
+        while pending and not name.startswith(pending[-1] + "."):
+            out.append(pending.pop())
+        pending.append(name)
+    out.extend(reversed(pending))
+    return out
 
-    By default a readable subset: blocks and stages up to two levels deep, without batch norm or
-    dropout; ``everything=True`` gives every candidate layer.
+
+def walk_layers(bundle, *, everything: bool = False) -> list[str]:
+    """Target layers in forward order, for walking through the network from input to output.
+
+    By default a readable subset: stages and blocks up to two levels deep, without batch norm or
+    dropout, and without the last module of a ``Sequential`` (its output *is* the container's);
+    ``everything=True`` gives every candidate layer.
     """
-    names = list(bundle.layers)
+    names = forward_order(list(bundle.layers))
     if everything:
         return names
     modules = dict(bundle.model.named_modules())
     keep = [n for n in names
             if n.count(".") <= 1 and not type(modules[n]).__name__.startswith(_SKIP_IN_WALK)]
+    same_as_parent = set()
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Sequential) and len(module) and name in keep:
+            last = f"{name}.{len(module) - 1}" if name else str(len(module) - 1)
+            same_as_parent.add(last)
+    keep = [n for n in keep if n not in same_as_parent]
     return keep or names
 
 
@@ -323,6 +358,7 @@ def compute_view(
     options: dict | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
+    image_name: str | None = None,
 ) -> ViewResult:
     """Compute every panel of the Explain page.
 
@@ -333,7 +369,7 @@ def compute_view(
     from .imageio import load_image
 
     start = time.perf_counter()
-    image = load_image(image) if not isinstance(image, Image.Image) else image
+    image = load_image(image, name=image_name) if not isinstance(image, Image.Image) else image
     layer = layer or bundle.default_layer
     if layer not in bundle.layers:
         from .hooks import resolve_layer
