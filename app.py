@@ -13,7 +13,6 @@ import streamlit as st
 import vislib
 from pages.common import image_picker, keep_state, model_picker, nav, show_error
 from vislib import ui
-from vislib.errors import VislibError
 from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
@@ -265,7 +264,7 @@ def job(progress, cancel):
 
 try:
     result, cached = compute(key, job)
-except VislibError as exc:
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
     st.stop()
 if result is None:

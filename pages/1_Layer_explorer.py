@@ -11,7 +11,6 @@ from PIL import Image
 
 from pages.common import image_picker, keep_state, model_picker, nav, show_error
 from vislib import features, ui
-from vislib.errors import VislibError
 from vislib.imageio import load_image
 from vislib.render import COLORMAPS
 
@@ -173,5 +172,5 @@ try:
                     deconvnet_tab(bundle, digest, data, layer)
                 else:
                     filters_tab(bundle)
-except VislibError as exc:
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)

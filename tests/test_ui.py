@@ -160,6 +160,18 @@ def test_a_method_that_does_not_fit_only_marks_its_own_panel(image):
     assert [e[1] for e in view.errors] == ["cam"]
 
 
+def test_an_unexpected_failure_in_one_method_spares_the_others(gap_bundle, image, monkeypatch):
+    from vislib.methods import cam
+
+    def broken(self, A, g, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cam.LayerCAM, "saliency", broken)
+    view = ui.compute_view(gap_bundle, image, ["gradcam", "layercam", "deconvnet"])
+    assert view.rows[0].errors == {"layercam": "unexpected error (RuntimeError: boom)"}
+    assert set(view.rows[0].explanations) == {"gradcam", "deconvnet"}
+
+
 def test_extra_layer_rows_and_a_layer_that_does_not_fit_cam(gap_bundle, image):
     # features.0 has 8 channels but the linear head reads 6: CAM cannot apply there, Grad-CAM can.
     view = ui.compute_view(gap_bundle, image, ["cam", "gradcam", "deconvnet"], extra_layers=["features.0"])

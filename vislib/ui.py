@@ -306,21 +306,28 @@ def plan_rows(methods: Sequence[str], layer: str, extra_layers: Sequence[str]) -
     return rows
 
 
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, VislibError):
+        return str(exc)
+    return f"unexpected error ({type(exc).__name__}: {exc})"
+
+
 def _explain_isolated(
     bundle, image, methods, layer, *, explain_kw,
 ) -> tuple[dict[str, Explanation], dict[str, str]]:
     """Explain ``methods``; when that fails, retry per family, then per method, to isolate the failure.
 
-    A :class:`Cancelled` is never swallowed. Returns (method → explanation, method → error message).
+    A :class:`Cancelled` is never swallowed; any other failure (a method that does not fit the model
+    or layer, or a bug) only marks its own panel. Returns (method → explanation, method → message).
     """
     try:
         result = explain(bundle, image, methods, layer=layer, **explain_kw)
         return {m: result for m in methods}, {}
     except Cancelled:
         raise
-    except VislibError as exc:
+    except Exception as exc:
         if len(methods) == 1:
-            return {}, {methods[0]: str(exc)}
+            return {}, {methods[0]: _error_text(exc)}
     found: dict[str, Explanation] = {}
     errors: dict[str, str] = {}
     groups = methods_by_family({m: METHODS[m] for m in methods})
@@ -332,7 +339,7 @@ def _explain_isolated(
             found.update({m: result for m in names})
         except Cancelled:
             raise
-        except VislibError:
+        except Exception:
             pass
     for name in methods:
         if name in found:
@@ -341,8 +348,8 @@ def _explain_isolated(
             found[name] = explain(bundle, image, [name], layer=layer, **explain_kw)
         except Cancelled:
             raise
-        except VislibError as exc:
-            errors[name] = str(exc)
+        except Exception as exc:
+            errors[name] = _error_text(exc)
     return found, errors
 
 

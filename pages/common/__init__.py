@@ -123,8 +123,8 @@ def model_picker():
     try:
         with st.spinner(f"Loading {name}…"):
             return load_bundle(name, state["weights"])
-    except VislibError as exc:
-        st.error(str(exc))
+    except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+        show_error(exc)
         return None
 
 
@@ -182,6 +182,10 @@ def nav() -> None:
     st.divider()
 
 
-def show_error(exc: BaseException) -> None:
-    """A user-caused problem as one short message (never a traceback)."""
-    st.error(str(exc), icon=":material/error:")
+def show_error(exc: Exception) -> None:
+    """A problem as one short message in the page, never a traceback: a :class:`VislibError`'s text
+    (written for the user), or the type and message of anything unexpected."""
+    if isinstance(exc, VislibError):
+        st.error(str(exc), icon=":material/error:")
+    else:
+        st.error(f"Something went wrong ({type(exc).__name__}: {exc}).", icon=":material/error:")
