@@ -172,6 +172,20 @@ def test_an_unexpected_failure_in_one_method_spares_the_others(gap_bundle, image
     assert set(view.rows[0].explanations) == {"gradcam", "deconvnet"}
 
 
+def test_cam_that_cannot_apply_is_computed_alone(gap_bundle, image, monkeypatch):
+    flat = tiny_bundle(FlatNet())
+    assert ui.cam_head_possible(gap_bundle, "features") and not ui.cam_head_possible(gap_bundle, "features.0")
+    assert not ui.cam_head_possible(flat, "features")
+    assert ui.split_doomed(flat, ["cam", "gradcam", "deconvnet"], "features") == [["gradcam", "deconvnet"], ["cam"]]
+    assert ui.split_doomed(gap_bundle, ["cam", "gradcam"], "features") == [["cam", "gradcam"]]
+    calls = []
+    real = ui.explain
+    monkeypatch.setattr(ui, "explain", lambda *a, **k: calls.append(list(a[2])) or real(*a, **k))
+    view = ui.compute_view(flat, image, ["cam", "gradcam", "deconvnet"])
+    assert calls == [["gradcam", "deconvnet"], ["cam"]]  # no retry of the shared passes
+    assert set(view.rows[0].errors) == {"cam"} and view.rows[0].methods == ["cam", "gradcam", "deconvnet"]
+
+
 def test_extra_layer_rows_and_a_layer_that_does_not_fit_cam(gap_bundle, image):
     # features.0 has 8 channels but the linear head reads 6: CAM cannot apply there, Grad-CAM can.
     view = ui.compute_view(gap_bundle, image, ["cam", "gradcam", "deconvnet"], extra_layers=["features.0"])

@@ -306,6 +306,24 @@ def plan_rows(methods: Sequence[str], layer: str, extra_layers: Sequence[str]) -
     return rows
 
 
+def cam_head_possible(bundle, layer: str) -> bool:
+    """Whether some linear layer maps ``layer``'s channels to the classes (CAM's GAP + linear head).
+
+    A cheap structural check: when it fails, CAM cannot apply and is computed on its own, so that
+    its error does not make the other methods' shared passes run again.
+    """
+    channels = bundle.layers[layer][0]
+    return any(isinstance(m, torch.nn.Linear) and m.in_features == channels
+               and m.out_features == len(bundle.labels) for m in bundle.model.modules())
+
+
+def split_doomed(bundle, methods: Sequence[str], layer: str) -> list[list[str]]:
+    """``methods`` as groups to explain together: CAM alone when its head cannot be there."""
+    if "cam" in methods and len(methods) > 1 and not cam_head_possible(bundle, layer):
+        return [[m for m in methods if m != "cam"], ["cam"]]
+    return [list(methods)]
+
+
 def _error_text(exc: Exception) -> str:
     if isinstance(exc, VislibError):
         return str(exc)
@@ -400,7 +418,11 @@ def compute_view(
         explain_kw = dict(target=target, score=score, options=options, progress=report, cancel=cancel)
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled by the caller")
-        found, errors = _explain_isolated(bundle, image, row_methods, row_layer, explain_kw=explain_kw)
+        found, errors = {}, {}
+        for group in split_doomed(bundle, row_methods, row_layer):
+            got, failed = _explain_isolated(bundle, image, group, row_layer, explain_kw=explain_kw)
+            found.update(got)
+            errors.update(failed)
         row = LayerRow(row_layer, list(row_methods), errors=errors, explanations=found)
         row.explanation = next(iter(found.values()), None)
         first = first or row.explanation
