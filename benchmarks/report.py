@@ -97,6 +97,9 @@ def peer_table(run: dict, footnotes: dict[str, int]) -> list[str]:
             footnotes.setdefault(row["note"], len(footnotes) + 1)
             note = f"[{footnotes[row['note']]}]"
         ours_ms = fmt_ms(row.get("ours_paired_per_image_s"))
+        theirs_ms = fmt_ms(row.get("per_image_s"))
+        if row["status"] == "skipped" and row.get("per_image_s") is not None:
+            theirs_ms += " (pred.)"
         if row["status"] != "ok":
             note = (note + " " + row["status"] + ": " + row.get("message", "")).strip()
             ours_ms = fmt_ms(mine.get("per_image_s")) + _mark(mine)
@@ -104,7 +107,7 @@ def peer_table(run: dict, footnotes: dict[str, int]) -> list[str]:
         if row.get("rho_paper") is not None or mine.get("rho_paper") is not None:
             paper = f"{fmt_rho(row.get('rho_paper'))} / {fmt_rho(mine.get('rho_paper'))}"
         body.append([
-            row["method"], row["library"], row["peer"], str(row["batch"]), fmt_ms(row.get("per_image_s")),
+            row["method"], row["library"], row["peer"], str(row["batch"]), theirs_ms,
             ours_ms, fmt_x(row.get("x_ours")),
             fmt_rho(row.get("rho_ours")), paper, note.replace("|", "/"),
         ])
@@ -147,7 +150,8 @@ def render_markdown(results: dict) -> str:
             "when its projected time exceeded the row budget (estimate from its progress reports). "
             "Peak ΔRSS: rise of the process's resident-set high-water mark during the row. The six CAMs "
             "row and the peer rows are timed *paired*: alternately with a forward pass (six CAMs) or "
-            "with our method (peers), so that their ratios see the same machine load."]
+            "with our method (peers), so that their ratios see the same machine load. `(pred.)`: a peer "
+            "predicted (its passes × the reference time) to exceed the row budget was not run."]
     footnotes: dict[str, int] = {}
     for run in results["runs"]:
         out += ["", f"## {run['model']} on {run['device']}: input {'×'.join(map(str, run['input']))}, "
