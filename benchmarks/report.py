@@ -177,26 +177,38 @@ def render_markdown(results: dict) -> str:
 
 
 def scaling_figure(scaling: dict):
-    """A plotly figure: per-image time against batch size and against input size."""
+    """A plotly figure: per-image time (top) and the six CAMs / forward ratio (bottom, with the 1.3×
+    promise) against batch size (left) and input size (right)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("against batch size", "against input size (batch 1)"))
-    for col, axis, key in ((1, "batch", "batch"), (2, "size", "size")):
+    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.65, 0.35],
+                        subplot_titles=("against batch size", "against input size (batch 1)", "", ""))
+    for col, axis in ((1, "batch"), (2, "size")):
         points = scaling["points"][axis]
-        xs = [p[key] for p in points]
+        xs = [p[axis] for p in points]
         for series, label, color in (("forward_per_image_s", "forward pass", "#888"),
                                      ("cams_per_image_s", "six CAMs, one call", "#d62728")):
             fig.add_trace(go.Scatter(
                 x=xs, y=[p[series] * 1000 for p in points], mode="lines+markers", name=label,
-                line={"color": color}, showlegend=col == 1,
-                customdata=[[p["x_forward"]] for p in points],
-                hovertemplate="%{y:.1f} ms/img (%{customdata[0]:.2f}× forward)<extra>" + label + "</extra>",
+                line={"color": color}, showlegend=col == 1, legendgroup=label,
+                hovertemplate="%{y:.1f} ms/img<extra>" + label + "</extra>",
             ), row=1, col=col)
-    fig.update_xaxes(title_text="batch size", type="log", row=1, col=1)
-    fig.update_xaxes(title_text="input side (px)", row=1, col=2)
+        fig.add_trace(go.Scatter(
+            x=xs, y=[p["x_forward"] for p in points], mode="lines+markers", name="six CAMs / forward",
+            line={"color": "#1f77b4"}, showlegend=col == 1, legendgroup="ratio",
+            hovertemplate="%{y:.2f}× forward<extra></extra>",
+        ), row=2, col=col)
+        fig.add_hline(y=PROMISE_RATIO, line_dash="dash", line_color="#2ca02c", row=2, col=col)
+    batches = [p["batch"] for p in scaling["points"]["batch"]]
+    fig.update_xaxes(type="log", tickvals=batches, row=1, col=1)
+    fig.update_xaxes(title_text="batch size", type="log", tickvals=batches, row=2, col=1)
+    fig.update_xaxes(title_text="input side (px)", row=2, col=2)
     fig.update_yaxes(title_text="ms per image", row=1, col=1)
-    fig.update_layout(title=f"CAM engine scaling: {scaling['model']} on {scaling['device']}", height=450)
+    fig.update_yaxes(title_text="× forward", rangemode="tozero", row=2, col=1)
+    fig.update_yaxes(rangemode="tozero", row=2, col=2)
+    fig.update_layout(title=f"CAM engine scaling: {scaling['model']} on {scaling['device']} "
+                            f"(dashed: the {PROMISE_RATIO}× promise)", height=650)
     return fig
 
 
