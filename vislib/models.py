@@ -399,6 +399,14 @@ def _ensure_pretrained(name: str, weights_enum) -> None:
         raise WeightsError(f"{hint} [download failed: {type(exc).__name__}]") from None
 
 
+def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """Build with a fixed seed, so "random" weights are the same in every process (links, caches),
+    without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _register_torchvision(name: str) -> None:
     @register_model(name, source="torchvision", description=f"torchvision {name} (ImageNet)")
     def build(weights):
@@ -420,7 +428,7 @@ def _register_torchvision(name: str) -> None:
                 raise WeightsError(f"could not load the cached weights of {name}: {exc}") from None
             weights_id = str(weights_enum)
         else:
-            model = torchvision.models.get_model(name, weights=None)
+            model = _seeded(lambda: torchvision.models.get_model(name, weights=None))
             weights_id = "random"
             if weights is not None:
                 load_state_dict_file(model, weights)
@@ -455,8 +463,7 @@ def _register_bundled(name: str) -> None:
         from .nets import ARCHITECTURES
 
         card = read_card(name)
-        torch.manual_seed(0)
-        model = ARCHITECTURES[card["architecture"]](**card.get("arch_kwargs", {}))
+        model = _seeded(lambda: ARCHITECTURES[card["architecture"]](**card.get("arch_kwargs", {})))
         if weights == "default":
             path = MODELS_DIR / f"{name}.safetensors"
             load_state_dict_file(model, path)
