@@ -143,3 +143,13 @@ def test_shared_relu_module_is_not_offered_as_a_layer():
     assert "layer1.0.relu" not in bundle.layers  # called twice per forward
     with pytest.raises(vislib.LayerError, match="once per forward"):
         vislib.explain(bundle, torch.rand(3, 64, 64), layer="layer1.0.relu")
+
+
+def test_random_init_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = vislib.load_model("resnet18", weights=None)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    b = vislib.load_model("resnet18", weights=None)
+    torch.testing.assert_close(a.model.fc.weight, b.model.fc.weight, rtol=0, atol=0)
