@@ -527,6 +527,17 @@ def test_progress_is_reported_to_the_end():
     assert seen == [(3, 7), (6, 7), (7, 7)]
 
 
+def test_display_map_is_the_channel_max_magnitude_clipped_at_its_99_5th_percentile():
+    torch.manual_seed(18)
+    bundle = bundle_of(ZFStack())
+    r = vislib.explain(bundle, torch.randn(3, 16, 16), methods=["guided_backprop"])
+    mag = np.abs(r.raw["guided_backprop"]).max(axis=0)
+    q = np.percentile(mag, 99.5, method="inverted_cdf")
+    clipped = np.minimum(mag, q)
+    expected = (clipped - clipped.min()) / (q - clipped.min())
+    np.testing.assert_allclose(r.maps["guided_backprop"], expected, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- rendering
 
 
