@@ -275,16 +275,24 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def agreement(ours_raw, ours_map, theirs, size: tuple[int, int]) -> tuple[float | None, str]:
     """Pearson correlation between our output and a peer's, and what was compared.
 
-    Input-space signals of the same shape are compared as they are (signed, all colour channels);
-    anything else is compared as maps at the input resolution.
+    Signed outputs are compared as they are whenever they describe the same thing: input-space
+    signals of the same shape; maps (N×h×w) against maps, or against a peer's input-space output
+    whose colour channels are all equal (Captum's occlusion), both upsampled to the input size.
+    Otherwise both are compared as displayed (largest magnitude over colour channels).
     """
     theirs = torch.as_tensor(theirs).detach().float().cpu()
-    ours_raw = torch.as_tensor(ours_raw)
+    ours_raw = torch.as_tensor(ours_raw).detach().float().cpu()
     if ours_raw.dim() == 3 and ours_raw.shape[0] == 3 and theirs.dim() == 4 and theirs.shape[0] == 1:
         ours_raw = ours_raw.unsqueeze(0)  # a single unbatched input-space signal
     if ours_raw.dim() == 4 and tuple(ours_raw.shape) == tuple(theirs.shape):
         return pearson(ours_raw, theirs), "input-space signal"
+    if theirs.dim() == 4 and (theirs.shape[1] == 1 or bool((theirs == theirs[:, :1]).all())):
+        theirs = theirs[:, 0]  # one value per pixel, repeated over the colour channels
+    if ours_raw.dim() == 2:
+        ours_raw = ours_raw.unsqueeze(0)
+    if ours_raw.dim() == 3 and theirs.dim() == 3:
+        return pearson(as_maps(ours_raw, size), as_maps(theirs, size)), "map at input size"
     ours = torch.as_tensor(ours_map).float()
     if ours.dim() == 2:
         ours = ours.unsqueeze(0)
-    return pearson(ours, as_maps(theirs, size)), "map at input size"
+    return pearson(ours, as_maps(theirs, size)), "displayed map at input size"

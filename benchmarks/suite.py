@@ -329,7 +329,7 @@ def all_cams_row(bundle, inputs, targets, refs: dict, config: BenchConfig) -> di
 def _add_paper_agreement(row: dict, out, name: str, paper: dict, gradient: torch.Tensor, size) -> None:
     """ρ between our output and the textbook formula (CAMs) or plain autograd (``gradient``)."""
     if name in paper and name in PAPER_FORMULAS:
-        row["rho_paper"] = pearson(torch.as_tensor(out.maps[name]), as_maps(paper[name], size))
+        row["rho_paper"] = pearson(as_maps(out.raw[name], size), as_maps(paper[name], size))
     elif name == "gradient":
         raw = torch.as_tensor(out.raw[name])
         if raw.shape == gradient.shape:

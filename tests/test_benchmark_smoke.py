@@ -184,10 +184,17 @@ def test_agreement_compares_signals_raw_and_maps_at_input_size():
     signal = torch.randn(2, 3, 8, 8)
     rho, what = agreement(signal.numpy(), None, -signal, (8, 8))
     assert what == "input-space signal" and rho == pytest.approx(-1.0)
-    coarse = torch.rand(2, 4, 4)
+    coarse = torch.rand(2, 4, 4) - 0.5  # signed: an occlusion drop can be negative
     ours = measure.as_maps(coarse, (8, 8))
     rho, what = agreement(coarse.numpy(), ours.numpy(), 5 * coarse + 1, (8, 8))
     assert what == "map at input size" and rho == pytest.approx(1.0)
+    # a peer repeating one value per pixel over the colour channels (Captum's Occlusion) keeps its sign
+    rho, what = agreement(coarse.numpy(), ours.numpy(), ours.unsqueeze(1).expand(2, 3, 8, 8), (8, 8))
+    assert what == "map at input size" and rho == pytest.approx(1.0)
+    # different colour channels: both compared as displayed, |·| maximised over channels
+    rho, what = agreement(ours.abs().numpy(), ours.abs().numpy(), signal, (8, 8))
+    assert what == "displayed map at input size"
+    assert rho == pytest.approx(pearson(ours.abs(), signal.abs().amax(dim=1)))
 
 
 def test_reference_gradcam_times_area_is_cam_on_a_gap_linear_head(bundle):
