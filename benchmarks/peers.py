@@ -260,8 +260,10 @@ SCORECAM_NOTE = (
     "Score-CAM (Wang et al. 2020, Alg. 1) weights channel k by softmax over channels of the class score "
     "of x ⊙ norm(up(A^k)); the authors' code instead uses the softmax over classes (a probability) and "
     "no channel softmax. The softmax over channels is shift-invariant, so subtracting the clean score "
-    "(torchcam) changes nothing. torchcam normalises A^k before upsampling, the paper after; "
-    "pytorch-grad-cam upsamples with align_corners=True (vislib's default is False, option align_corners)."
+    "(torchcam) changes nothing. The two peers differ in the upsampling of A^k: pytorch-grad-cam uses "
+    "align_corners=True (nn.UpsamplingBilinear2d), torchcam, the authors' code and vislib's default use "
+    "False; vislib with the option align_corners=True reproduces pytorch-grad-cam's map (ρ = 1.0000 measured "
+    "on resnet18 at 64 px)."
 )
 EIGENCAM_PGC = (
     "centres the activations before the SVD (the paper projects A itself) and does not fix the SVD's "
