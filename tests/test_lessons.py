@@ -1,0 +1,346 @@
+"""vislib.lessons: the numbers of the Learn page, checked against hand computations and analytic nets.
+
+Rank correlation and SSIM on cases computable by hand; the Grad-CAM steps, CAM = Grad-CAM·Z and the
+CAM refusal on tiny analytic nets (GAP + linear, flatten + linear); the ReLU rules on four numbers;
+instance coverage on hand-made maps; cascading randomisation on a private copy (the shared model is
+left untouched) against an independent recomputation. The bundled models, when installed, give the
+two empirical claims of the page: Grad-CAM++ vs Grad-CAM coverage and the sanity check's ordering.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FlatNet, GapNet, assert_untouched, snapshot, tiny_bundle
+from PIL import Image
+
+import vislib
+from vislib import lessons
+from vislib.data.shapes import CLASSES, make_multi_instance, make_sample
+from vislib.models import Preprocess
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def gap():
+    return tiny_bundle(GapNet(channels=6, classes=4))
+
+
+@pytest.fixture(scope="module")
+def flat():
+    return tiny_bundle(FlatNet(channels=5, classes=3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Spearman and SSIM
+
+
+def test_rank_average_shares_ranks_between_ties():
+    assert lessons.rank_average(torch.tensor([5.0, 7.0, 7.0, 1.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert lessons.rank_average(torch.tensor([[2.0, 2.0], [2.0, 2.0]])).tolist() == [2.5] * 4
+
+
+def test_spearman_identical_reversed_monotone():
+    x = np.array([0.3, -1.0, 2.5, 0.0, 7.0])
+    assert lessons.spearman(x, x) == pytest.approx(1.0)
+    assert lessons.spearman(x, -x) == pytest.approx(-1.0)
+    assert lessons.spearman(x, np.exp(x)) == pytest.approx(1.0)  # ranks only: any increasing map
+    assert lessons.spearman([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_spearman_without_ties_is_the_d_squared_formula():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
+    n = a.size
+    assert lessons.spearman(a, b) == pytest.approx(1 - 6 * (d**2).sum() / (n * (n * n - 1)), abs=1e-12)
+
+
+def test_spearman_with_ties_by_hand():
+    # ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4]: centred (-1.5, 0, 0, 1.5)·(-1.5, -.5, .5, 1.5) = 4.5,
+    # norms √4.5 and √5, so ρ = 4.5 / √22.5 = 3/√10.
+    assert lessons.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(10))
+
+
+def test_spearman_of_a_constant_map_is_undefined():
+    assert math.isnan(lessons.spearman(np.zeros((4, 4)), np.arange(16.0).reshape(4, 4)))
+    with pytest.raises(ValueError):
+        lessons.spearman(np.zeros(3), np.zeros(4))
+
+
+def _ssim_window(a: np.ndarray, b: np.ndarray, c1: float, c2: float) -> float:
+    """SSIM of one window written out from Wang et al. 2004 (sample variances, N − 1)."""
+    n = a.size
+    ma, mb = a.mean(), b.mean()
+    va, vb = ((a - ma) ** 2).sum() / (n - 1), ((b - mb) ** 2).sum() / (n - 1)
+    cov = ((a - ma) * (b - mb)).sum() / (n - 1)
+    return (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+
+
+def test_ssim_identical_is_one_and_constants_by_hand():
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 24))
+    assert lessons.ssim(x, x) == pytest.approx(1.0)
+    c1 = 0.01**2
+    # Two constant images 0 and 1: no variance, SSIM = C1 / (1 + C1) in every window.
+    assert lessons.ssim(np.zeros((9, 9)), np.ones((9, 9))) == pytest.approx(c1 / (1 + c1))
+    # Two constants 0.2 and 0.6: (2·0.12 + C1) / (0.04 + 0.36 + C1).
+    assert lessons.ssim(np.full((8, 8), 0.2), np.full((8, 8), 0.6)) == pytest.approx((0.24 + c1) / (0.4 + c1))
+    assert lessons.ssim(np.full((8, 8), 0.3), np.full((8, 8), 0.3)) == pytest.approx(1.0)
+
+
+def test_ssim_is_the_mean_over_windows_of_the_formula():
+    rng = np.random.default_rng(4)
+    a, b = rng.random((9, 8)), rng.random((9, 8))
+    c1, c2 = 0.01**2, 0.03**2
+    windows = [_ssim_window(a[i:i + 7, j:j + 7], b[i:i + 7, j:j + 7], c1, c2) for i in range(3) for j in range(2)]
+    assert lessons.ssim(a, b) == pytest.approx(np.mean(windows), abs=1e-6)  # inputs taken as float32
+    assert lessons.ssim(a, b) == pytest.approx(lessons.ssim(b, a))
+    small_a, small_b = a[:5, :5], b[:5, :5]  # smaller than the window: one 5×5 window
+    assert lessons.ssim(small_a, small_b) == pytest.approx(_ssim_window(small_a, small_b, c1, c2), abs=1e-6)
+    # An inverted image has negative structure.
+    assert lessons.ssim(a, 1 - a) < 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Grad-CAM step by step, CAM = Grad-CAM·Z, CAM refused
+
+
+def test_gradcam_steps_on_a_gap_net_match_the_analytic_weights_and_explain(gap, image):
+    before = snapshot(gap.model)
+    steps = lessons.gradcam_steps(gap, image, top=3)
+    x = gap.to_input([gap.input_view(image)])
+    with torch.no_grad():
+        A = gap.model.features(x)[0]
+        logits = gap.model(x)
+    target = int(logits.argmax())
+    Z = A[0].numel()
+    alpha = gap.model.fc.weight[target].detach() / Z  # ∂S/∂A^k_ij = w_ck / Z on a GAP + linear head
+    assert steps.target == target and steps.label == gap.labels[target]
+    np.testing.assert_allclose(steps.activation, A.numpy(), atol=1e-6)
+    np.testing.assert_allclose(steps.weights, alpha.numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(steps.gradient, np.broadcast_to(alpha.numpy()[:, None, None], A.shape), atol=1e-7)
+    combination = torch.einsum("c,chw->hw", alpha, A)
+    np.testing.assert_allclose(steps.combination, combination.numpy(), atol=1e-6)
+    np.testing.assert_allclose(steps.relu, F.relu(combination).numpy(), atol=1e-6)
+    assert steps.top == [int(i) for i in torch.argsort(alpha, descending=True)[:3]]
+    np.testing.assert_allclose(steps.weighted, (alpha[steps.top, None, None] * A[steps.top]).numpy(), atol=1e-6)
+    assert steps.upsampled.shape == (16, 16)
+    expected = vislib.explain(gap, image, ["gradcam"]).maps["gradcam"]
+    np.testing.assert_allclose(steps.normalised, expected, atol=1e-6)
+    assert 0.0 <= steps.top_share <= 1.0
+    assert_untouched(gap.model, before)
+
+
+def test_cam_equals_gradcam_times_z_on_a_gap_head(gap, image):
+    eq = lessons.cam_equality(gap, image)
+    assert eq.Z == 8 * 8
+    assert eq.relative_map_difference < 1e-5
+    assert eq.max_weight_difference < 1e-6
+    np.testing.assert_allclose(eq.class_weights, gap.model.fc.weight[eq.target].detach().numpy())
+    assert eq.bias == pytest.approx(float(gap.model.fc.bias.detach()[eq.target]))
+    assert eq.logit_from_cam == pytest.approx(eq.logit, rel=1e-5, abs=1e-6)  # S = mean(CAM) + b
+    assert eq.gradient_spread < 1e-5
+    assert eq.max_display_difference < 1e-5
+
+
+def test_cam_is_refused_on_a_flatten_head_and_gradcam_still_runs(flat, image):
+    with pytest.raises(vislib.MethodError):
+        lessons.cam_equality(flat, image)
+    ref = lessons.cam_refusal(flat, image)
+    assert ref.refused and "gradcam" in ref.message
+    with pytest.raises(vislib.MethodError) as direct:
+        vislib.explain(flat, image, ["cam"])
+    assert ref.message == str(direct.value)
+    # Flatten + linear: ∂S/∂A = the class row of the linear layer, reshaped to C×h×w.
+    x = flat.to_input([flat.input_view(image)])
+    with torch.no_grad():
+        target = int(flat.model(x).argmax())
+    g = flat.model.fc.weight[target].detach().view(1, 5, 8, 8)
+    expected = float(((g.flatten(2).amax(2) - g.flatten(2).amin(2)).max()) / g.abs().max())
+    assert ref.gradient_spread == pytest.approx(expected, rel=1e-5)
+    assert ref.head == ["fc (Linear)"]
+    assert ref.gradcam_map.shape == (16, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# ReLU rules
+
+
+def test_relu_rules_on_four_numbers_by_hand():
+    ex = lessons.relu_rules_example(f=(1.0, 2.0, -1.5, -0.5), R=(0.8, -1.2, 0.6, -0.3))
+    assert ex["forward"] == [1.0, 2.0, 0.0, 0.0]
+    assert ex["gradient"] == pytest.approx([0.8, -1.2, 0.0, 0.0])  # 1[f>0]·R
+    assert ex["deconvnet"] == pytest.approx([0.8, 0.0, 0.6, 0.0])  # relu(R)
+    assert ex["guided"] == pytest.approx([0.8, 0.0, 0.0, 0.0])  # 1[f>0]·1[R>0]·R
+
+
+def test_backprop_signals_are_the_three_rules(gap, image):
+    expl = lessons.backprop_signals(gap, image)
+    assert set(expl.raw) == {"gradient", "deconvnet", "guided_backprop"}
+    assert all(expl.raw[m].shape == (3, 16, 16) for m in expl.raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Instance coverage
+
+
+def test_covered_instances_by_hand():
+    values = np.zeros((6, 6))
+    values[0:2, 0:2] = 1.0  # instance A: mean 1
+    values[4, 4] = 0.8  # instance B (3×3 block at rows 3-5, cols 3-5): max 0.8, mean 0.8/9
+    a = np.zeros((6, 6), bool)
+    a[0:2, 0:2] = True
+    b = np.zeros((6, 6), bool)
+    b[3:6, 3:6] = True
+    assert lessons.covered_instances(values, [a, b], statistic="mean") == [True, False]
+    assert lessons.covered_instances(values, [a, b], statistic="max") == [True, True]
+    assert lessons.covered_instances(values, [a, b], statistic="max", threshold=0.9) == [True, False]
+    assert lessons.covered_instances(values * 0.5, [a, b], statistic="max") == [True, True]  # relative to max
+    assert lessons.covered_instances(np.zeros((6, 6)), [a, b]) == [False, False]  # a flat map covers none
+    with pytest.raises(ValueError):
+        lessons.covered_instances(values, [a], statistic="median")
+
+
+def test_mask_outline_is_the_boundary():
+    mask = np.zeros((5, 5), bool)
+    mask[1:4, 1:4] = True
+    edge = lessons.mask_outline([mask])
+    assert edge.sum() == 8 and not edge[2, 2]
+
+
+def test_multi_instance_study_on_a_tiny_shapes_classifier():
+    pre = Preprocess(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    torch.manual_seed(0)
+    bundle = vislib.load_model(GapNet(channels=6, classes=len(CLASSES)), preprocess=pre, labels=list(CLASSES),
+                               default_layer="features", device="cpu")
+    study = lessons.multi_instance_study(bundle, range(3), batch=2, statistic="max", threshold=0.4)
+    assert len(study.images) == 3
+    for image in study.images:
+        sample = make_multi_instance(image.index)
+        assert image.label == sample.label and len(image.masks) == len(sample.masks)
+        assert image.masks[0].shape == (32, 32) and image.view.size == (32, 32)
+        expected = vislib.explain(bundle, sample.image, ["gradcam++"], target=sample.label).maps["gradcam++"]
+        np.testing.assert_allclose(image.maps["gradcam++"], expected, atol=1e-5)
+        assert image.covered["gradcam++"] == lessons.covered_instances(expected, image.masks, threshold=0.4,
+                                                                       statistic="max")
+    assert study.instances == sum(len(make_multi_instance(i).masks) for i in range(3))
+    assert study.covered("gradcam") == sum(sum(im.covered["gradcam"]) for im in study.images)
+    assert "of " + str(study.instances) in lessons.coverage_sentence(study)
+
+
+def test_multi_instance_study_refuses_a_model_of_other_classes(gap):
+    with pytest.raises(vislib.VislibError, match="shapes"):
+        lessons.multi_instance_study(gap, range(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cascading randomisation
+
+
+def test_randomisation_units_follow_the_architecture():
+    from torchvision.models import resnet18
+
+    from vislib.nets import ShapesResNet, ShapesZFNet
+
+    assert lessons.randomisation_units(ShapesZFNet()) == [["conv1"], ["conv2"], ["conv3"], ["fc1"], ["fc2"]]
+    assert lessons.randomisation_units(ShapesResNet()) == [["stem.0", "stem.1"], ["layer1"], ["layer2"],
+                                                           ["layer3"], ["fc"]]
+    units = lessons.randomisation_units(resnet18(weights=None))
+    assert units[0] == ["conv1", "bn1"] and units[1] == ["layer1.0"] and units[-1] == ["fc"]
+    assert len(units) == 2 + 8
+    assert lessons.randomisation_units(GapNet()) == [["features.0"], ["features.2"], ["fc"]]
+
+
+def test_cascade_runs_on_a_private_copy_and_matches_an_independent_recomputation(gap, image):
+    before = snapshot(gap.model)
+    rng_before = torch.random.get_rng_state()
+    check = lessons.cascading_randomisation(gap, image, ["gradcam", "guided_backprop"], seed=5)
+    assert_untouched(gap.model, before)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeded without touching the global RNG
+    assert check.units == ["fc", "features.2", "features.0"]
+    assert len(check.steps) == 4
+    assert check.steps[0].spearman == {"gradcam": 1.0, "guided_backprop": 1.0}
+    # Step 1 by hand: a copy with the linear head re-drawn (seed + 1), then explain and rank.
+    model = copy.deepcopy(gap.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5 + 1)
+        model.fc.reset_parameters()
+    private = vislib.load_model(model, preprocess=gap.preprocess, default_layer="features", device="cpu")
+    original = vislib.explain(gap, image, ["gradcam", "guided_backprop"])
+    redrawn = vislib.explain(private, image, ["gradcam", "guided_backprop"], target=int(original.target))
+    np.testing.assert_allclose(check.steps[1].maps["gradcam"], redrawn.maps["gradcam"], atol=1e-6)
+
+    def ranks(v):  # average ranks by counting: (# smaller) + (# equal + 1) / 2
+        v = np.asarray(v, np.float64).ravel()
+        return (v[None, :] < v[:, None]).sum(1) + ((v[None, :] == v[:, None]).sum(1) + 1) / 2
+
+    def rho(a, b):
+        ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+        return float(ra @ rb / np.sqrt((ra @ ra) * (rb @ rb)))
+
+    guided_a = np.abs(original.raw["guided_backprop"]).max(axis=0)
+    guided_b = np.abs(redrawn.raw["guided_backprop"]).max(axis=0)
+    assert check.steps[1].spearman["guided_backprop"] == pytest.approx(rho(guided_a, guided_b), abs=1e-6)
+    assert check.steps[1].spearman_signed["guided_backprop"] == pytest.approx(
+        rho(original.raw["guided_backprop"].sum(0), redrawn.raw["guided_backprop"].sum(0)), abs=1e-6)
+    if not redrawn.flat["gradcam"]:
+        assert check.steps[1].spearman["gradcam"] == pytest.approx(
+            lessons.spearman(original.maps["gradcam"], redrawn.maps["gradcam"]), abs=1e-9)
+    assert check.steps[1].ssim["gradcam"] == pytest.approx(
+        lessons.ssim(original.maps["gradcam"], redrawn.maps["gradcam"]), abs=1e-9)
+    assert check.series("spearman", "gradcam")[0] == 1.0
+
+
+def test_cascade_can_be_cancelled_and_leaves_the_model_clean(gap, image):
+    before = snapshot(gap.model)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        cancel.set()
+
+    with pytest.raises(vislib.Cancelled):
+        lessons.cascading_randomisation(gap, image, ["gradcam"], progress=progress, cancel=cancel)
+    assert seen == [1]
+    assert_untouched(gap.model, before)
+
+
+def test_a_flat_map_counts_as_no_rank_left():
+    assert lessons._similarity(math.nan, False) == 0.0
+    assert lessons._similarity(0.7, True) == 0.0
+    assert lessons._similarity(0.7, False) == 0.7
+
+
+# --------------------------------------------------------------------------------------------------
+# The bundled models: the page's two empirical claims (skipped until the models are installed)
+
+needs_resnet = pytest.mark.skipif("shapes_resnet" not in vislib.list_models(),
+                                  reason="bundled model shapes_resnet not installed (assets/models)")
+needs_zf = pytest.mark.skipif("shapes_zf" not in vislib.list_models(),
+                              reason="bundled model shapes_zf not installed (assets/models)")
+
+
+@needs_resnet
+def test_bundled_resnet_cam_equals_gradcam():
+    bundle = vislib.load_model("shapes_resnet")
+    eq = lessons.cam_equality(bundle, make_sample("test", 0).image)
+    assert eq.relative_map_difference < 1e-5 and eq.gradient_spread < 1e-4
+
+
+@needs_zf
+def test_bundled_zf_refuses_cam():
+    ref = lessons.cam_refusal(vislib.load_model("shapes_zf"), make_sample("test", 0).image)
+    assert ref.refused and ref.gradient_spread > 0.1
