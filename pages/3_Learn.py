@@ -346,8 +346,11 @@ def section_sanity(bundle, digest, data, layer, target) -> None:
         "randomisation**), on a private copy of the model, and compare each map with the trained "
         "model's: Spearman rank correlation ρ (1 = same ranking of pixels) and SSIM (1 = same "
         "structure). The class explained stays the trained model's.")
-    methods = st.multiselect("Methods", list(vislib.METHODS), default=list(lessons.DEFAULT_SANITY_METHODS),
-                             key="learn_sanity_methods", format_func=title)
+    fast = [m for m in vislib.METHODS if m not in ui.SLOW_METHODS]
+    default = [m for m in lessons.DEFAULT_SANITY_METHODS if m in fast]
+    methods = st.multiselect("Methods", fast, default=default, key="learn_sanity_methods", format_func=title,
+                             help="Methods that need one or two passes (the cascade explains the image once "
+                                  "per re-initialised layer).")
     if not methods:
         st.info("Pick at least one method.")
         return

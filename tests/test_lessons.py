@@ -43,74 +43,41 @@ def flat():
 
 
 # --------------------------------------------------------------------------------------------------
-# Spearman and SSIM
+# Spearman and SSIM: the sanity check uses vislib.metrics (its own tests: tests/test_metrics.py); the
+# cases the lesson relies on, by hand
 
 
-def test_rank_average_shares_ranks_between_ties():
-    assert lessons.rank_average(torch.tensor([5.0, 7.0, 7.0, 1.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
-    assert lessons.rank_average(torch.tensor([[2.0, 2.0], [2.0, 2.0]])).tolist() == [2.5] * 4
+def test_lessons_use_the_metrics_module():
+    from vislib import metrics
+
+    assert lessons.spearman is metrics.spearman and lessons.ssim is metrics.ssim
 
 
-def test_spearman_identical_reversed_monotone():
+def test_spearman_cases_of_the_lesson_by_hand():
     x = np.array([0.3, -1.0, 2.5, 0.0, 7.0])
     assert lessons.spearman(x, x) == pytest.approx(1.0)
     assert lessons.spearman(x, -x) == pytest.approx(-1.0)
     assert lessons.spearman(x, np.exp(x)) == pytest.approx(1.0)  # ranks only: any increasing map
-    assert lessons.spearman([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]) == pytest.approx(-1.0)
-
-
-def test_spearman_without_ties_is_the_d_squared_formula():
+    # ties: ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4]: centred (-1.5, 0, 0, 1.5)·(-1.5, -.5, .5, 1.5) = 4.5,
+    # norms √4.5 and √5, so ρ = 4.5 / √22.5 = 3/√10
+    assert lessons.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(10))
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=40), rng.normal(size=40)
     d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
-    n = a.size
-    assert lessons.spearman(a, b) == pytest.approx(1 - 6 * (d**2).sum() / (n * (n * n - 1)), abs=1e-12)
+    assert lessons.spearman(a, b) == pytest.approx(1 - 6 * (d**2).sum() / (40 * (40**2 - 1)), abs=1e-12)
+    assert math.isnan(lessons.spearman(np.zeros((4, 4)), np.arange(16.0).reshape(4, 4)))  # constant: no ranks
 
 
-def test_spearman_with_ties_by_hand():
-    # ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4]: centred (-1.5, 0, 0, 1.5)·(-1.5, -.5, .5, 1.5) = 4.5,
-    # norms √4.5 and √5, so ρ = 4.5 / √22.5 = 3/√10.
-    assert lessons.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(10))
-
-
-def test_spearman_of_a_constant_map_is_undefined():
-    assert math.isnan(lessons.spearman(np.zeros((4, 4)), np.arange(16.0).reshape(4, 4)))
-    with pytest.raises(ValueError):
-        lessons.spearman(np.zeros(3), np.zeros(4))
-
-
-def _ssim_window(a: np.ndarray, b: np.ndarray, c1: float, c2: float) -> float:
-    """SSIM of one window written out from Wang et al. 2004 (sample variances, N − 1)."""
-    n = a.size
-    ma, mb = a.mean(), b.mean()
-    va, vb = ((a - ma) ** 2).sum() / (n - 1), ((b - mb) ** 2).sum() / (n - 1)
-    cov = ((a - ma) * (b - mb)).sum() / (n - 1)
-    return (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
-
-
-def test_ssim_identical_is_one_and_constants_by_hand():
+def test_ssim_cases_of_the_lesson_by_hand():
     rng = np.random.default_rng(0)
     x = rng.random((20, 24))
-    assert lessons.ssim(x, x) == pytest.approx(1.0)
+    assert lessons.ssim(x, x, data_range=1.0) == pytest.approx(1.0)
     c1 = 0.01**2
-    # Two constant images 0 and 1: no variance, SSIM = C1 / (1 + C1) in every window.
-    assert lessons.ssim(np.zeros((9, 9)), np.ones((9, 9))) == pytest.approx(c1 / (1 + c1))
-    # Two constants 0.2 and 0.6: (2·0.12 + C1) / (0.04 + 0.36 + C1).
-    assert lessons.ssim(np.full((8, 8), 0.2), np.full((8, 8), 0.6)) == pytest.approx((0.24 + c1) / (0.4 + c1))
-    assert lessons.ssim(np.full((8, 8), 0.3), np.full((8, 8), 0.3)) == pytest.approx(1.0)
-
-
-def test_ssim_is_the_mean_over_windows_of_the_formula():
-    rng = np.random.default_rng(4)
-    a, b = rng.random((9, 8)), rng.random((9, 8))
-    c1, c2 = 0.01**2, 0.03**2
-    windows = [_ssim_window(a[i:i + 7, j:j + 7], b[i:i + 7, j:j + 7], c1, c2) for i in range(3) for j in range(2)]
-    assert lessons.ssim(a, b) == pytest.approx(np.mean(windows), abs=1e-6)  # inputs taken as float32
-    assert lessons.ssim(a, b) == pytest.approx(lessons.ssim(b, a))
-    small_a, small_b = a[:5, :5], b[:5, :5]  # smaller than the window: one 5×5 window
-    assert lessons.ssim(small_a, small_b) == pytest.approx(_ssim_window(small_a, small_b, c1, c2), abs=1e-6)
-    # An inverted image has negative structure.
-    assert lessons.ssim(a, 1 - a) < 0
+    # Constant maps (a flat map is all zeros): no variance, SSIM = (2ab + C1) / (a² + b² + C1) everywhere.
+    assert lessons.ssim(np.zeros((16, 16)), np.ones((16, 16)), data_range=1.0) == pytest.approx(c1 / (1 + c1))
+    assert lessons.ssim(np.full((16, 16), 0.2), np.full((16, 16), 0.6), data_range=1.0) == pytest.approx(
+        (0.24 + c1) / (0.4 + c1))
+    assert lessons.ssim(x, 1 - x, data_range=1.0) < 0  # inverted structure
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +266,7 @@ def test_cascade_runs_on_a_private_copy_and_matches_an_independent_recomputation
         assert check.steps[1].spearman["gradcam"] == pytest.approx(
             lessons.spearman(original.maps["gradcam"], redrawn.maps["gradcam"]), abs=1e-9)
     assert check.steps[1].ssim["gradcam"] == pytest.approx(
-        lessons.ssim(original.maps["gradcam"], redrawn.maps["gradcam"]), abs=1e-9)
+        lessons.ssim(original.maps["gradcam"], redrawn.maps["gradcam"], data_range=1.0), abs=1e-9)
     assert check.series("spearman", "gradcam")[0] == 1.0
 
 

@@ -12,8 +12,8 @@ Each lesson takes the model and image the class is looking at and opens up one i
 * :func:`multi_instance_study`: how many objects of a multi-object image each CAM covers.
 * :func:`cascading_randomisation`: the sanity check of Adebayo et al. 2018 on a private copy.
 
-The rank and structure similarities (:func:`spearman`, :func:`ssim`) are implemented here in torch
-(no scipy / scikit-image).
+The rank and structure similarities of the sanity check are :func:`vislib.metrics.spearman` and
+:func:`vislib.metrics.ssim` (torch, no scipy / scikit-image).
 """
 
 from __future__ import annotations
@@ -37,65 +37,7 @@ from .imageio import load_image
 from .methods import METHODS
 from .methods.base import ExplainContext
 from .methods.registry import FAMILY_RUNNERS
-
-# --------------------------------------------------------------------------------------------------
-# Similarity of two maps: Spearman rank correlation and SSIM
-
-
-def rank_average(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of a flattened tensor; ties share the mean of their ranks ([5, 7, 7] → [1, 2.5, 2.5])."""
-    flat = values.detach().reshape(-1).double()
-    uniques, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()  # last rank of each group of equal values
-    mean_rank = ends - (counts.double() - 1) / 2
-    return mean_rank[inverse]
-
-
-def spearman(a, b) -> float:
-    """Spearman's rank correlation ρ of two maps of the same size: Pearson's r of their average ranks.
-
-    NaN when either map is constant (a constant map has no ranking, so ρ is undefined).
-    """
-    a, b = _tensor(a), _tensor(b)
-    if a.numel() != b.numel():
-        raise ValueError(f"maps of different sizes ({tuple(a.shape)} vs {tuple(b.shape)})")
-    ra, rb = rank_average(a), rank_average(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    norm = ra.norm() * rb.norm()
-    if norm == 0:
-        return math.nan
-    return float((ra @ rb) / norm)
-
-
-def ssim(a, b, *, data_range: float = 1.0, window: int = 7, k1: float = 0.01, k2: float = 0.03) -> float:
-    """Mean structural similarity (Wang et al. 2004) of two H×W maps.
-
-    SSIM = (2 μa μb + C1)(2 σab + C2) / ((μa² + μb² + C1)(σa² + σb² + C2)), C1 = (k1·L)², C2 = (k2·L)²,
-    L = ``data_range``, computed in every ``window``×``window`` square that fits in the image (a uniform
-    window, sample (co)variances with N − 1) and averaged; the window shrinks to the image if smaller.
-    """
-    a, b = _tensor(a).double(), _tensor(b).double()
-    if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"SSIM needs two H×W maps of one size ({tuple(a.shape)} vs {tuple(b.shape)})")
-    win = min(window, *a.shape)
-    pool = lambda t: F.avg_pool2d(t[None, None], win, stride=1)[0, 0]  # noqa: E731
-    n = win * win
-    unbias = n / (n - 1) if n > 1 else 1.0
-    mu_a, mu_b = pool(a), pool(b)
-    var_a = (pool(a * a) - mu_a**2) * unbias
-    var_b = (pool(b * b) - mu_b**2) * unbias
-    cov = (pool(a * b) - mu_a * mu_b) * unbias
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return float((num / den).mean())
-
-
-def _tensor(x) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu()
-    return torch.as_tensor(np.asarray(x, np.float32))
-
+from .metrics import spearman, ssim
 
 # --------------------------------------------------------------------------------------------------
 # One CAM-family pass, exactly as explain() runs it
@@ -536,7 +478,7 @@ class SanityStep:
     maps: dict[str, np.ndarray]  # method → H×W in [0, 1]
     spearman: dict[str, float]  # rank correlation of |attribution| with the original
     spearman_signed: dict[str, float]  # rank correlation of the signed attribution
-    ssim: dict[str, float]  # SSIM of the normalised maps
+    ssim: dict[str, float]  # SSIM of the normalised maps (data range 1)
     flat: dict[str, bool]
 
 
@@ -555,16 +497,16 @@ class SanityCheck:
         return [getattr(step, metric)[method] for step in self.steps]
 
 
-def _attributions(expl, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attributions(expl, method: str) -> tuple[np.ndarray, np.ndarray]:
     """(|attribution| map, signed map) of one method, for rank correlations.
 
     Maps of the CAM family are ≥ 0 after their ReLU, so both are the map itself; an input-space signal
     (3×H×W) gives max_c |signal| and Σ_c signal.
     """
-    raw = torch.from_numpy(np.asarray(expl.raw[method]))
-    if raw.dim() == 3 and raw.shape[0] == 3:
-        return raw.abs().amax(dim=0), raw.sum(dim=0)
-    m = torch.from_numpy(np.asarray(expl.maps[method]))
+    raw = np.asarray(expl.raw[method])
+    if raw.ndim == 3 and raw.shape[0] == 3:
+        return np.abs(raw).max(axis=0), raw.sum(axis=0)
+    m = np.asarray(expl.maps[method])
     return m, m
 
 
@@ -612,7 +554,7 @@ def cascading_randomisation(
             step.flat[m] = flat
             step.spearman[m] = _similarity(spearman(base[m][0], mag), flat)
             step.spearman_signed[m] = _similarity(spearman(base[m][1], signed), flat)
-            step.ssim[m] = ssim(original.maps[m], expl.maps[m])
+            step.ssim[m] = ssim(original.maps[m], expl.maps[m], data_range=1.0)
         steps.append(step)
         if progress is not None:
             progress(k, total)
