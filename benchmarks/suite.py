@@ -266,7 +266,6 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
     result = {
         "model": bundle.name, "weights": bundle.weights, "device": device_label or str(bundle.device),
         "layer": bundle.default_layer, "references": {}, "rows": [], "peers": [], "all_cams": [],
-        "paper_formula": {},
     }
     over_budget: dict[str, float] = {}  # method -> per-image estimate at an earlier batch size
     for batch in config.batches:
@@ -277,8 +276,12 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
         refs = measure_references(bundle, inputs, targets, config)
         gradient = refs.pop("_gradient")
         result["references"][str(batch)] = refs
-        paper, scale = paper_maps(bundle.model, bundle.default_layer, inputs, targets)
-        result.setdefault("layer_gradient", {})[str(batch)] = scale
+        try:
+            paper, scale = paper_maps(bundle.model, bundle.default_layer, inputs, targets)
+            result.setdefault("layer_gradient", {})[str(batch)] = scale
+        except Exception as exc:  # no arbiter for this layer; the rows still run
+            config.log(f"  no paper-formula reference: {type(exc).__name__}: {exc}")
+            paper = {}
         for name in methods:
             if name in over_budget:
                 est = over_budget[name]
