@@ -7,15 +7,21 @@ run when those models are in assets/models and are skipped otherwise.
 
 from __future__ import annotations
 
+import csv
 import io
+import json
+import threading
 import zipfile
 
 import numpy as np
 import pytest
+import torch
+from helpers import PLAIN, GapNet
 from PIL import Image
 
-from vislib import datasets
-from vislib.errors import InputError
+import vislib
+from vislib import cli, datasets, evaluate, metrics, models
+from vislib.errors import Cancelled, InputError
 
 LABELS = ["circle", "square", "triangle", "star"]
 
@@ -166,3 +172,207 @@ def test_shapes_split_maps_classes_by_name_and_is_cached(tmp_path, monkeypatch):
     x0, y0, x1, y1 = shapes.MARK_BOX
     assert (np.asarray(marked.image(0))[y0:y1, x0:x1] == np.asarray(shapes.apply_mark(
         shapes.make_sample("test", 0)).image)[y0:y1, x0:x1]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation with a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return vislib.load_model(GapNet(channels=6, classes=4), preprocess=PLAIN, labels=LABELS,
+                             default_layer="features", device="cpu", name="tiny")
+
+
+@pytest.fixture(scope="module")
+def folder_zip():
+    return make_zip({f"{c}/{i}.png": png(10 * k + i) for k, c in enumerate(LABELS) for i in range(6)}
+                    | {"circle/broken.png": png(1)[:60]})
+
+
+def test_predictions_confusion_and_error_order_follow_the_model(tiny, folder_zip):
+    images = datasets.open_zip(folder_zip, LABELS)
+    result = evaluate.evaluate(tiny, images, ["gradcam", "hirescam"], batch_size=5)
+    assert len(result) == 24 and result.failed == [("circle/broken.png", result.failed[0][1])]
+    # the same predictions as the model on the decoded, preprocessed images
+    loaded = [i for i, name in enumerate(images.ids) if name != "circle/broken.png"]
+    x = tiny.to_input([tiny.input_view(images.image(i)) for i in loaded])
+    with torch.no_grad():
+        probs = torch.softmax(tiny.model(x), dim=1).numpy()
+    np.testing.assert_allclose(result.probs, probs, atol=1e-5)
+    assert result.ids == [images.ids[i] for i in loaded]
+    preds, targets = probs.argmax(1), images.targets[loaded]
+    assert result.accuracy == pytest.approx(float((preds == targets).mean()))
+    matrix, classes = result.confusion()
+    for i, t in enumerate(classes):
+        for j, p in enumerate(classes):
+            assert matrix[i, j] == int(((targets == t) & (preds == p)).sum())
+    wrong = result.misclassified()
+    assert set(wrong.tolist()) == set(np.flatnonzero(preds != targets).tolist())
+    assert np.all(np.diff(result.confidence[wrong]) <= 0)  # most confident first
+    for t, (acc, count) in result.per_class_accuracy().items():
+        assert acc == pytest.approx(float((preds[targets == t] == t).mean())) and count == (targets == t).sum()
+    if len(wrong):
+        t, p = int(targets[wrong[0]]), int(preds[wrong[0]])
+        cell = result.misclassified(true=t, predicted=p)
+        assert wrong[0] in cell and all(targets[cell] == t) and all(preds[cell] == p)
+
+
+def test_metrics_over_the_shapes_split_equal_the_metric_functions(tiny):
+    images = datasets.open_dataset("shapes", LABELS, limit=24)
+    result = evaluate.evaluate(tiny, images, ["gradcam"], explained="true", curves=3, curve_steps=8,
+                               batch_size=7)
+    rows = np.arange(len(images))
+    x, masks = evaluate.to_inputs(tiny, images.load(rows), list(rows))
+    assert masks.shape == (len(images), 16, 16)  # 128-px masks through the model's 16-px view
+    ref = vislib.explain(tiny, x, ["gradcam"], target=images.targets.tolist())
+    maps = ref.maps["gradcam"]
+    got = result.metrics["gradcam"]
+    np.testing.assert_array_equal(got["pointing"], metrics.pointing_hits(maps, masks, result.tolerance))
+    np.testing.assert_allclose(got["energy"], metrics.energy_inside(maps, masks))
+    y = metrics.target_probabilities(tiny, x, images.targets)
+    o = metrics.masked_confidence(tiny, x, maps, images.targets)
+    np.testing.assert_allclose(got["y"], y.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got["o"], o.numpy(), rtol=1e-5)
+    table = {r["method"]: r for r in result.method_table()}
+    assert table["gradcam"]["average_drop"] == pytest.approx(metrics.average_drop(y, o), rel=1e-5)
+    assert table["gradcam"]["pointing"] == pytest.approx(metrics.per_class_mean(got["pointing"], result.targets))
+    c = metrics.deletion_insertion(tiny, x[:3], maps[:3], images.targets[:3], steps=8)
+    np.testing.assert_allclose(result.curves["gradcam"].deletion, c.deletion, atol=1e-6)
+    np.testing.assert_allclose(got["deletion_auc"][:3], c.deletion_auc, atol=1e-6)
+    assert np.isnan(got["deletion_auc"][3:]).all()
+    centre = result.metrics[evaluate.CENTRE]
+    np.testing.assert_array_equal(centre["pointing"], metrics.centre_hits(masks, result.tolerance))
+    assert result.tolerance == 1  # 15 px at 224, scaled to a 16-px input
+    assert set(table) == {"gradcam", "centre"}
+
+
+def test_error_view_maps_contrast_and_scores(tiny):
+    images = datasets.open_dataset("shapes", LABELS, limit=40)
+    result = evaluate.evaluate(tiny, images, ["gradcam"], confidence=False)
+    row = int(result.misclassified()[0])
+    view = evaluate.explain_error(tiny, images, int(result.index[row]), ["gradcam", "cam"], curve_steps=4)
+    assert (view.true, view.predicted) == (int(result.targets[row]), int(result.preds[row]))
+    x, _ = evaluate.to_inputs(tiny, images.load([result.index[row]]), [0])
+    for cls in (view.true, view.predicted):
+        alone = vislib.explain(tiny, x[0], ["gradcam", "cam"], target=cls)
+        np.testing.assert_allclose(view.maps["gradcam"][cls], alone.maps["gradcam"], atol=1e-6)
+    # CAM's raw maps share one activation: the contrast is (M_pred − M_true) / max |M| on one scale
+    both = vislib.explain(tiny, x.expand(2, -1, -1, -1), ["cam"], target=[view.predicted, view.true])
+    expected = evaluate.contrast_map(both.raw["cam"][0], both.raw["cam"][1], (16, 16))
+    np.testing.assert_allclose(view.contrast["cam"], expected, atol=1e-6)
+    assert np.abs(view.contrast["cam"]).max() == pytest.approx(1.0)
+    assert set(view.scores["gradcam"]) == {view.true, view.predicted}
+    assert {"drop_%", "pointing_hit", "energy", "deletion_auc", "insertion_auc"} <= set(view.scores["gradcam"][view.true])
+    assert view.top_k(2)[0][0] == view.predicted and view.mask.shape == (16, 16)
+
+
+def test_contrast_map_by_hand():
+    a, b = np.array([[2.0, 0.0], [1.0, 0.0]]), np.array([[0.0, 4.0], [1.0, 0.0]])
+    np.testing.assert_allclose(evaluate.contrast_map(a, b, (2, 2)), [[0.5, -1.0], [0.0, 0.0]])
+    assert not evaluate.contrast_map(np.zeros((2, 2)), np.zeros((2, 2)), (2, 2)).any()
+
+
+def test_cancel_stops_between_batches(tiny):
+    images = datasets.open_dataset("shapes", LABELS, limit=24)
+    stop = threading.Event()
+    seen = []
+
+    def progress(done, total, _text):
+        seen.append(done)
+        stop.set()
+
+    with pytest.raises(Cancelled):
+        evaluate.evaluate(tiny, images, ["gradcam"], batch_size=4, progress=progress, cancel=stop)
+    assert seen == [4]
+
+
+def test_reference_box_counts_maps_peaking_on_the_mark(tiny):
+    images = datasets.open_dataset("shapes+mark", LABELS, limit=16)
+    result = evaluate.evaluate(tiny, images, ["gradcam"], confidence=False)
+    mark = evaluate.reference_mask(tiny, images)
+    # the 128-px box x, y in [4, 10) seen at 16 px (nearest: source pixel 8i + 4) is pixel (0, 0)
+    assert mark.shape == (16, 16) and mark[0, 0] and mark.sum() == 1
+    peaks = result.peaks["gradcam"]
+    near = metrics.distance_to_mask(peaks, np.broadcast_to(mark, (len(peaks), 16, 16)).copy()) <= result.tolerance
+    np.testing.assert_array_equal(result.metrics["gradcam"]["reference"].astype(bool), near)
+
+
+def test_throughput_reports_both_rates(tiny):
+    images = datasets.open_dataset("shapes", LABELS, limit=16)
+    speed = evaluate.throughput(tiny, images, batch_size=8, repeats=1)
+    assert speed["images"] == len(images) and speed["evaluate_ips"] > 0 and speed["bare_ips"] > 0
+    assert speed["overhead"] == pytest.approx(speed["evaluate_s"] / speed["bare_s"] - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI and the report
+
+
+@pytest.fixture(scope="module")
+def tiny_registered():
+    name = "tiny_eval"
+
+    @models.register_model(name, source="test", description="test model")
+    def build(weights):
+        torch.manual_seed(0)
+        return models.make_bundle(name, GapNet(channels=6, classes=4), preprocess=PLAIN, labels=LABELS,
+                                  default_layer="features", device=torch.device("cpu"), weights="test")
+
+    yield name
+    models._REGISTRY.pop(name, None)
+
+
+def test_cli_writes_tables_and_an_offline_report(tiny_registered, folder_zip, tmp_path, capsys):
+    data = tmp_path / "data.zip"
+    data.write_bytes(folder_zip)
+    out = tmp_path / "out"
+    code = cli.main(["evaluate", str(data), "--model", tiny_registered, "--methods", "gradcam,gradcam++",
+                     "--curves", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for name in ("images.csv", "image_metrics.csv", "methods.csv", "confusion.csv", "misclassified.csv",
+                 "report.html", "summary.json"):
+        assert (out / name).is_file(), name
+    with open(out / "images.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and set(rows[0]) == {"id", "true", "predicted", "confidence", "p_true", "correct"}
+    with open(out / "image_metrics.csv") as f:
+        assert {r["method"] for r in csv.DictReader(f)} == {"gradcam", "gradcam++", "centre"}
+    with open(out / "confusion.csv") as f:
+        matrix = list(csv.reader(f))
+    assert sum(int(v) for row in matrix[1:] for v in row[1:]) == 24
+    with open(out / "misclassified.csv") as f:
+        wrong = list(csv.DictReader(f))
+    assert [float(r["confidence"]) for r in wrong] == sorted((float(r["confidence"]) for r in wrong), reverse=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 24 and len(summary["failed"]) == 1
+    assert summary["misclassified"] == len(wrong)
+    html = (out / "report.html").read_text()
+    assert html.count("<script") == 1 + html.count("Plotly.newPlot")  # plotly.js embedded once
+    assert "http://" not in html.split("<body>")[1].replace("http://www.w3.org", "")  # nothing fetched
+    assert "src='data:image/png;base64," in html and "Confusion matrix" in html
+    assert "circle/broken.png" in html
+    err = capsys.readouterr().err
+    assert "broken" not in err or "note:" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere"], "no such folder or zip file"),
+    (["shapes", "--methods", "nosuch"], "unknown method"),
+    (["shapes", "--limit", "0"], "--limit must be a positive number"),
+    (["shapes", "--model", "nosuch"], "unknown model"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_registered, tmp_path, capsys, args, message):
+    if "--model" not in args:
+        args = [*args, "--model", tiny_registered]
+    assert cli.main(["evaluate", *args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_refuses_a_zip_with_traversal(tiny_registered, tmp_path, capsys):
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(make_zip({"circle/a.png": png(1), "../../x.png": png(2)}))
+    assert cli.main(["evaluate", str(bad), "--model", tiny_registered, "--out", str(tmp_path / "o")]) == 2
+    assert "unsafe path" in capsys.readouterr().err

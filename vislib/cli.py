@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ex.add_argument("--out", required=True, help="output folder")
 
+    add_evaluate_parser(sub, DEFAULT_MODEL)
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the methods")
     return parser
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "explain":
             return _explain(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         if args.command == "models":
             return _list_models()
         if args.command == "methods":
@@ -130,4 +133,71 @@ def _list_methods() -> int:
 
     for name, cls in METHODS.items():
         print(f"{name:22s} {cls.family:13s} {cls.title}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate: a labelled dataset → metrics, tables and an offline HTML report
+
+
+def add_evaluate_parser(sub, default_model: str) -> None:
+    ev = sub.add_parser("evaluate", help="evaluate a model and its explanations on a labelled dataset")
+    ev.add_argument("data", help="an ImageFolder folder or .zip (one folder per class), 'shapes' (the "
+                                 "generated test split, with masks) or 'shapes+mark' (every image marked)")
+    ev.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
+    ev.add_argument("--weights", default="default", help="'default', 'none' (random) or a state-dict path")
+    ev.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
+    ev.add_argument("--methods", default="gradcam", help="comma-separated method names")
+    ev.add_argument("--explain", default="predicted", choices=["predicted", "true"],
+                    help="the class the maps explain (default: the predicted one)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--curves", type=int, default=20,
+                    help="deletion/insertion curves for the first N images (default 20; 0: none)")
+    ev.add_argument("--no-confidence", action="store_true", help="skip Average Drop / Increase in Confidence")
+    ev.add_argument("--gallery", type=int, default=24, help="misclassified images shown in the report")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--out", required=True, help="output folder")
+
+
+def _evaluate(args) -> int:
+    from .datasets import open_dataset
+    from .evaluate import evaluate, html_report, write_tables
+    from .hooks import resolve_layer
+    from .models import load_model
+
+    for name in ("limit", "batch_size", "curves", "gallery"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and name in ("limit", "batch_size"))):
+            raise VislibError(f"--{name.replace('_', '-')} must be a positive number")
+    from .explain import parse_methods
+
+    methods = parse_methods(args.methods)
+    weights = None if args.weights.lower() == "none" else args.weights
+    bundle = load_model(args.model, weights=weights, device=args.device)
+    resolve_layer(bundle, args.layer)
+    images = open_dataset(args.data, bundle.labels, limit=args.limit)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
+    for line in images.report.lines() if images.report else []:
+        print(f"note: {line}", file=sys.stderr)
+    result = evaluate(bundle, images, methods, layer=args.layer, explained=args.explain,
+                      batch_size=args.batch_size, confidence=not args.no_confidence, curves=args.curves)
+    write_tables(result, out)
+    (out / "report.html").write_text(html_report(result, bundle=bundle, images=images, gallery=args.gallery),
+                                     encoding="utf-8")
+    summary = {
+        "model": result.model, "weights": result.weights, "layer": result.layer, "data": result.dataset,
+        "images": len(result), "accuracy": result.accuracy, "misclassified": int((~result.correct).sum()),
+        "failed": [{"id": i, "reason": why} for i, why in result.failed], "explained": result.explained,
+        "methods": [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+                    for row in result.method_table()],
+        "timings_s": result.timings,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"{result.model} on {result.dataset}: accuracy {result.accuracy:.1%} on {len(result)} images, "
+          f"{summary['misclassified']} misclassified → {out / 'report.html'}")
     return 0

@@ -102,6 +102,7 @@ class MatchReport:
     ignored: int = 0  # hidden and system files (.DS_Store, __MACOSX/…)
     nested: int = 0  # images in subfolders of a class folder (included)
     n_labels: int = 0
+    unit: str = "Folders"  # what is matched: class folders, or a dataset's own class names
 
     @property
     def n_images(self) -> int:
@@ -128,11 +129,12 @@ class MatchReport:
 
         renamed = [f"{f!r} → {lab} ({how})" for f, lab, _, how in self.matched if how != "exact"]
         if renamed:
-            out.append(f"Folders matched loosely: {few(renamed)}.")
+            out.append(f"{self.unit} matched loosely: {few(renamed)}.")
         if self.unmatched:
-            items = [f"{f!r} ({n} files" + (f"; did you mean {s!r}?)" if s else ")")
+            items = [f"{f!r} ({n} {'images' if self.unit != 'Folders' else 'files'}"
+                     + (f"; did you mean {s!r}?)" if s else ")")
                      for f, n, s in self.unmatched]
-            out.append(f"Folders that match no class of the model, skipped: {few(items)}.")
+            out.append(f"{self.unit} that match no class of the model, skipped: {few(items)}.")
         if self.empty:
             out.append(f"Empty class folders: {few([repr(e) for e in self.empty])}.")
         if self.missing:
@@ -539,7 +541,7 @@ class ShapesImages(ImageSet):
         images, classes, masks = render_shapes(split, limit, mark=mark, progress=progress)
         self.labels = list(labels)
         self.name = f"shapes {split}" + (" (every image marked)" if mark else "")
-        report = MatchReport(source=self.name, n_labels=len(labels))
+        report = MatchReport(source=self.name, n_labels=len(labels), unit="Shapes classes")
         lookup = {}
         for c, cname in enumerate(shapes.CLASSES):
             index, how = match_label(cname, self.labels)
