@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 import vislib
 from pages.common import image_picker, keep_state, load_bundle, model_picker, nav, show_error
@@ -23,6 +24,7 @@ state = st.session_state
 TOP_CLASS = -1
 GAP_MODEL, FC_MODEL = "shapes_resnet", "shapes_zf"  # the bundled ResNet-style and ZF-style models
 PICTURE = 256  # pixels: feature-resolution pictures are enlarged to about this size
+SHOWN = 340  # pixels: display width of a step's picture
 SECTIONS = {
     "steps": "1 · Grad-CAM step by step",
     "cam": "2 · CAM and Grad-CAM",
@@ -98,7 +100,7 @@ def formula_step(column, heading: str, picture, sentence: str, formula: str, *, 
         if chart is not None:
             st.plotly_chart(chart, config={"displayModeBar": False})
         else:
-            st.image(picture, width="stretch")
+            st.image(picture, width=SHOWN)
         st.markdown(sentence)
         st.latex(formula)
 
@@ -122,9 +124,12 @@ def section_steps(bundle, digest, data, layer, target) -> None:
                  f"The layer outputs {c} feature maps; here the {len(s.top)} that Grad-CAM will weigh most "
                  f"(each on its own scale, dark = 0).",
                  r"A^k \in \mathbb{R}^{h \times w},\quad k = 1,\dots," + str(c))
+    spread = lessons.gradient_spread(torch.from_numpy(s.gradient[None]))
+    constant = (" Here every position of a channel gets the same gradient: the head above the layer is "
+                "global average pooling + linear, so g = w_ck / Z (section 2).") if spread < 1e-4 else ""
     formula_step(cols[1], "② The gradients", lessons.signed_tiles(s.gradient[s.top], scale=scale),
                  "How much the class score would change if each activation grew a little (red > 0, "
-                 "blue < 0, one scale for all).",
+                 "blue < 0, one scale for all)." + constant,
                  r"g^k_{ij} = \frac{\partial S^c}{\partial A^k_{ij}}")
     cols = st.columns(2, gap="large")
     formula_step(cols[0], "③ The channel weights: global average of the gradients", None,
@@ -154,8 +159,8 @@ def section_steps(bundle, digest, data, layer, target) -> None:
                  r"{\max \mathrm{up}(L) - \min \mathrm{up}(L)}")
     final = cached_gradcam_map(digest, bundle.name, bundle.weights, layer, target, bundle, data)
     formula_step(cols[1], "⑧ The overlay", overlay(s.view, s.normalised),
-                 f"The map over the image as the model sees it. Same as `vislib.explain(…, \"gradcam\")` "
-                 f"to {float(np.abs(final - s.normalised).max()):.1g}.",
+                 f"The map over the image as the model sees it: `vislib.explain(…, \"gradcam\")` gives the "
+                 f"same map (largest difference {float(np.abs(final - s.normalised).max()):.1g}).",
                  r"(1-a)\cdot\text{image} + a\cdot\text{colour}(\hat L),\quad a = 0.5")
 
 
@@ -202,12 +207,12 @@ def show_equality(view, eq: lessons.CamEquality) -> None:
     a.image(overlay(view, eq.cam_map), caption="CAM", width="stretch")
     b.image(overlay(view, eq.gradcam_map), caption="Grad-CAM", width="stretch")
     st.caption(f"Layer `{eq.layer}`, class **{eq.label}**, Z = {eq.Z} positions.")
-    m1, m2, m3 = st.columns(3)
+    m1, m2 = st.columns(2)
     m1.metric("max |Z·Grad-CAM − CAM|", f"{eq.max_map_difference:.2e}",
               help=f"Before the ReLU; the largest |CAM| value is {np.abs(eq.cam).max():.3g}.")
     m2.metric("max |Z·α_k − w_ck|", f"{eq.max_weight_difference:.2e}",
               help="Over all channels: the averaged gradient times Z is the linear layer's weight.")
-    m3.metric("Gradient spread within a channel", f"{eq.gradient_spread:.2e}",
+    st.metric("Gradient spread within a channel", f"{eq.gradient_spread:.2e}",
               help="max over channels of (max − min of ∂S/∂A^k over positions) / max |∂S/∂A|: 0 means "
                    "every position of a channel gets the same gradient, w_ck / Z.")
     st.markdown(f"The class score is the average of the CAM map plus the bias: "
@@ -378,9 +383,9 @@ def section_sanity(bundle, digest, data, layer, target) -> None:
     cols = st.columns(len(methods))
     for column, method in zip(cols, methods, strict=True):
         now = check.steps[step]
-        column.image(overlay(check.view, check.steps[0].maps[method]), caption=f"{title(method)} · trained",
-                     width="stretch")
-        column.image(overlay(check.view, now.maps[method]), width="stretch",
+        column.image(sanity_picture(check.view, check.steps[0].maps[method], method), width="stretch",
+                     caption=f"{title(method)} · trained")
+        column.image(sanity_picture(check.view, now.maps[method], method), width="stretch",
                      caption=f"after {step} re-initialised · ρ = {now.spearman[method]:.2f} · "
                              f"SSIM = {now.ssim[method]:.2f}" + (" · flat" if now.flat[method] else ""))
     rows = []
@@ -404,10 +409,17 @@ def section_sanity(bundle, digest, data, layer, target) -> None:
 # 6 · When to trust which method
 
 
+def sanity_picture(view, values, method: str):
+    """A CAM-family map over the image; an input-space signal's magnitude on its own (grey scale)."""
+    if vislib.METHODS[method].family == "backprop":
+        return lessons.map_image(values, colormap="gray")
+    return overlay(view, values)
+
+
 def section_trust() -> None:
     st.header(SECTIONS["trust"], anchor="trust")
-    st.dataframe(pd.DataFrame(lessons.TRUST, columns=["method", "trust it for", "be careful"]),
-                 hide_index=True, key="learn_trust_table")
+    st.markdown("\n".join(f"- **{name}**. *Use it when:* {good} *Careful:* {caveat}"
+                          for name, good, caveat in lessons.TRUST))
     st.markdown("In short: a map is only as good as its sanity check. Prefer the CAM family to say "
                 "*where* the evidence is; use Deconvnet and guided backprop to see *what pattern* the early "
                 "layers react to, never alone to explain a decision.")
