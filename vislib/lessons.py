@@ -112,9 +112,9 @@ class GradCAMSteps:
     @property
     def top_share(self) -> float:
         """Share of the positive part of the combination that the top channels' maps add up to."""
-        total = np.clip(self.weighted, 0, None).sum() if len(self.top) else 0.0
-        full = np.clip(self.weights[:, None, None] * self.activation, 0, None).sum()
-        return float(total / full) if full > 0 else 0.0
+        total = np.clip(self.weighted, 0, None).astype(np.float64).sum() if len(self.top) else 0.0
+        full = np.clip(self.weights[:, None, None] * self.activation, 0, None).astype(np.float64).sum()
+        return min(1.0, float(total / full)) if full > 0 else 0.0  # min: float rounding
 
 
 def gradcam_steps(bundle, image, layer: str | None = None, target=None, top: int = 6) -> GradCAMSteps:
