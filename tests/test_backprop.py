@@ -586,7 +586,12 @@ SHAPES_WEIGHTS = Path(vislib.models.MODELS_DIR) / "shapes_resnet.safetensors"
 @pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason="bundled shapes_resnet weights not trained yet")
 def test_adebayo_sanity_check_on_shapes_resnet():
     """Re-initialising the top of the net changes Grad-CAM and the gradient, guided backprop and the
-    Deconvnet much less (Adebayo et al. 2018): they are largely insensitive to the model's top."""
+    Deconvnet much less (Adebayo et al. 2018): they are largely insensitive to the model's top.
+
+    Re-initialised: the linear head and the last four convolutions (the last stage). Thresholds on
+    the mean Spearman ρ between original and randomised maps over four test images: Grad-CAM and
+    gradient < 0.5; guided backprop and Deconvnet > 0.6; guided backprop above the gradient by 0.2
+    (shared METHODS.md expects ≈ 0.1–0.3 against ≈ 0.6–0.9)."""
     from vislib.models import make_bundle
 
     trained = load_model("shapes_resnet", device="cpu")
@@ -597,7 +602,9 @@ def test_adebayo_sanity_check_on_shapes_resnet():
         module.reset_parameters()
     rand_bundle = make_bundle("randomized", randomized, preprocess=trained.preprocess, labels=trained.labels,
                               default_layer=trained.default_layer, device=torch.device("cpu"))
-    images = [p for p in vislib.sample_images()][:4] or [torch.randn(3, trained.input_size, trained.input_size)]
+    from vislib.data import shapes
+
+    images = [shapes.make_sample("test", i).image for i in range(4)]
     methods = ["gradcam", "gradient", "guided_backprop", "deconvnet"]
     rho = {m: [] for m in methods}
     for image in images:
