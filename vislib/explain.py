@@ -260,8 +260,18 @@ def _merge(a: _Part, b: _Part) -> _Part:
         timings={m: a.timings[m] + b.timings.get(m, 0.0) for m in a.timings},
         pass_timings={k: a.pass_timings.get(k, 0.0) + b.pass_timings.get(k, 0.0)
                       for k in {**a.pass_timings, **b.pass_timings}},
-        probs=cat(a.probs, b.probs), targets=a.targets + b.targets, extras={**b.extras, **a.extras},
+        probs=cat(a.probs, b.probs), targets=a.targets + b.targets,
+        extras={m: _merge_extras(a.extras.get(m, {}), b.extras.get(m, {})) for m in {**a.extras, **b.extras}},
     )
+
+
+def _merge_extras(a: dict, b: dict) -> dict:
+    """Per-sample lists are concatenated; other values (settings, titles) are kept from the first half."""
+    merged = {**b, **a}
+    for key in a.keys() & b.keys():
+        if isinstance(a[key], list) and isinstance(b[key], list):
+            merged[key] = a[key] + b[key]
+    return merged
 
 
 def parse_methods(methods: Sequence[str] | str) -> list[str]:
@@ -345,7 +355,7 @@ def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image
         if tensor.dim() != 4 or tensor.shape[1] != 3:
             raise InputError(f"an input tensor must be 3×H×W or N×3×H×W (got {tuple(source.shape)})")
         tensor = tensor.to(bundle.device, torch.float32)
-        views = [_tensor_view(bundle, t) for t in tensor]
+        views = _tensor_views(bundle, tensor)
         return batched, views, tensor
     batched = isinstance(source, (list, tuple))
     items = list(source) if batched else [source]
@@ -355,9 +365,16 @@ def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image
     return batched, views, bundle.to_input(views)
 
 
-def _tensor_view(bundle: ModelBundle, tensor: torch.Tensor) -> Image.Image:
+def _tensor_views(bundle: ModelBundle, tensor: torch.Tensor) -> list[Image.Image]:
+    """Input views of an N×3×H×W batch, computed for the whole batch at once (per-image tensor ops
+    cost milliseconds each on a busy CPU): the inverse normalisation, or a per-image min-max."""
+    tensor = tensor.detach()
     if isinstance(bundle.preprocess, Preprocess):
-        return bundle.preprocess.unnormalize(tensor)
-    lo, hi = tensor.min(), tensor.max()
-    arr = ((tensor - lo) / (hi - lo).clamp_min(1e-12)).mul(255).round().byte()
-    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+        mean = torch.tensor(bundle.preprocess.mean, device=tensor.device).view(1, 3, 1, 1)
+        std = torch.tensor(bundle.preprocess.std, device=tensor.device).view(1, 3, 1, 1)
+        arr = (tensor * std + mean).clamp_(0, 1).mul_(255).round_().byte()
+    else:
+        lo = tensor.amin(dim=(1, 2, 3), keepdim=True)
+        hi = tensor.amax(dim=(1, 2, 3), keepdim=True)
+        arr = ((tensor - lo) / (hi - lo).clamp_min(1e-12)).mul_(255).round_().byte()
+    return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
