@@ -106,7 +106,7 @@ def compute(key: str, job_fn) -> tuple[ui.ViewResult | None, bool]:
 
 
 def _method_label(name: str) -> str:
-    return ui.method_title(name) + (" :material/hourglass_top:" if name in ui.SLOW_METHODS else "")
+    return ui.method_title(name) + (" :material/hourglass_top:" if ui.is_slow(name) else "")
 
 
 def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:

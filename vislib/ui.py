@@ -41,11 +41,6 @@ from .methods.registry import FAMILY_ORDER
 #: The default view: the six gradient CAMs, guided backprop and Deconvnet (those that are registered).
 DEFAULT_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
                    "guided_backprop", "deconvnet")
-#: Methods whose result does not depend on the target layer (computed once, not per layer row).
-LAYER_FREE = frozenset({"gradient", "deconvnet", "guided_backprop", "smoothgrad", "integrated_gradients",
-                        "occlusion"})
-#: Methods that need many forward passes: the UI marks them as slow.
-SLOW_METHODS = frozenset({"scorecam", "ablationcam", "occlusion", "smoothgrad", "integrated_gradients"})
 SCORES = ("logit", "probability")
 SIGNAL_VIEWS = ("signed RGB", "magnitude", "heatmap")
 
@@ -98,9 +93,17 @@ def display_order(methods: Sequence[str]) -> list[str]:
 
 
 def uses_layer(name: str) -> bool:
-    """Whether the method's result depends on the target layer (a class may say so with ``uses_layer``)."""
-    flag = getattr(METHODS.get(name), "uses_layer", None)
-    return bool(flag) if flag is not None else name not in LAYER_FREE
+    """Whether the method's result depends on the target layer (``Method.uses_layer``)."""
+    return METHODS[name].uses_layer
+
+
+def is_slow(name: str) -> bool:
+    """Whether the method needs many forward passes (``Method.slow``)."""
+    return METHODS[name].slow
+
+
+#: Methods that need many forward passes: the UI marks them as slow.
+SLOW_METHODS = frozenset(name for name in METHODS if is_slow(name))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -300,6 +300,7 @@ class Gradient(BackpropMethod):
     """Saliency (Simonyan et al. 2014): ∂S/∂x, every ReLU passing ``1[f>0]·R``."""
 
     name = "gradient"
+    uses_layer = False
     title = "Gradient (saliency)"
     paper = "Simonyan et al. 2014, Deep Inside Convolutional Networks"
     rule = "gradient"
@@ -311,6 +312,7 @@ class Deconvnet(BackpropMethod):
     (max-pool backward = unpooling with switches, conv backward = transposed filters)."""
 
     name = "deconvnet"
+    uses_layer = False
     title = "Deconvnet"
     paper = "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks"
     rule = "deconvnet"
@@ -321,6 +323,7 @@ class GuidedBackprop(BackpropMethod):
     """Guided backpropagation (Springenberg et al. 2015): every ReLU passes ``1[f>0]·1[R>0]·R``."""
 
     name = "guided_backprop"
+    uses_layer = False
     title = "Guided backprop"
     paper = "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net"
     rule = "guided"
@@ -347,6 +350,8 @@ class SmoothGrad(BackpropMethod):
     The copies go through the model in batches of ``batch_size``; ``seed`` makes it reproducible."""
 
     name = "smoothgrad"
+    uses_layer = False  # unless its base is guided_gradcam
+    slow = True
     title = "SmoothGrad"
     paper = "Smilkov et al. 2017, SmoothGrad: removing noise by adding noise"
     defaults = {"base": "gradient", "n_samples": 50, "level": 0.15, "batch_size": 16, "seed": 0,
@@ -362,6 +367,8 @@ class IntegratedGradients(BackpropMethod):
     Σ IG = S(x) − S(x') is checked: the gap is reported in extras."""
 
     name = "integrated_gradients"
+    uses_layer = False
+    slow = True
     title = "Integrated Gradients"
     paper = "Sundararajan et al. 2017, Axiomatic Attribution for Deep Networks"
     defaults = {"baseline": "zeros", "steps": 32, "batch_size": 16, "blur_sigma": None}

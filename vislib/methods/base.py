@@ -24,6 +24,8 @@ class Method:
     family: ClassVar[str]
     title: ClassVar[str]
     paper: ClassVar[str] = ""
+    uses_layer: ClassVar[bool] = True  # False: the result does not depend on the target layer
+    slow: ClassVar[bool] = False  # True: many forward passes (the UI marks it and shows progress)
 
     def __init__(self, **options):
         self.options = options

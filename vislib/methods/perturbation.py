@@ -237,6 +237,7 @@ class ScoreCAM(PerturbationMethod):
     """
 
     name = "scorecam"
+    slow = True
     title = "Score-CAM"
     paper = "Wang et al. 2020, Score-CAM: Score-Weighted Visual Explanations for CNNs"
     options_allowed = ("batch_size", "channels_last", "skip", "align_corners", "top_k", "return_weights")
@@ -468,6 +469,7 @@ class AblationCAM(PerturbationMethod):
     """
 
     name = "ablationcam"
+    slow = True
     title = "Ablation-CAM"
     paper = "Desai & Ramaswamy 2020, Ablation-CAM: Gradient-free Localization"
     options_allowed = ("batch_size", "channels_last", "path")
@@ -653,6 +655,8 @@ class Occlusion(PerturbationMethod):
     """
 
     name = "occlusion"
+    uses_layer = False
+    slow = True
     title = "Occlusion"
     paper = "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks (§4.3)"
     options_allowed = ("batch_size", "channels_last", "patch", "stride", "fill", "score")
