@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import InputError, LayerError
 from .hooks import capture_layer, resolve_layer
-from .methods.backprop import capture_output, check_rule_reached, relu_rule
+from .methods.backprop import check_rule_reached, relu_rule
 from .render import signed_rgb
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right) in input pixels, bottom/right exclusive
@@ -135,13 +135,14 @@ class ChannelProjection:
 def _deconv_forward(bundle, module: nn.Module, x: torch.Tensor, *, rule="deconvnet", linearize=False):
     """Forward with a ReLU rule, recording the layer's output with its graph: (x leaf, A, state)."""
     x = x.detach().requires_grad_(True)
-    with bundle.lock, capture_output(module) as captured, relu_rule(rule, linearize_pools=linearize) as state:
+    capture = capture_layer(module, keep_graph=True)
+    with bundle.lock, capture as captured, relu_rule(rule, linearize_pools=linearize) as state:
         with torch.enable_grad():
             bundle.model(x)
-    if not captured:
+    if captured.activation is None:
         raise LayerError("the layer did not run during the forward pass")
     check_rule_reached(bundle.model, state, rule)
-    return x, captured[0], state
+    return x, captured.activation, state
 
 
 def top_channels(bundle, image, layer: str | None = None, n: int = 9) -> list[ChannelProjection]:

@@ -61,12 +61,21 @@ def this_thread_only(hook):
 
 
 @contextmanager
-def capture_layer(module: nn.Module, *, grad: bool) -> Iterator[Captured]:
+def capture_layer(module: nn.Module, *, grad: bool = False, keep_graph: bool = False) -> Iterator[Captured]:
     """Record ``module``'s output during a forward pass run inside this context.
 
-    With ``grad=True`` the forward must be called under ``torch.no_grad()``; the hook turns grad
-    mode on from the target layer upwards, and the output seen by the rest of the network is a copy
-    of the captured leaf, so in-place operations above the layer cannot corrupt it.
+    Three ways, for three kinds of passes:
+
+    - default: the output is recorded detached (no gradients needed);
+    - ``grad=True``: the forward must be called under ``torch.no_grad()``; the recorded output is a
+      fresh leaf and the hook turns grad mode on from the target layer upwards, so a backward from
+      the score stops at the layer and nothing below it builds a graph;
+    - ``keep_graph=True``: the output is recorded with its graph, so gradients of it still flow
+      back to the input (for passes that also need input gradients).
+
+    With ``grad`` or ``keep_graph`` the rest of the network runs on a copy, so in-place operations
+    above the layer cannot change what was recorded. The hook acts on this thread's forward passes
+    only and is removed (and the caller's grad mode restored) in ``finally``.
     """
     captured = Captured()
     grad_was = torch.is_grad_enabled()
@@ -76,6 +85,9 @@ def capture_layer(module: nn.Module, *, grad: bool) -> Iterator[Captured]:
             raise LayerError("the target layer's output is not a tensor")
         if captured.activation is not None:
             raise LayerError("the target layer runs more than once per forward pass")
+        if keep_graph:
+            captured.activation = output
+            return output.clone()
         if not grad:
             captured.activation = output.detach()
             return None

@@ -41,7 +41,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MethodError
-from ..hooks import resolve_layer, this_thread_only
+from ..hooks import Captured, capture_layer, resolve_layer
 from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
 from .registry import register_family
 
@@ -152,29 +152,6 @@ def relu_rule(rule: str = "gradient", *, linearize_pools: bool = False) -> Itera
         yield state
 
 
-@contextmanager
-def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record ``module``'s output *with its graph* (unlike ``hooks.capture_layer``): gradients of it
-    flow back to the input. The network continues on a copy, so in-place operations above the layer
-    cannot modify the recorded tensor. The hook acts on this thread's forward passes only; hold
-    ``bundle.lock`` around this block; the hook is removed in ``finally``."""
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise MethodError("the target layer's output is not a tensor")
-        if captured:
-            raise MethodError("the target layer runs more than once per forward pass")
-        captured.append(output)
-        return output.clone()
-
-    handle = module.register_forward_hook(this_thread_only(hook))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
 def check_rule_reached(model: nn.Module, state: ReluRule, rule: str) -> None:
     """Refuse a silent fallback to the plain gradient: a model with ``nn.ReLU`` modules where no ReLU
     was intercepted (compiled code, ``torch.ops.aten.relu``) did not see the rule."""
@@ -223,7 +200,10 @@ def backprop_pass(
     x = x.detach().requires_grad_(True)
     needs_mode = any(r != "gradient" for r in rules)
     mode = relu_rule("gradient") if needs_mode else nullcontext(ReluRule())
-    capture = capture_output(layer_module) if layer_module is not None else nullcontext([])
+    if layer_module is not None:
+        capture = capture_layer(layer_module, keep_graph=True)
+    else:
+        capture = nullcontext(Captured())
     with bundle.lock, Stopwatch(bundle.device) as forward:
         with capture as captured, mode as state, torch.enable_grad():
             logits = bundle.model(x)
@@ -234,7 +214,7 @@ def backprop_pass(
     result = BackpropPass(logits.detach(), {}, relus=state.count, forward_seconds=forward.seconds)
     outputs = list(rules)
     if layer_module is not None:
-        if not captured:
+        if captured.activation is None:
             raise MethodError("the target layer did not run during the forward pass")
         outputs.insert(0, "layer")
     for i, name in enumerate(outputs):
@@ -242,8 +222,8 @@ def backprop_pass(
         state.rule = "gradient" if name == "layer" else name
         with Stopwatch(bundle.device) as backward:
             if name == "layer":
-                (g,) = torch.autograd.grad(score, captured[0], retain_graph=keep)
-                result.activation, result.layer_gradient = captured[0].detach(), g
+                (g,) = torch.autograd.grad(score, captured.activation, retain_graph=keep)
+                result.activation, result.layer_gradient = captured.activation.detach(), g
             else:
                 (g,) = torch.autograd.grad(score, x, retain_graph=keep)
                 result.signals[name] = g
