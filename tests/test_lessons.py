@@ -270,6 +270,19 @@ def test_cascade_runs_on_a_private_copy_and_matches_an_independent_recomputation
     assert check.series("spearman", "gradcam")[0] == 1.0
 
 
+def test_cascade_explains_the_image_itself_not_its_view_again(image):
+    """With resize ≠ crop, re-preprocessing the model's view would zoom in a second time."""
+    pre = Preprocess(resize=20, crop=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    bundle = vislib.load_model(GapNet(), preprocess=pre, default_layer="features", device="cpu")
+    wide = image.resize((24, 16))
+    check = lessons.cascading_randomisation(bundle, wide, ["gradcam"], max_units=1)
+    direct = vislib.explain(bundle, wide, ["gradcam"])
+    np.testing.assert_allclose(check.steps[0].maps["gradcam"], direct.maps["gradcam"], atol=1e-7)
+    assert np.array_equal(np.asarray(check.view), np.asarray(direct.input_image))
+    assert len(check.steps) == 2
+
+
 def test_cascade_can_be_cancelled_and_leaves_the_model_clean(gap, image):
     before = snapshot(gap.model)
     cancel = threading.Event()

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import Cancelled, MethodError, VislibError
-from .explain import explain, normalize_maps, resolve_targets
+from .explain import device_slot, explain, normalize_maps, resolve_targets
 from .hooks import resolve_layer
 from .imageio import load_image
 from .methods import METHODS
@@ -75,7 +75,8 @@ def cam_pass(bundle, image, layer: str | None = None, target=None, methods: Sequ
         bundle=bundle, inputs=inputs, layer=layer_name, score=score, target_spec=target,
         resolve_targets=lambda logits, spec: resolve_targets(bundle.labels, logits, spec),
     )
-    results = FAMILY_RUNNERS["cam"](ctx, list(methods), {})
+    with device_slot(bundle.device):  # counts against the concurrent GPU explanations, like explain()
+        results = FAMILY_RUNNERS["cam"](ctx, list(methods), {})
     shared = ctx.shared["cam_pass"]
     return CamPass(view, inputs, layer_name, shared["activation"], shared["gradient"], ctx.logits,
                    int(ctx.targets[0])), results
@@ -531,8 +532,9 @@ def cascading_randomisation(
     """
     methods = list(methods)
     layer_name, _ = resolve_layer(bundle, layer)
-    view = bundle.input_view(load_image(image))
-    original = explain(bundle, view, methods, layer=layer_name, target=target)
+    image = load_image(image)  # decoded once; explain() makes the model's view of it each time
+    view = bundle.input_view(image)
+    original = explain(bundle, image, methods, layer=layer_name, target=target)
     tgt = int(original.target)
     units = randomisation_units(bundle.model)[::-1]
     if max_units is not None:
@@ -546,7 +548,7 @@ def cascading_randomisation(
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled by the caller")
         reinitialise(private.model, unit, seed + k)
-        expl = explain(private, view, methods, layer=layer_name, target=tgt)
+        expl = explain(private, image, methods, layer=layer_name, target=tgt)
         step = SanityStep(unit, dict(expl.maps), {}, {}, {}, {})
         for m in methods:
             flat = bool(expl.flat[m])
