@@ -296,19 +296,26 @@ def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Ten
     maps = maps.detach().float()
     if maps.dim() == 4:  # input-space signals: magnitude over channels for display
         maps = maps.abs().amax(dim=1)
+    # Checked before upsampling (cheaper, same answer: bilinear weights of finite values stay finite,
+    # and a non-finite sample comes back as zeros either way). In-place steps below: each fresh
+    # full-size temporary costs page faults that dominate on a busy CPU.
+    finite = torch.isfinite(maps).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
     if tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-    finite = torch.isfinite(maps).flatten(1).all(dim=1)
-    maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        maps = maps.clone()  # never scale the caller's tensor in place
     lo = maps.flatten(1).amin(dim=1)
     hi = maps.flatten(1).amax(dim=1)
     span = hi - lo
     scale = torch.maximum(hi.abs(), lo.abs())
     flat = (span <= 1e-6 * scale) | (scale == 0) | ~finite
     safe = torch.where(flat, torch.ones_like(span), span)
-    normed = (maps - lo.view(-1, 1, 1)) / safe.view(-1, 1, 1)
-    normed = torch.where(flat.view(-1, 1, 1), torch.zeros_like(normed), normed).clamp_(0, 1)
-    return normed, flat
+    normed = maps.sub_(lo.view(-1, 1, 1)).div_(safe.view(-1, 1, 1))
+    if bool(flat.any()):
+        normed.masked_fill_(flat.view(-1, 1, 1), 0.0)
+    return normed.clamp_(0, 1), flat
 
 
 def resolve_targets(labels: list[str], logits: torch.Tensor, spec) -> torch.Tensor:
