@@ -376,3 +376,11 @@ def test_cli_refuses_a_zip_with_traversal(tiny_registered, tmp_path, capsys):
     bad.write_bytes(make_zip({"circle/a.png": png(1), "../../x.png": png(2)}))
     assert cli.main(["evaluate", str(bad), "--model", tiny_registered, "--out", str(tmp_path / "o")]) == 2
     assert "unsafe path" in capsys.readouterr().err
+
+
+def test_batched_input_views_equal_the_per_image_inverse_normalisation(tiny):
+    """vislib.explain builds the views of a tensor batch at once (a speed change for evaluation)."""
+    x = torch.randn(5, 3, 16, 16)
+    views = vislib.explain(tiny, x, ["gradcam"]).input_image
+    for i in range(5):
+        assert np.array_equal(np.asarray(views[i]), np.asarray(tiny.preprocess.unnormalize(x[i])))

@@ -255,3 +255,16 @@ def test_per_class_mean_weighs_classes_equally():
     # class 0: 3 hits of 3; class 1: 0 of 1 → per-class mean 0.5 (overall mean would be 0.75)
     assert metrics.per_class_mean([1, 1, 1, 0], [0, 0, 0, 1]) == pytest.approx(0.5)
     assert metrics.per_class_mean([1, np.nan, 0], [0, 0, 1]) == pytest.approx(0.5)
+
+
+def test_near_mask_is_the_distance_test():
+    rng = np.random.default_rng(3)
+    masks = rng.uniform(size=(40, 24, 24)) > 0.97
+    masks[0] = False  # an empty mask: never near
+    points = rng.integers(0, 24, size=(40, 2))
+    for tol in (0, 1, 2.5, 5):
+        expected = metrics.distance_to_mask(points, masks) <= tol
+        np.testing.assert_array_equal(metrics.near_mask(points, masks, tol), expected)
+    one = masks[1]  # one mask shared by every point
+    np.testing.assert_array_equal(metrics.near_mask(points, one, 3),
+                                  metrics.distance_to_mask(points, np.stack([one] * 40)) <= 3)

@@ -18,6 +18,7 @@ Pure functions take arrays or tensors; the model-querying ones take a ``ModelBun
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -161,17 +162,21 @@ def default_tolerance(height: int, width: int) -> int:
     return max(1, round(15 * min(height, width) / 224))
 
 
-def peaks(maps) -> tuple[np.ndarray, np.ndarray]:
+def peaks(maps, flat=None) -> tuple[np.ndarray, np.ndarray]:
     """(points, flat): the (y, x) position of each N×H×W map's maximum (N×2, the first maximum in
-    raster order) and whether the map is constant (it has no maximum then)."""
+    raster order) and whether the map is constant (it has no maximum then; pass ``flat`` when it is
+    already known, e.g. :attr:`vislib.Explanation.flat`)."""
     m = _as_tensor(maps, torch.float32)
     if m.dim() == 2:
         m = m.unsqueeze(0)
     flat_maps = m.flatten(1)
     index = flat_maps.argmax(dim=1)
-    is_flat = flat_maps.amax(dim=1) <= flat_maps.amin(dim=1)
+    if flat is None:
+        is_flat = (flat_maps.amax(dim=1) <= flat_maps.amin(dim=1)).numpy()
+    else:
+        is_flat = np.asarray(flat, dtype=bool).reshape(-1)
     ys, xs = index // m.shape[-1], index % m.shape[-1]
-    return np.stack([ys.numpy(), xs.numpy()], axis=1), is_flat.numpy()
+    return np.stack([ys.numpy(), xs.numpy()], axis=1), is_flat
 
 
 def distance_to_mask(points: np.ndarray, masks) -> np.ndarray:
@@ -189,15 +194,45 @@ def distance_to_mask(points: np.ndarray, masks) -> np.ndarray:
     return d2.flatten(1).amin(dim=1).sqrt().numpy()
 
 
-def pointing_hits(maps, masks, tolerance: float | None = None) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _disk(radius: float) -> torch.Tensor:
+    """K×2 integer offsets (dy, dx) with dy² + dx² ≤ radius²."""
+    r = int(math.floor(radius))
+    dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    keep = dy**2 + dx**2 <= radius**2
+    return torch.stack([dy[keep], dx[keep]], dim=1)
+
+
+def near_mask(points: np.ndarray, masks, tolerance: float) -> np.ndarray:
+    """Whether each point (y, x) lies within ``tolerance`` px of a pixel of its N×H×W mask: the
+    mask is looked up at the disk of offsets around the point only (cheap: no distance map), which is
+    the same test as ``distance_to_mask(points, masks) <= tolerance``. One H×W mask serves all."""
+    m = _as_tensor(masks, torch.bool)
+    if m.dim() == 2:
+        m = m.unsqueeze(0)
+    _, h, w = m.shape
+    pts = torch.as_tensor(np.asarray(points), dtype=torch.long).view(-1, 2)
+    n = pts.shape[0]
+    flat_masks = m.reshape(m.shape[0], -1)
+    if flat_masks.shape[0] == 1 and n > 1:  # one mask for every point
+        flat_masks = flat_masks.expand(n, -1)
+    disk = _disk(float(tolerance))
+    ys = pts[:, :1] + disk[:, 0]
+    xs = pts[:, 1:] + disk[:, 1]
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    index = ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)
+    return (flat_masks.gather(1, index) & inside).any(dim=1).numpy()
+
+
+def pointing_hits(maps, masks, tolerance: float | None = None, *, flat=None) -> np.ndarray:
     """Pointing game (Zhang et al. 2016), per image: True when the map's maximum lies within
     ``tolerance`` px of the object mask (default :func:`default_tolerance`). A constant map has no
     maximum and misses."""
-    pts, is_flat = peaks(maps)
+    pts, is_flat = peaks(maps, flat)
     m = _as_tensor(masks, torch.bool)
     h, w = m.shape[-2:]
     tol = default_tolerance(h, w) if tolerance is None else tolerance
-    return (distance_to_mask(pts, m) <= tol) & ~is_flat
+    return near_mask(pts, m, tol) & ~is_flat
 
 
 def centre_hits(masks, tolerance: float | None = None) -> np.ndarray:
@@ -208,18 +243,25 @@ def centre_hits(masks, tolerance: float | None = None) -> np.ndarray:
     n, h, w = m.shape
     tol = default_tolerance(h, w) if tolerance is None else tolerance
     pts = np.tile(np.array([[h // 2, w // 2]]), (n, 1))
-    return distance_to_mask(pts, m) <= tol
+    return near_mask(pts, m, tol)
 
 
 def energy_inside(maps, masks) -> np.ndarray:
     """Energy-based pointing game (Wang et al. 2020, Score-CAM §5.2), per image: the share of the
     map's mass inside the object mask, Σ M·1[mask] / Σ M, with M clipped at 0 (0 for a zero map)."""
-    m = _as_tensor(maps, torch.float64).clamp_min(0)
-    k = _as_tensor(masks, torch.bool)
+    m = _as_tensor(maps, torch.float32)
+    k = _as_tensor(masks, torch.float32)
     if m.dim() == 2:
         m, k = m.unsqueeze(0), k.unsqueeze(0)
-    total = m.flatten(1).sum(dim=1)
-    inside = (m * k).flatten(1).sum(dim=1)
+    if m.shape[0] == 1 and k.shape[0] > 1:  # one map (e.g. the centre baseline) for every mask
+        m = m.expand(k.shape[0], -1, -1)
+    if k.shape[0] == 1 and m.shape[0] > 1:
+        k = k.expand(m.shape[0], -1, -1)
+    m = m.flatten(1)
+    if bool((m < 0).any()):
+        m = m.clamp_min(0)
+    total = m.sum(dim=1, dtype=torch.float64)
+    inside = (m * k.flatten(1)).sum(dim=1, dtype=torch.float64)
     return torch.where(total > 0, inside / total.clamp_min(1e-300), torch.zeros_like(total)).numpy()
 
 
