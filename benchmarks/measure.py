@@ -125,6 +125,11 @@ def time_paired(
     return ref, timed, out
 
 
+def pair_ratio(reference: Timing, timed: Timing) -> float:
+    """Median over the pairs of ``timed / reference``: each pair saw the same load."""
+    return statistics.median(b / a for a, b in zip(reference.runs, timed.runs, strict=True))
+
+
 # --------------------------------------------------------------------------------------------------
 # Memory
 

@@ -59,12 +59,12 @@ def method_table(run: dict) -> list[str]:
     ref_row = ["**forward (reference)**", ""]
     for b in batches:
         ref = run["references"][b]
-        ref_row += [fmt_ms(ref["forward"]["per_image_s"]), "1.00×", ""]
+        ref_row += [fmt_ms(ref["forward"]["per_image_s"]), "1.00×", fmt_x(1 / ref["fwd_bwd_over_fwd"])]
     body = [ref_row + [_mem(run["references"][batches[-1]]["forward"]), ""]]
     both_row = ["**forward + backward to input (reference)**", ""]
     for b in batches:
         ref = run["references"][b]
-        both_row += [fmt_ms(ref["forward_backward"]["per_image_s"]), "", "1.00×"]
+        both_row += [fmt_ms(ref["forward_backward"]["per_image_s"]), fmt_x(ref["fwd_bwd_over_fwd"]), "1.00×"]
     body.append(both_row + [_mem(run["references"][batches[-1]]["forward_backward"]), ""])
     for method, per_batch in by_method.items():
         first = next(iter(per_batch.values()))
@@ -145,13 +145,14 @@ def render_markdown(results: dict) -> str:
     meta = results["meta"]
     out = [f"# vislib benchmark ({meta['started']})", ""]
     out += [f"- {k}: {v}" for k, v in meta.items() if k != "started"]
-    out += ["", "Times are medians of several runs after a warm-up, per image (ms/img); ratios are to the "
-            "references measured in the same run at the same batch size. `(est.)`: the method was stopped "
-            "when its projected time exceeded the row budget (estimate from its progress reports). "
-            "Peak ΔRSS: rise of the process's resident-set high-water mark during the row. The six CAMs "
-            "row and the peer rows are timed *paired*: alternately with a forward pass (six CAMs) or "
-            "with our method (peers), so that their ratios see the same machine load. `(pred.)`: a peer "
-            "predicted (its passes × the reference time) to exceed the row budget was not run."]
+    out += ["", "Times are medians of several runs after a warm-up, per image (ms/img), at the same batch "
+            "size as the references measured in the same run. Every row is timed *paired*, so that its "
+            "ratio sees the same machine load: our rows alternately with a forward pass (× fwd is the "
+            "median of the per-pair ratios; × fwd+bwd divides it by the references' own paired ratio), "
+            "the peers alternately with our method. `(est.)`: the method was stopped when its projected "
+            "time exceeded the row budget (estimate from its progress reports; ratios to the references). "
+            "`(pred.)`: a peer predicted (its passes × the reference time) to exceed the budget was not "
+            "run. Peak ΔRSS: rise of the process's resident-set high-water mark during the row."]
     footnotes: dict[str, int] = {}
     for run in results["runs"]:
         out += ["", f"## {run['model']} on {run['device']}: input {'×'.join(map(str, run['input']))}, "

@@ -27,9 +27,9 @@ from .measure import (
     as_maps,
     forward_backward_reference,
     forward_reference,
+    pair_ratio,
     pearson,
     sync,
-    time_call,
     time_paired,
 )
 from .reference import PAPER_FORMULAS, paper_maps
@@ -89,16 +89,19 @@ def _row_base(**kw) -> dict:
     return {"status": "ok", "message": "", **kw}
 
 
-def _timing_fields(timing: Timing, refs: dict, memory: Memory) -> dict:
-    forward = refs["forward"]["per_image_s"]
-    both = refs["forward_backward"]["per_image_s"]
+def _timing_fields(forward: Timing, timing: Timing, refs: dict, memory: Memory) -> dict:
+    """A row timed paired with a forward pass: × forward is the median of the per-pair ratios,
+    × forward+backward divides it by the references' own paired ratio (fwd+bwd / fwd)."""
+    x_forward = pair_ratio(forward, timing)
     return {
         "per_image_s": timing.per_image,
         "median_s": timing.median,
         "runs_s": timing.runs,
         "warmup": timing.warmup,
-        "x_forward": timing.per_image / forward,
-        "x_fwd_bwd": timing.per_image / both,
+        "paired_forward_per_image_s": forward.per_image,
+        "paired_forward_runs_s": forward.runs,
+        "x_forward": x_forward,
+        "x_fwd_bwd": x_forward / refs["fwd_bwd_over_fwd"],
         "memory": vars(memory),
         "note": timing.note,
     }
@@ -137,25 +140,27 @@ class BudgetGuard:
 
 
 def measure_references(bundle, inputs, targets, config: BenchConfig) -> dict:
-    """Forward (no_grad) and forward + backward to the input, timed like the methods."""
-    refs = {}
-    for name, fn in (
-        ("forward", forward_reference(bundle.model, inputs)),
-        ("forward_backward", forward_backward_reference(bundle.model, inputs, targets)),
-    ):
+    """Forward (no_grad) and forward + backward to the input: one call each alone (warm-up and peak
+    memory), then timed alternately; ``fwd_bwd_over_fwd`` is the median of their per-pair ratios."""
+    forward = forward_reference(bundle.model, inputs)
+    both = forward_backward_reference(bundle.model, inputs, targets)
+    refs: dict = {}
+    for name, fn in (("forward", forward), ("forward_backward", both)):
         with MemoryProbe(bundle.device) as probe:
-            timing, out = time_call(
-                fn, device=bundle.device, batch=len(inputs), repeats=config.repeats,
-                warmup=config.warmup, budget_s=config.budget_s,
-            )
-        refs[name] = {**timing.as_dict(), "memory": vars(probe.result)}
-        if name == "forward_backward":
-            refs["_gradient"] = out.detach()
+            out = fn()
+        refs[name] = {"memory": vars(probe.result)}
+    fwd, fwd_bwd, _ = time_paired(forward, both, device=bundle.device, batch=len(inputs),
+                                  repeats=config.repeats, warmup=0, budget_s=config.budget_s)
+    refs["forward"].update(fwd.as_dict())
+    refs["forward_backward"].update(fwd_bwd.as_dict())
+    refs["fwd_bwd_over_fwd"] = pair_ratio(fwd, fwd_bwd)
+    refs["_gradient"] = out.detach()
     return refs
 
 
 def run_ours(bundle, inputs, targets, methods: list[str], refs: dict, config: BenchConfig, label: str):
-    """Time ``vislib.explain`` end to end (maps normalised to input size, copied to numpy)."""
+    """Time ``vislib.explain`` end to end (maps normalised to input size, copied to numpy),
+    alternately with a forward pass (paired), so that × forward sees the same machine load."""
     guard = BudgetGuard(config.budget_s)
     target_list = targets.tolist()
 
@@ -169,9 +174,9 @@ def run_ours(bundle, inputs, targets, methods: list[str], refs: dict, config: Be
         row["options"] = dict(config.options[methods[0]])
     with MemoryProbe(bundle.device) as probe:
         try:
-            timing, explanation = time_call(
-                call, device=bundle.device, batch=len(inputs), repeats=config.repeats,
-                warmup=config.warmup, budget_s=config.budget_s,
+            forward, timing, explanation = time_paired(
+                forward_reference(bundle.model, inputs), call, device=bundle.device, batch=len(inputs),
+                repeats=config.repeats, warmup=config.warmup, budget_s=config.budget_s,
             )
         except Cancelled:
             row.update(status="estimated", per_image_s=guard.estimate_s / len(inputs),
@@ -184,7 +189,7 @@ def run_ours(bundle, inputs, targets, methods: list[str], refs: dict, config: Be
         except VislibError as exc:
             row.update(status="error", message=str(exc))
             return row, None
-    row.update(_timing_fields(timing, refs, probe.result))
+    row.update(_timing_fields(forward, timing, refs, probe.result))
     return row, explanation
 
 
@@ -309,23 +314,10 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
 
 
 def all_cams_row(bundle, inputs, targets, refs: dict, config: BenchConfig) -> dict:
-    """The six CAMs in one ``explain`` call, timed alternately with a forward pass (paired), so the
-    promise (≤ 1.3 forward passes) is judged under the same load; the ratios to the batch's
-    references are kept as well."""
+    """The six CAMs in one ``explain`` call (the promise: ≤ 1.3 forward passes)."""
     cams = [m for m in SIX_CAMS if m in vislib.METHODS]
-    target_list = targets.tolist()
-    row = _row_base(method=ALL_CAMS_ROW, family="cam", batch=len(inputs), methods=cams)
-    with MemoryProbe(bundle.device) as probe:
-        fwd, ours, _ = time_paired(
-            forward_reference(bundle.model, inputs),
-            lambda: vislib.explain(bundle, inputs, methods=cams, target=target_list),
-            device=bundle.device, batch=len(inputs), repeats=config.repeats, warmup=config.warmup,
-            budget_s=config.budget_s,
-        )
-    row.update(_timing_fields(ours, refs, probe.result))
-    row["paired_forward_per_image_s"] = fwd.per_image
-    row["x_forward_batch_reference"] = row["x_forward"]
-    row["x_forward"] = ours.median / fwd.median
+    row, _ = run_ours(bundle, inputs, targets, cams, refs, config, ALL_CAMS_ROW)
+    row["methods"] = cams
     return row
 
 
@@ -364,7 +356,7 @@ def scaling(bundle, *, batches: Sequence[int], sizes: Sequence[int], config: Ben
             )
         points[axis].append({
             "batch": batch, "size": side, "forward_per_image_s": fwd.per_image,
-            "cams_per_image_s": ours.per_image, "x_forward": ours.median / fwd.median,
+            "cams_per_image_s": ours.per_image, "x_forward": pair_ratio(fwd, ours),
             "memory": vars(probe.result),
         })
     return {"model": bundle.name, "device": str(bundle.device), "methods": cams, "points": points}
