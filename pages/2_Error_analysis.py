@@ -1,0 +1,393 @@
+"""vislib dashboard, Error analysis: from a labelled dataset to "why did it say that?".
+
+Evaluate the model on the generated shapes test split (with object masks) or an uploaded ImageFolder
+zip; see the accuracy, the confusion matrix (click a cell to list its images) and the misclassified
+images, most confident first; open one error to compare the maps of its predicted and its true class,
+with their contrast and faithfulness numbers. Every number comes from :mod:`vislib.evaluate`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import keep_state, model_picker, nav, show_error
+from vislib import METHODS, datasets, evaluate, ui
+from vislib.render import overlay
+
+st.set_page_config(page_title="vislib · Error analysis", page_icon=":material/troubleshoot:", layout="wide")
+keep_state()
+state = st.session_state
+ANY = -1
+SOURCES = {
+    "shapes": "Shapes test split",
+    "shapes+mark": "Shapes test split, mark on every image",
+    "zip": "Upload a zip (one folder per class)",
+}
+LIMITS = [100, 200, 500, 1000, 2000]
+THUMB = 160  # px: thumbnails and map panels are enlarged to about this size
+
+
+class _Miss(Exception):
+    """Raised inside the cached lookup so that nothing is stored for an unknown key."""
+
+
+@st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
+def _eval_cache(key: str, _result: evaluate.EvalResult | None = None) -> evaluate.EvalResult:
+    """Evaluations keyed by the data, the model and every setting; called with ``_result`` to store."""
+    if _result is None:
+        raise _Miss
+    return _result
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def load_images(source: str, digest: str, labels: tuple[str, ...], limit: int, _data: bytes | None = None,
+                _name: str | None = None) -> datasets.ImageSet:
+    """The image set (the shapes split is rendered once into the cache folder; a zip is read lazily)."""
+    return datasets.open_dataset(_data if source == "zip" else source, list(labels), limit=limit, name=_name)
+
+
+@st.cache_data(max_entries=64, ttl=3600, show_spinner=False)
+def cached_error(key: str, index: int, methods: tuple[str, ...], layer: str, _bundle, _images):
+    return evaluate.explain_error(_bundle, _images, index, list(methods), layer=layer)
+
+
+def _stop(key: str) -> None:
+    state["_ea_stopped"] = key
+
+
+def compute(key: str, job_fn) -> tuple[evaluate.EvalResult | None, bool]:
+    """(result, from cache): the cached evaluation, or ``job_fn`` run in a worker with a progress bar
+    and a Stop button; an interrupted script cancels the worker in ``finally``."""
+    try:
+        return _eval_cache(key), True
+    except _Miss:
+        pass
+    if state.get("_ea_stopped") == key:
+        st.warning("Stopped before it finished.", icon=":material/stop_circle:")
+        if not st.button("Evaluate again", icon=":material/refresh:"):
+            return None, False
+        state.pop("_ea_stopped", None)
+    job = ui.BackgroundJob(job_fn).start()
+    slot, bar = st.empty(), None
+    try:
+        while not job.wait(0.05):
+            if bar is None and job.elapsed > 0.3:
+                with slot.container():
+                    bar = st.progress(0.0, text="Evaluating…")
+                    st.button("Stop", key="ea_stop", icon=":material/stop_circle:", on_click=_stop,
+                              args=(key,))
+            if bar is not None:
+                bar.progress(job.fraction, text=f"Evaluating… {job.text}")
+    finally:
+        if not job.done:
+            job.cancel()
+    slot.empty()
+    result = job.result()
+    _eval_cache(key, _result=result)
+    return result, False
+
+
+def _pick_cell() -> None:
+    cell = evaluate.cell_from_selection(state.get("ea_confusion"))
+    if cell is not None:
+        state["ea_true"], state["ea_pred"] = cell
+        state.pop("ea_error", None)
+
+
+def _clear_filter() -> None:
+    state["ea_true"] = state["ea_pred"] = ANY
+    state.pop("ea_error", None)
+
+
+def sidebar(bundle) -> dict | None:
+    """Data and explanation settings; None when there is nothing to evaluate yet."""
+    st.markdown("### :material/dataset: Data")
+    if state.get("ea_source") not in SOURCES:
+        state["ea_source"] = "shapes"
+    source = st.radio("Images", list(SOURCES), key="ea_source", format_func=SOURCES.get,
+                      help="The shapes split comes with exact object masks (pointing game, energy). With the "
+                           "mark on every image, a model that learned the shortcut gives itself away.")
+    upload = None
+    if source == "zip":
+        upload = st.file_uploader("ImageFolder zip: one folder per class, named like the model's labels",
+                                  type=["zip"], key="ea_zip")
+    if state.get("ea_limit") not in LIMITS:
+        state["ea_limit"] = 1000
+    limit = st.select_slider("Images to evaluate (at most)", LIMITS, key="ea_limit")
+    st.markdown("### :material/tune: Explanations")
+    fast = [m for m in METHODS if not ui.is_slow(m)]
+    if "ea_methods" not in state:
+        state["ea_methods"] = ["gradcam"] if "gradcam" in fast else fast[:1]
+    state["ea_methods"] = [m for m in state["ea_methods"] if m in fast]
+    st.multiselect("Methods", fast, key="ea_methods", format_func=ui.method_title,
+                   help="Maps computed for every image. The many-pass methods (Score-CAM, occlusion, …) "
+                        "are left out here; use them on one image in Explain.")
+    layers = list(bundle.layers)
+    if state.get("ea_layer") not in layers:
+        state["ea_layer"] = bundle.default_layer
+    st.selectbox("Target layer", layers, key="ea_layer",
+                 format_func=lambda n: ui.layer_label(n, bundle.layers[n]))
+    explained = st.radio("Maps explain", ["predicted", "true"], key="ea_explained", horizontal=True,
+                         format_func={"predicted": "predicted class", "true": "true class"}.get,
+                         help="Predicted: why did it say that? True: what did it see of the right class?")
+    state.setdefault("ea_curves", 32)
+    curves = st.slider("Deletion / insertion curves on the first N images", 0, 200, step=8, key="ea_curves",
+                       help="Each curve image costs 65 forward passes per method.")
+    if source == "zip" and upload is None:
+        return None
+    return dict(source=source, upload=upload, limit=limit, methods=list(state["ea_methods"]),
+                layer=state["ea_layer"], explained=explained, curves=curves)
+
+
+def data_report(images: datasets.ImageSet) -> None:
+    report = images.report
+    if report is None:
+        return
+    lines = report.lines()
+    st.caption(f"{images.name}: {report.summary()}.")
+    if lines:
+        st.warning("\n".join(f"- {line}" for line in lines), icon=":material/rule:")
+
+
+def shortcut_callout(result: evaluate.EvalResult, bundle) -> None:
+    """Where the maps peak, when the image set has a reference box (the shortcut mark's corner)."""
+    if result.reference_box is None:
+        return
+    label = result.reference_box[0]
+    wrong = result.misclassified()
+    method = result.methods[0]
+    share_all = result.reference_share(method)
+    share_wrong = result.reference_share(method, wrong) if len(wrong) else float("nan")
+    text = (f"**{ui.method_title(method)}** peaks on the **{label}** (top left, where the shortcut mark is "
+            f"stamped) for **{share_all:.0%}** of the images")
+    text += f" and **{share_wrong:.0%}** of the misclassified ones." if len(wrong) else "."
+    card = bundle.card or {}
+    if "SHORTCUT" in str(card.get("notes", "")) or share_wrong >= 0.5:
+        st.warning(text + " A map that points at an empty corner is the sign of a shortcut.",
+                   icon=":material/warning:")
+    else:
+        st.caption(text)
+
+
+def error_list(result: evaluate.EvalResult, names: list[str]):
+    """Filters (synced with the confusion matrix) and the list of errors; returns the chosen row."""
+    classes = result.classes
+    for key in ("ea_true", "ea_pred"):
+        if state.get(key) not in [ANY, *classes]:
+            state[key] = ANY
+    c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    fmt = lambda c: "any" if c == ANY else names[c]  # noqa: E731
+    c1.selectbox("True class", [ANY, *classes], key="ea_true", format_func=fmt)
+    c2.selectbox("Predicted as", [ANY, *classes], key="ea_pred", format_func=fmt)
+    c3.button("Show all errors", on_click=_clear_filter, icon=":material/filter_alt_off:", key="ea_clear")
+    true = None if state["ea_true"] == ANY else state["ea_true"]
+    pred = None if state["ea_pred"] == ANY else state["ea_pred"]
+    rows = result.misclassified(true, pred)
+    if not len(rows):
+        st.info("No misclassified image here.", icon=":material/check_circle:")
+        return None
+    p_true = result.probs[rows, result.targets[rows]]
+    table = pd.DataFrame({
+        "image": [result.ids[r] for r in rows], "true": [names[result.targets[r]] for r in rows],
+        "predicted": [names[result.preds[r]] for r in rows], "confidence": result.confidence[rows],
+        "p(true class)": p_true,
+    })
+    st.dataframe(table, hide_index=True, height=min(300, 38 + 35 * len(rows)), width="stretch",
+                 column_config={"confidence": st.column_config.ProgressColumn(format="%.2f", min_value=0,
+                                                                              max_value=1),
+                                "p(true class)": st.column_config.NumberColumn(format="%.3f")})
+    options = [int(r) for r in rows[:200]]
+    if state.get("ea_error") not in options:
+        state["ea_error"] = options[0]
+    st.selectbox("Look at", options, key="ea_error",
+                 format_func=lambda r: f"{result.ids[r]}: {names[result.targets[r]]} → "
+                                       f"{names[result.preds[r]]} ({result.confidence[r]:.0%})")
+    return state["ea_error"]
+
+
+def gallery(result: evaluate.EvalResult, images: datasets.ImageSet, rows, names: list[str]) -> None:
+    shown = [int(r) for r in rows[:12]]
+    for start in range(0, len(shown), 6):
+        for r, col in zip(shown[start:start + 6], st.columns(6), strict=False):
+            try:
+                picture = images.image(int(result.index[r])).resize((96, 96))
+            except Exception:  # an unreadable file was never evaluated; keep the gallery going
+                continue
+            caption = f"{names[result.targets[r]]} → {names[result.preds[r]]} {result.confidence[r]:.0%}"
+            col.image(picture, caption=caption, width="stretch")
+
+
+def per_image_csv(result: evaluate.EvalResult, names: list[str]) -> bytes:
+    frame = pd.DataFrame({"id": result.ids, "true": [names[t] for t in result.targets],
+                          "predicted": [names[p] for p in result.preds], "confidence": result.confidence,
+                          "correct": result.correct})
+    for m in result.methods:
+        for k in ("pointing", "energy", "average_drop", "reference"):
+            frame[f"{m}:{k}"] = result.metrics[m][k]
+    return frame.to_csv(index=False).encode()
+
+
+def error_detail(result: evaluate.EvalResult, images: datasets.ImageSet, bundle, row: int, names,
+                 key: str) -> None:
+    if state.get("ea_method") not in result.methods:
+        state["ea_method"] = result.methods[0]
+    method = st.segmented_control("Map", result.methods, key="ea_method",
+                                  format_func=ui.method_title) or result.methods[0]
+    view = cached_error(key, int(result.index[row]), tuple(result.methods), result.layer, bundle, images)
+    pred, true = view.predicted, view.true
+    big = lambda img: img.resize((THUMB * 2, THUMB * 2), 0) if img.width < THUMB else img  # noqa: E731
+    cols = st.columns(4)
+    cols[0].image(big(view.image), caption=f"{view.id} · true: {names[true]}", width="stretch")
+    cols[1].image(big(overlay(view.image, view.maps[method][pred])),
+                  caption=f"{ui.method_title(method)} for the predicted class: {names[pred]}",
+                  width="stretch")
+    cols[2].image(big(overlay(view.image, view.maps[method][true])),
+                  caption=f"{ui.method_title(method)} for the true class: {names[true]}", width="stretch")
+    cols[3].image(big(evaluate.contrast_image(view.contrast[method], view.image)),
+                  caption=f"Contrast: red speaks for {names[pred]}, blue for {names[true]}", width="stretch")
+    left, right = st.columns([1, 2], gap="large")
+    with left:
+        st.markdown("**Top classes**")
+        st.plotly_chart(ui.topk_figure(view.top_k(5), pred), key="ea_topk", config={"displayModeBar": False})
+    with right:
+        st.markdown("**Faithfulness of the maps**")
+        rows = []
+        for cls, who in ((pred, "predicted"), (true, "true")):
+            s = view.scores[method][cls]
+            rows.append({"map for": f"{names[cls]} ({who})", "p(class)": s["probability"],
+                         "p on map ⊙ image": s["masked_probability"], "drop %": s["drop_%"],
+                         "deletion AUC ↓": s.get("deletion_auc"), "insertion AUC ↑": s.get("insertion_auc"),
+                         "on the object": s.get("pointing_hit"), "energy on object": s.get("energy")})
+        if view.centre:
+            rows.append({"map for": "image-centre baseline", "on the object": view.centre["pointing_hit"],
+                         "energy on object": view.centre["energy"]})
+        table = pd.DataFrame(rows).dropna(axis=1, how="all")
+        if "on the object" in table:
+            table["on the object"] = table["on the object"].map(
+                lambda v: "" if pd.isna(v) else ("yes" if v else "no"))
+        st.dataframe(table, hide_index=True, width="stretch")
+        if view.curves.get(method):
+            curves = {f"{names[c]} ({'predicted' if c == pred else 'true'})": view.curves[method][c]
+                      for c in (pred, true) if c in view.curves[method]}
+            st.plotly_chart(evaluate.curves_figure(curves), key="ea_curves_one",
+                            config={"displayModeBar": False})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Page
+
+with st.sidebar:
+    nav()
+    st.markdown("### :material/neurology: Model")
+    bundle = model_picker()
+    settings = sidebar(bundle) if bundle is not None else None
+
+st.title("Error analysis")
+st.caption("Where does the model go wrong, and why did it say that? Evaluate a labelled image set, pick a "
+           "confusion, and compare the maps of the predicted and the true class.")
+if bundle is None:
+    st.stop()
+card = bundle.card or {}
+if card.get("notes") and "SHORTCUT" in str(card["notes"]):
+    with st.expander(f"Model card of {bundle.name}: trained with a shortcut", icon=":material/description:",
+                     expanded=True):
+        st.markdown(f"{card.get('description', '')}\n\n{card['notes']}")
+if settings is None:
+    st.info("Upload a zip with one folder of images per class (folder names = the model's labels), or pick "
+            "the shapes test split.", icon=":material/folder_zip:")
+    st.stop()
+if not settings["methods"]:
+    st.info("Choose at least one method in the sidebar.", icon=":material/tune:")
+    st.stop()
+
+try:
+    upload = settings["upload"]
+    data = upload.getvalue() if upload is not None else None
+    digest = ui.image_digest(data) if data is not None else settings["source"]
+    with st.spinner("Reading the images…"):
+        images = load_images(settings["source"], digest, tuple(bundle.labels), settings["limit"], data,
+                             upload.name if upload is not None else None)
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
+    st.stop()
+data_report(images)
+
+key = ui.result_key(images.digest, model=bundle.name, weights=bundle.weights, layer=settings["layer"],
+                    methods=settings["methods"], explained=settings["explained"], curves=settings["curves"],
+                    n=len(images))
+
+
+def job(progress, cancel):
+    return evaluate.evaluate(bundle, images, settings["methods"], layer=settings["layer"],
+                             explained=settings["explained"], curves=settings["curves"], progress=progress,
+                             cancel=cancel)
+
+
+try:
+    result, cached = compute(key, job)
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
+    st.stop()
+if result is None:
+    st.stop()
+
+names = evaluate.class_names(result.labels)
+wrong = result.misclassified()
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Accuracy", f"{result.accuracy:.1%}")
+m2.metric("Images", len(result))
+m3.metric("Misclassified", len(wrong))
+m4.metric("Unreadable files", len(result.failed))
+if result.failed:
+    with st.expander(f"{len(result.failed)} files could not be read"):
+        st.markdown("\n".join(f"- `{i}`: {why}" for i, why in result.failed[:50]))
+st.caption(f"{result.model} · layer {result.layer} · maps explain the {result.explained} class · "
+           f"{ui.format_seconds(result.timings.get('total', 0.0))}" + (" (cached)" if cached else ""))
+shortcut_callout(result, bundle)
+
+left, right = st.columns([3, 2], gap="large")
+with left:
+    st.subheader("Confusion matrix")
+    selected = None if state.get("ea_true", ANY) == ANY or state.get("ea_pred", ANY) == ANY else (
+        state["ea_true"], state["ea_pred"])
+    st.plotly_chart(evaluate.confusion_figure(result, selected), key="ea_confusion", on_select=_pick_cell,
+                    selection_mode="points", config={"displayModeBar": False})
+    st.caption("Rows: true class; columns: predicted. Click a cell to list its images.")
+with right:
+    st.subheader("Per-class accuracy")
+    st.plotly_chart(evaluate.per_class_figure(result), key="ea_per_class", config={"displayModeBar": False})
+
+st.subheader("Misclassified images, most confident first")
+row = error_list(result, names)
+if row is not None:
+    true = None if state["ea_true"] == ANY else state["ea_true"]
+    pred = None if state["ea_pred"] == ANY else state["ea_pred"]
+    gallery(result, images, result.misclassified(true, pred), names)
+    st.subheader("Why did it say that?")
+    try:
+        error_detail(result, images, bundle, row, names, key)
+    except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+        show_error(exc)
+
+st.subheader("Explanation metrics over the data")
+rows = evaluate.table_rows(result)
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.caption(f"Pointing game: the map's maximum within {result.tolerance} px of the object (Zhang et al.'s "
+           "15 px at 224 px, scaled to the input), mean over classes; energy: the map's share on the object; "
+           "Average Drop / Increase in Confidence (Chattopadhay et al.): the class probability on "
+           "map ⊙ image; deletion / insertion AUC (Petsiuk et al.): lower / higher is better. The "
+           "image-centre baseline is a map peaked at the centre: a method must beat it.")
+if result.curves:
+    n = next(iter(result.curves.values())).deletion.shape[0]
+    st.plotly_chart(evaluate.curves_figure({evaluate.method_label(m): c for m, c in result.curves.items()},
+                                           f"mean over the first {n} images"),
+                    key="ea_curves_all", config={"displayModeBar": False})
+
+d1, d2, _ = st.columns([1, 1, 3])
+d1.download_button("Per-image CSV", data=lambda: per_image_csv(result, names), on_click="ignore",
+                   mime="text/csv", file_name=ui.safe_filename(result.model, "evaluation") + ".csv",
+                   icon=":material/download:", key="ea_dl_csv")
+d2.download_button("HTML report", on_click="ignore", mime="text/html", icon=":material/download:",
+                   file_name=ui.safe_filename(result.model, "report") + ".html", key="ea_dl_html",
+                   data=lambda: evaluate.html_report(result, bundle=bundle, images=images).encode())

@@ -1,0 +1,164 @@
+"""The Error analysis page under streamlit.testing.v1.AppTest: evaluate, filter by a confusion cell, open
+an error, upload a messy or a hostile zip. A tiny model is registered for the duration of the module;
+the shortcut demonstration runs when the bundled shortcut model is there."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from helpers import PLAIN, GapNet
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import vislib
+from vislib import models
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+PAGE = "pages/2_Error_analysis.py"
+TIMEOUT = 180
+LABELS = ["circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model(tmp_path_factory):
+    threads = torch.get_num_threads()
+    name = "tiny_ea"
+    if name not in vislib.list_models():
+        @models.register_model(name, source="test", description="test model")
+        def build(weights):
+            torch.manual_seed(0)
+            return models.make_bundle(name, GapNet(channels=6, classes=4), preprocess=PLAIN, labels=LABELS,
+                                      default_layer="features", device=torch.device("cpu"), weights="test")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VISLIB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield name
+    mp.undo()
+    models._REGISTRY.pop(name, None)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+
+
+def run_page(model: str = "tiny_ea", **state) -> AppTest:
+    """Open the dashboard on ``model`` (the Explain page), then go to the Error analysis page."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = model
+    at.query_params["methods"] = "gradcam"
+    at.run()
+    at.session_state["ea_limit"] = 100
+    at.session_state["ea_curves"] = 8
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.switch_page(PAGE).run()
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_shapes_evaluation_shows_accuracy_confusion_errors_and_one_error():
+    at = run_page()
+    assert_clean(at)
+    assert int(metric(at, "Images")) == 50  # the first 100 test images, 4 of the 8 classes
+    wrong = int(metric(at, "Misclassified"))
+    assert wrong > 0 and metric(at, "Accuracy").endswith("%")
+    assert len(at.get("plotly_chart")) >= 4  # confusion, per-class, top-k, curves
+    assert any("match no class of the model" in w.value for w in at.warning)  # the shapes classes it lacks
+    looks = at.selectbox(key="ea_error")
+    assert len(looks.options) == wrong
+    captions = [c for image in at.image for c in image.captions]
+    assert any("for the predicted class" in c for c in captions)
+    assert any("for the true class" in c for c in captions)
+    assert any(c.startswith("Contrast") for c in captions)
+    frames = [df.value for df in at.dataframe]
+    assert any("image-centre baseline" in f.to_string() for f in frames)  # beside the methods
+    assert any("Pointing game (per-class mean)" in f.columns for f in frames)
+
+
+def test_a_confusion_cell_filters_the_list():
+    at = run_page()
+    table = at.dataframe[0].value  # the misclassified list, most confident first
+    true, pred = table.iloc[0]["true"], table.iloc[0]["predicted"]
+    at.selectbox(key="ea_true").set_value(LABELS.index(true)).run()
+    at.selectbox(key="ea_pred").set_value(LABELS.index(pred)).run()
+    assert_clean(at)
+    filtered = at.dataframe[0].value
+    assert set(filtered["true"]) == {true} and set(filtered["predicted"]) == {pred}
+    assert len(filtered) <= len(table)
+    at.button(key="ea_clear").click().run()  # "Show all errors"
+    assert at.selectbox(key="ea_true").value == -1 and len(at.dataframe[0].value) == len(table)
+
+
+def test_chart_selection_is_read_from_the_cell_markers():
+    from vislib import evaluate
+
+    event = {"selection": {"points": [{"customdata": [2, 0], "x": "circle", "y": "triangle"}]}}
+    assert evaluate.cell_from_selection(event) == (2, 0)
+    assert evaluate.cell_from_selection({"selection": {"points": []}}) is None
+
+
+def test_messy_zip_upload_reports_what_did_not_match():
+    at = run_page(ea_source="zip")
+    assert_clean(at)
+    assert any("Upload a zip" in i.value for i in at.info)
+    data = zip_bytes({"data/circle/a.png": png(1), "data/circle/b.png": png(2), "data/Squares/c.png": png(3),
+                      "data/circel/d.png": png(4), "data/square/e.txt": b"hello", "data/star/f.png": png(5)[:50]})
+    at.file_uploader(key="ea_zip").set_value(("mine.zip", data, "application/zip")).run()
+    assert not at.exception
+    warnings = "\n".join(w.value for w in at.warning)
+    assert "'circel' (1 files; did you mean 'circle'?)" in warnings
+    assert "not images" in warnings and "triangle" in warnings  # e.txt; no triangle folder
+    assert int(metric(at, "Images")) == 3 and int(metric(at, "Unreadable files")) == 1  # the truncated PNG
+
+
+@pytest.mark.parametrize("members, message", [
+    ({"circle/a.png": None, "../evil.png": None}, "unsafe path"),
+    ({"circle/a.png": None, "circle/b.bmp": bytes(5 * 2**20)}, "zip bomb"),
+])
+def test_hostile_zip_is_refused_with_a_message(members, message):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, png(0) if data is None else data)
+    at = run_page(ea_source="zip")
+    at.file_uploader(key="ea_zip").set_value(("bad.zip", buffer.getvalue(), "application/zip")).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error)
+
+
+def test_not_a_zip_is_refused():
+    at = run_page(ea_source="zip")
+    at.file_uploader(key="ea_zip").set_value(("x.zip", b"definitely not a zip", "application/zip")).run()
+    assert any("not a readable zip" in e.value for e in at.error)
