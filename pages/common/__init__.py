@@ -179,6 +179,7 @@ def nav() -> None:
     """Page links at the top of the sidebar (the default page list is hidden in config.toml)."""
     st.page_link("app.py", label="Explain", icon=":material/visibility:")
     st.page_link("pages/1_Layer_explorer.py", label="Layer explorer", icon=":material/layers:")
+    st.page_link("pages/2_Error_analysis.py", label="Error analysis", icon=":material/troubleshoot:")
     st.page_link("pages/3_Learn.py", label="Learn", icon=":material/school:")
     st.divider()
 
