@@ -206,8 +206,10 @@ def scaling_figure(scaling: dict):
     fig.update_xaxes(title_text="batch size", type="log", tickvals=batches, row=2, col=1)
     fig.update_xaxes(title_text="input side (px)", row=2, col=2)
     fig.update_yaxes(title_text="ms per image", row=1, col=1)
-    fig.update_yaxes(title_text="× forward", rangemode="tozero", row=2, col=1)
-    fig.update_yaxes(rangemode="tozero", row=2, col=2)
+    ratios = [p["x_forward"] for axis in ("batch", "size") for p in scaling["points"][axis]]
+    top = max([PROMISE_RATIO * 1.2, *(1.1 * r for r in ratios)])
+    fig.update_yaxes(title_text="× forward", range=[0, top], row=2, col=1)
+    fig.update_yaxes(range=[0, top], row=2, col=2)
     fig.update_layout(title=f"CAM engine scaling: {scaling['model']} on {scaling['device']} "
                             f"(dashed: the {PROMISE_RATIO}× promise)", height=650)
     return fig
