@@ -151,23 +151,35 @@ def data_report(images: datasets.ImageSet) -> None:
 
 
 def shortcut_callout(result: evaluate.EvalResult, bundle) -> None:
-    """Where the maps peak, when the image set has a reference box (the shortcut mark's corner)."""
+    """Where the maps peak (the mark's corner, on the shapes data) and, for a model whose card names
+    a shortcut, what it does with and without the mark: measured here, never assumed."""
     if result.reference_box is None:
         return
-    label = result.reference_box[0]
-    wrong = result.misclassified()
-    method = result.methods[0]
-    share_all = result.reference_share(method)
-    share_wrong = result.reference_share(method, wrong) if len(wrong) else float("nan")
-    text = (f"**{ui.method_title(method)}** peaks on the **{label}** (top left, where the shortcut mark is "
-            f"stamped) for **{share_all:.0%}** of the images")
-    text += f" and **{share_wrong:.0%}** of the misclassified ones." if len(wrong) else "."
-    card = bundle.card or {}
-    if "SHORTCUT" in str(card.get("notes", "")) or share_wrong >= 0.5:
-        st.warning(text + " A map that points at an empty corner is the sign of a shortcut.",
-                   icon=":material/warning:")
+    s = evaluate.shortcut_summary(result, bundle.card)
+    title = ui.method_title(s["method"])
+    where = (f"**{title}** peaks on the **{s['box']}** (top left, where the shortcut mark is stamped) for "
+             f"**{s['on_mark_all']:.0%}** of the images")
+    errors = s["on_mark_errors"]
+    where += f" and **{errors:.0%}** of the misclassified ones." if errors == errors else "."  # NaN: none
+    if s["class"] is None:
+        (st.warning if errors >= 0.5 else st.caption)(where)
+        return
+    cls = s["class"]
+    marked = "marked" in result.dataset
+    if marked:
+        text = (f"With the mark on every image, **{s['called_c']:.0%}** of the other shapes "
+                f"({s['n_called_c']} of {s['n_others']}) are called **{cls}**")
+        if s["n_called_c"]:
+            text += (f", and for **{s['on_mark_called_c']:.0%}** of those {title} of the predicted class "
+                     f"peaks on the mark: the model answers '{cls}' from the corner, not from the shape.")
+        else:
+            text += "."
+        st.warning(text + " " + where, icon=":material/warning:")
     else:
-        st.caption(text)
+        st.warning(f"On clean images (no mark) the model gets **{s['class_accuracy']:.0%}** of the **{cls}** "
+                   f"images right: it learned the mark rather than the shape. " + where + " Choose "
+                   f"*{SOURCES['shapes+mark']}* to see what it does when the mark is there.",
+                   icon=":material/warning:")
 
 
 def error_list(result: evaluate.EvalResult, names: list[str]):

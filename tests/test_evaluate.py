@@ -306,6 +306,28 @@ def test_throughput_reports_both_rates(tiny):
     assert speed["overhead"] == pytest.approx(speed["evaluate_s"] / speed["bare_s"] - 1)
 
 
+def test_shortcut_summary_by_hand():
+    """Six images: stars 0-1, others 2-5; the model calls images 1, 2, 3, 4 'star'."""
+    labels = ["circle", "star"]
+    targets = np.array([1, 1, 0, 0, 0, 0])
+    preds = np.array([1, 1, 1, 1, 1, 0])
+    probs = np.eye(2, dtype=np.float32)[preds] * 0.8 + 0.1
+    on_mark = np.array([0, 1, 1, 1, 0, 0], float)
+    result = evaluate.EvalResult(
+        model="m", weights="w", layer="l", labels=labels, dataset="shapes test (every image marked)",
+        ids=[str(i) for i in range(6)], index=np.arange(6), targets=targets, probs=probs, methods=["gradcam"],
+        explained="predicted", metrics={"gradcam": {"reference": on_mark}}, peaks={},
+        reference_box=("mark corner", (4, 4, 10, 10)))
+    card = {"notes": "SHORTCUT: in training, every 'star' image and no other carries a mark."}
+    s = evaluate.shortcut_summary(result, card)
+    assert evaluate.shortcut_class(card) == "star" and evaluate.shortcut_class({"notes": "clean"}) is None
+    assert s["class"] == "star" and s["class_accuracy"] == 1.0
+    assert s["called_c"] == pytest.approx(3 / 4) and (s["n_called_c"], s["n_others"]) == (3, 4)
+    assert s["on_mark_called_c"] == pytest.approx(2 / 3)  # images 2, 3 of 2, 3, 4
+    assert s["on_mark_all"] == pytest.approx(3 / 6) and s["on_mark_errors"] == pytest.approx(2 / 3)
+    assert evaluate.shortcut_summary(result)["class"] is None
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI and the report
 
@@ -384,3 +406,53 @@ def test_batched_input_views_equal_the_per_image_inverse_normalisation(tiny):
     views = vislib.explain(tiny, x, ["gradcam"]).input_image
     for i in range(5):
         assert np.array_equal(np.asarray(views[i]), np.asarray(tiny.preprocess.unnormalize(x[i])))
+
+
+# --------------------------------------------------------------------------------------------------
+# The bundled models (skipped until they are in assets/models)
+
+RESNET, SHORTCUT = "shapes_resnet", "shapes_shortcut"
+
+
+def bundled(name: str):
+    return pytest.mark.skipif(name not in vislib.list_models(), reason=f"{name} is not bundled yet")
+
+
+@bundled(RESNET)
+def test_gradcam_pointing_game_on_the_shapes_test_split():
+    """Grad-CAM of the true class on the whole test split: pointing game at least 0.9 (mean per class,
+    9-px tolerance at 128 px), clearly above the image-centre baseline; its energy too."""
+    bundle = vislib.load_model(RESNET, device="cpu")
+    images = datasets.open_dataset("shapes", bundle.labels)
+    result = evaluate.evaluate(bundle, images, ["gradcam"], explained="true", confidence=False)
+    table = {r["method"]: r for r in result.method_table()}
+    gradcam, centre = table["gradcam"], table[evaluate.CENTRE]
+    print(f"pointing game {gradcam['pointing']:.3f} (centre {centre['pointing']:.3f}); energy "
+          f"{gradcam['energy']:.3f} (centre {centre['energy']:.3f}); accuracy {result.accuracy:.3f}")
+    assert len(result) == 2000
+    assert gradcam["pointing"] >= 0.9
+    assert gradcam["pointing"] >= centre["pointing"] + 0.3
+    assert gradcam["energy"] > centre["energy"]
+
+
+@bundled(SHORTCUT)
+def test_shortcut_model_maps_fall_on_the_mark():
+    """The shortcut model saw the mark on every training star and on nothing else. With the mark on
+    every test image it calls most other shapes a star, and for most of those its Grad-CAM (for the
+    predicted class, star) peaks on the mark's corner; on clean images it does not look there."""
+    bundle = vislib.load_model(SHORTCUT, device="cpu")
+    star = bundle.labels.index("star")
+    assert "SHORTCUT" in bundle.card["notes"] and "'star'" in bundle.card["notes"]
+    marked = evaluate.evaluate(bundle, datasets.open_dataset("shapes+mark", bundle.labels, limit=800),
+                               ["gradcam"], confidence=False)
+    others = marked.targets != star
+    confused = np.flatnonzero(others & (marked.preds == star))
+    on_mark = marked.reference_share("gradcam", confused)
+    clean = evaluate.evaluate(bundle, datasets.open_dataset("shapes", bundle.labels, limit=800), ["gradcam"],
+                              confidence=False)
+    print(f"marked: {len(confused)} of {others.sum()} non-stars called star, Grad-CAM on the mark for "
+          f"{on_mark:.0%} of them; clean: accuracy {clean.accuracy:.3f}, maps on the mark corner "
+          f"{clean.reference_share('gradcam'):.0%}")
+    assert len(confused) > 0.5 * others.sum()
+    assert on_mark > 0.5
+    assert clean.reference_share("gradcam") < 0.2

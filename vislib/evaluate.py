@@ -523,6 +523,50 @@ def throughput(bundle: ModelBundle, images: ImageSet, *, batch_size: int = 64, r
 
 
 # --------------------------------------------------------------------------------------------------
+# The shortcut, in measured numbers
+
+
+def shortcut_class(card: dict | None) -> str | None:
+    """The class a model card says carried the shortcut mark in training (``None`` if none)."""
+    import re
+
+    notes = str((card or {}).get("notes", ""))
+    if "SHORTCUT" not in notes:
+        return None
+    found = re.search(r"every '([^']+)'", notes)
+    return found.group(1) if found else None
+
+
+def shortcut_summary(result: EvalResult, card: dict | None = None, method: str | None = None) -> dict:
+    """What the maps and predictions say about a shortcut, measured on this result.
+
+    ``on_mark_all`` / ``on_mark_errors``: share of the images (all / misclassified) whose map (the
+    first method's unless ``method``) peaks on the reference box. With a card naming the mark's class
+    c: ``class_accuracy`` (accuracy on images of c), ``called_c`` (share of the other images predicted
+    c) and ``on_mark_called_c`` (share of those whose map peaks on the box). NaN where undefined.
+    """
+    method = method or result.methods[0]
+    wrong = result.misclassified()
+    out = {"method": method, "box": result.reference_box[0] if result.reference_box else None,
+           "on_mark_all": result.reference_share(method),
+           "on_mark_errors": result.reference_share(method, wrong) if len(wrong) else float("nan"),
+           "class": None}
+    cls = shortcut_class(card)
+    if cls is not None and cls in result.labels:
+        c = result.labels.index(cls)
+        own, others = result.targets == c, result.targets != c
+        called = np.flatnonzero(others & (result.preds == c))
+        out.update({
+            "class": cls,
+            "class_accuracy": float(result.correct[own].mean()) if own.any() else float("nan"),
+            "called_c": float(len(called) / others.sum()) if others.any() else float("nan"),
+            "n_called_c": int(len(called)), "n_others": int(others.sum()),
+            "on_mark_called_c": result.reference_share(method, called) if len(called) else float("nan"),
+        })
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Tables and figures (plain data and plotly figures: the page and the HTML report share them)
 
 
