@@ -240,6 +240,41 @@ def per_image_csv(result: evaluate.EvalResult, names: list[str]) -> bytes:
     return frame.to_csv(index=False).encode()
 
 
+FAITHFULNESS_ROWS = {  # score key → (row title, format)
+    "probability": ("p(class) on the image", "{:.3f}"),
+    "masked_probability": ("p(class) on map ⊙ image", "{:.3f}"),
+    "drop_%": ("drop % (lower is better)", "{:.1f}"),
+    "deletion_auc": ("deletion AUC (lower is better)", "{:.3f}"),
+    "insertion_auc": ("insertion AUC (higher is better)", "{:.3f}"),
+    "pointing_hit": ("peak on the object", None),
+    "energy": ("share of the map on the object", "{:.2f}"),
+}
+
+
+def faithfulness_table(view: evaluate.ErrorView, method: str, names: list[str]) -> pd.DataFrame:
+    """Metrics as rows, the maps (predicted class, true class, image-centre baseline) as columns."""
+    columns = {f"{names[view.predicted]} (predicted)": view.scores[method][view.predicted]}
+    if view.true != view.predicted:
+        columns[f"{names[view.true]} (true)"] = view.scores[method][view.true]
+    if view.centre:
+        columns["image-centre baseline"] = view.centre
+    rows = {}
+    for key, (title, fmt) in FAITHFULNESS_ROWS.items():
+        if not any(key in scores for scores in columns.values()):
+            continue
+        cells = []
+        for scores in columns.values():
+            value = scores.get(key)
+            if value is None:
+                cells.append("—")
+            elif fmt is None:
+                cells.append("yes" if value else "no")
+            else:
+                cells.append(fmt.format(value))
+        rows[title] = cells
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(columns))
+
+
 def error_detail(result: evaluate.EvalResult, images: datasets.ImageSet, bundle, row: int, names,
                  key: str) -> None:
     if state.get("ea_method") not in result.methods:
@@ -264,21 +299,7 @@ def error_detail(result: evaluate.EvalResult, images: datasets.ImageSet, bundle,
         st.plotly_chart(ui.topk_figure(view.top_k(5), pred), key="ea_topk", config={"displayModeBar": False})
     with right:
         st.markdown("**Faithfulness of the maps**")
-        rows = []
-        for cls, who in ((pred, "predicted"), (true, "true")):
-            s = view.scores[method][cls]
-            rows.append({"map for": f"{names[cls]} ({who})", "p(class)": s["probability"],
-                         "p on map ⊙ image": s["masked_probability"], "drop %": s["drop_%"],
-                         "deletion AUC ↓": s.get("deletion_auc"), "insertion AUC ↑": s.get("insertion_auc"),
-                         "on the object": s.get("pointing_hit"), "energy on object": s.get("energy")})
-        if view.centre:
-            rows.append({"map for": "image-centre baseline", "on the object": view.centre["pointing_hit"],
-                         "energy on object": view.centre["energy"]})
-        table = pd.DataFrame(rows).dropna(axis=1, how="all")
-        if "on the object" in table:
-            table["on the object"] = table["on the object"].map(
-                lambda v: "" if pd.isna(v) else ("yes" if v else "no"))
-        st.dataframe(table, hide_index=True, width="stretch")
+        st.dataframe(faithfulness_table(view, method, names), width="stretch")
         if view.curves.get(method):
             curves = {f"{names[c]} ({'predicted' if c == pred else 'true'})": view.curves[method][c]
                       for c in (pred, true) if c in view.curves[method]}

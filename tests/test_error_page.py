@@ -105,6 +105,9 @@ def test_shapes_evaluation_shows_accuracy_confusion_errors_and_one_error():
     frames = [df.value for df in at.dataframe]
     assert any("image-centre baseline" in f.to_string() for f in frames)  # beside the methods
     assert any("Pointing game (per-class mean)" in f.columns for f in frames)
+    faith = next(f for f in frames if "p(class) on the image" in f.index)  # the chosen error's numbers
+    assert faith.columns[0].endswith("(predicted)") and faith.columns[1].endswith("(true)")
+    assert faith.columns[2] == "image-centre baseline" and "peak on the object" in faith.index
 
 
 def test_a_confusion_cell_filters_the_list():

@@ -533,7 +533,7 @@ def shortcut_class(card: dict | None) -> str | None:
     notes = str((card or {}).get("notes", ""))
     if "SHORTCUT" not in notes:
         return None
-    found = re.search(r"every '([^']+)'", notes)
+    found = re.search(r"SHORTCUT\b[^']*'([^']+)'", notes)  # the first quoted class after the flag
     return found.group(1) if found else None
 
 
@@ -655,11 +655,12 @@ def per_class_figure(result: EvalResult):
     order = sorted(per, key=lambda c: per[c][0])
     fig = go.Figure(go.Bar(
         x=[per[c][0] for c in order][::-1], y=[names[c] for c in order][::-1], orientation="h",
-        text=[f"{per[c][0]:.0%} of {per[c][1]}" for c in order][::-1], textposition="auto",
+        text=[f"{per[c][0]:.0%} of {per[c][1]}" for c in order][::-1], textposition="outside",
+        cliponaxis=False,
         marker_color=["#e4572e" if per[c][0] < result.accuracy else "#7a9cc6" for c in order][::-1],
     ))
-    fig.update_layout(height=80 + 26 * len(order), margin=dict(l=8, r=8, t=8, b=8),
-                      xaxis=dict(range=[0, 1], tickformat=".0%", fixedrange=True),
+    fig.update_layout(height=80 + 26 * len(order), margin=dict(l=8, r=48, t=8, b=8),
+                      xaxis=dict(range=[0, 1.15], tickformat=".0%", fixedrange=True, tickvals=[0, 0.5, 1]),
                       yaxis=dict(fixedrange=True, automargin=True))
     return fig
 
@@ -674,10 +675,11 @@ def curves_figure(curves: dict[str, metrics.Curves], title: str = ""):
     palette = ["#e4572e", "#4c78a8", "#54a24b", "#b279a2", "#f58518", "#72b7b2", "#9d755d", "#bab0ac"]
     for k, (name, c) in enumerate(curves.items()):
         colour = palette[k % len(palette)]
-        for col, (values, area) in enumerate(((c.deletion, c.deletion_auc), (c.insertion, c.insertion_auc))):
+        label = f"{name} (AUC: deletion {c.deletion_auc.mean():.3f}, insertion {c.insertion_auc.mean():.3f})"
+        for col, values in enumerate((c.deletion, c.insertion)):
             fig.add_trace(go.Scatter(
                 x=c.fractions, y=values.mean(axis=0), mode="lines", line=dict(color=colour),
-                name=f"{name} (AUC {area.mean():.3f})", legendgroup=name, showlegend=True,
+                name=label, legendgroup=name, showlegend=col == 0,
             ), row=1, col=col + 1)
     fig.update_xaxes(title="fraction of pixels", range=[0, 1], tickformat=".0%")
     fig.update_yaxes(title="probability of the class", range=[0, 1.02])
