@@ -626,8 +626,8 @@ def confusion_figure(result: EvalResult, selected: tuple[int, int] | None = None
     side = 140 + 42 * len(classes)
     fig.update_layout(
         height=min(900, side), margin=dict(l=8, r=8, t=30, b=8), clickmode="event+select", dragmode=False,
-        xaxis=dict(title="predicted", side="top", fixedrange=True, type="category"),
-        yaxis=dict(title="true", autorange="reversed", fixedrange=True, type="category"),
+        xaxis=dict(title="predicted", side="top", fixedrange=True, type="category", automargin=True),
+        yaxis=dict(title="true", autorange="reversed", fixedrange=True, type="category", automargin=True),
     )
     return fig
 
@@ -703,9 +703,9 @@ def contrast_image(contrast: np.ndarray, image: Image.Image | None = None, alpha
 # Files: CSVs and a self-contained HTML report
 
 
-def _fmt(value) -> str:
+def _fmt(value, digits: int = 6) -> str:
     if isinstance(value, (float, np.floating)):
-        return "" if not np.isfinite(value) else f"{float(value):.6g}"
+        return "" if not np.isfinite(value) else f"{float(value):.{digits}g}"
     return str(value)
 
 
@@ -771,7 +771,7 @@ def _html_table(header: list[str], rows: list[list]) -> str:
     from html import escape
 
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(v, 3))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -787,7 +787,7 @@ h1{margin-bottom:4px} .muted{color:#666} table{border-collapse:collapse;margin:8
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;font-size:14px} th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left} .gallery{display:flex;flex-wrap:wrap;gap:14px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px}
-.card img{width:150px;height:150px;image-rendering:pixelated;margin-right:4px}
+.card img{width:128px;height:128px;margin-right:4px}
 .note{background:#fff6e5;border-left:4px solid #e4a72e;padding:8px 12px}
 """
 
