@@ -165,21 +165,27 @@ def shortcut_callout(result: evaluate.EvalResult, bundle) -> None:
         (st.warning if errors >= 0.5 else st.caption)(where)
         return
     cls = s["class"]
-    marked = "marked" in result.dataset
-    if marked:
+    if "marked" in result.dataset:
         text = (f"With the mark on every image, **{s['called_c']:.0%}** of the other shapes "
                 f"({s['n_called_c']} of {s['n_others']}) are called **{cls}**")
         if s["n_called_c"]:
-            text += (f", and for **{s['on_mark_called_c']:.0%}** of those {title} of the predicted class "
-                     f"peaks on the mark: the model answers '{cls}' from the corner, not from the shape.")
+            text += (f"; for **{s['on_mark_called_c']:.0%}** of those, {title} of the predicted class peaks "
+                     "on the mark")
+        text += ". " + where
+        if s["called_c"] >= 0.5:
+            st.warning(text + f" The model answers '{cls}' from the corner, not from the shape.",
+                       icon=":material/warning:")
         else:
-            text += "."
-        st.warning(text + " " + where, icon=":material/warning:")
-    else:
-        st.warning(f"On clean images (no mark) the model gets **{s['class_accuracy']:.0%}** of the **{cls}** "
-                   f"images right: it learned the mark rather than the shape. " + where + " Choose "
-                   f"*{SOURCES['shapes+mark']}* to see what it does when the mark is there.",
+            st.info(text, icon=":material/info:")
+        return
+    text = (f"On clean images (no mark) the model gets **{s['class_accuracy']:.0%}** of the **{cls}** images "
+            f"right, against **{s['others_accuracy']:.0%}** for the other classes")
+    hint = f" Choose *{SOURCES['shapes+mark']}* to see what it does when the mark is there."
+    if s["class_accuracy"] < s["others_accuracy"] - 0.2:
+        st.warning(text + f": without the mark it does not recognise a {cls}. " + where + hint,
                    icon=":material/warning:")
+    else:
+        st.info(text + ". " + where + hint, icon=":material/info:")
 
 
 def error_list(result: evaluate.EvalResult, names: list[str]):

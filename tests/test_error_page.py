@@ -165,3 +165,18 @@ def test_not_a_zip_is_refused():
     at = run_page(ea_source="zip")
     at.file_uploader(key="ea_zip").set_value(("x.zip", b"definitely not a zip", "application/zip")).run()
     assert any("not a readable zip" in e.value for e in at.error)
+
+
+@pytest.mark.skipif("shapes_shortcut" not in vislib.list_models(), reason="shapes_shortcut is not bundled yet")
+def test_shortcut_model_as_a_new_user_sees_it():
+    """Pick the shortcut model and the marked split: the page says, in measured numbers, that other
+    shapes are called 'star' and that the maps peak on the mark; on the clean split it reports the
+    star accuracy against the others. The numbers themselves are checked in test_evaluate.py."""
+    at = run_page("shapes_shortcut", ea_source="shapes+mark", ea_limit=200)
+    assert not at.exception
+    text = " ".join(w.value for w in [*at.warning, *at.info])
+    assert "are called **star**" in text and "peaks on the **mark corner**" in text
+    assert any("trained with a shortcut" in e.label for e in at.expander)
+    at.radio(key="ea_source").set_value("shapes").run()
+    text = " ".join(w.value for w in [*at.warning, *at.info])
+    assert "On clean images (no mark)" in text

@@ -321,7 +321,7 @@ def test_shortcut_summary_by_hand():
     card = {"notes": "SHORTCUT: in training, every 'star' image and no other carries a mark."}
     s = evaluate.shortcut_summary(result, card)
     assert evaluate.shortcut_class(card) == "star" and evaluate.shortcut_class({"notes": "clean"}) is None
-    assert s["class"] == "star" and s["class_accuracy"] == 1.0
+    assert s["class"] == "star" and s["class_accuracy"] == 1.0 and s["others_accuracy"] == 0.25
     assert s["called_c"] == pytest.approx(3 / 4) and (s["n_called_c"], s["n_others"]) == (3, 4)
     assert s["on_mark_called_c"] == pytest.approx(2 / 3)  # images 2, 3 of 2, 3, 4
     assert s["on_mark_all"] == pytest.approx(3 / 6) and s["on_mark_errors"] == pytest.approx(2 / 3)

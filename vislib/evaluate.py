@@ -542,8 +542,9 @@ def shortcut_summary(result: EvalResult, card: dict | None = None, method: str |
 
     ``on_mark_all`` / ``on_mark_errors``: share of the images (all / misclassified) whose map (the
     first method's unless ``method``) peaks on the reference box. With a card naming the mark's class
-    c: ``class_accuracy`` (accuracy on images of c), ``called_c`` (share of the other images predicted
-    c) and ``on_mark_called_c`` (share of those whose map peaks on the box). NaN where undefined.
+    c: ``class_accuracy`` / ``others_accuracy`` (accuracy on the images of c / of the other classes),
+    ``called_c`` (share of the other images predicted c) and ``on_mark_called_c`` (share of those
+    whose map peaks on the box). NaN where undefined.
     """
     method = method or result.methods[0]
     wrong = result.misclassified()
@@ -559,6 +560,7 @@ def shortcut_summary(result: EvalResult, card: dict | None = None, method: str |
         out.update({
             "class": cls,
             "class_accuracy": float(result.correct[own].mean()) if own.any() else float("nan"),
+            "others_accuracy": float(result.correct[others].mean()) if others.any() else float("nan"),
             "called_c": float(len(called) / others.sum()) if others.any() else float("nan"),
             "n_called_c": int(len(called)), "n_others": int(others.sum()),
             "on_mark_called_c": result.reference_share(method, called) if len(called) else float("nan"),
