@@ -399,10 +399,7 @@ def section_sanity(bundle, digest, data, layer, target) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="learn_sanity_table")
     st.caption("A map that becomes flat (e.g. all zero after Grad-CAM's ReLU) has no ranking left: its ρ "
                "counts as 0. A method whose curve stays near 1 shows the image, not the network.")
-    finals = {m: check.steps[-1].spearman[m] for m in methods}
-    low, high = min(finals, key=finals.get), max(finals, key=finals.get)
-    st.markdown(f"With every layer re-initialised, **{title(high)}** keeps ρ = {finals[high]:.2f} with its "
-                f"trained map, **{title(low)}** ρ = {finals[low]:.2f}.")
+    st.markdown(lessons.sanity_sentence(check, titles=title))
 
 
 # --------------------------------------------------------------------------------------------------

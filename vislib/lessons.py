@@ -727,3 +727,21 @@ def coverage_sentence(study: MultiInstanceStudy, a: str = "gradcam", b: str = "g
     else:
         verdict = f"{tb} and {ta} cover the same number of instances"
     return f"On these {len(study.images)} images, {verdict} ({cb} vs {ca} of {n})."
+
+
+def sanity_sentence(check: SanityCheck, titles=None) -> str:
+    """What the cascade shows, in words, from its own numbers: the methods ranked by ρ after the top
+    layer alone and after every layer (never assumed)."""
+    name = titles or (lambda m: m)
+
+    def ranked(step: int) -> str:
+        values = check.steps[step].spearman
+        order = sorted(values, key=values.get, reverse=True)
+        return ", ".join(f"{name(m)} {values[m]:.2f}" for m in order)
+
+    if len(check.steps) < 2:
+        return "This model has no layer to re-initialise."
+    text = f"Re-initialising only the top layer (`{check.units[0]}`) leaves ρ = {ranked(1)}."
+    if len(check.steps) > 2:
+        text += f" With all {len(check.units)} layers re-initialised: {ranked(-1)}."
+    return text
