@@ -372,8 +372,8 @@ def section_sanity(bundle, digest, data, layer, target) -> None:
         bar.empty()
         _sanity_cache(key, _result=check)
     k_max = len(check.units)
-    step = st.slider("Layers re-initialised (from the top)", 0, k_max, k_max, key="learn_sanity_step",
-                     help=" → ".join(check.units))
+    step = st.slider("Layers re-initialised (from the top)", 0, k_max, min(1, k_max), key="learn_sanity_step",
+                     help="Step through the cascade: " + " → ".join(check.units))
     metric = st.radio("Similarity", list(lessons.SANITY_METRICS), key="learn_sanity_metric", horizontal=True,
                       format_func=lessons.SANITY_METRICS.get)
     done = ", ".join(f"`{u}`" for u in check.units[:step]) or "none"
