@@ -379,6 +379,21 @@ def test_cli_writes_tables_and_an_offline_report(tiny_registered, folder_zip, tm
     assert "broken" not in err or "note:" in err
 
 
+def test_cli_reads_a_folder_on_disk(tiny_registered, tmp_path, capsys):
+    for k, c in enumerate(("circle", "square")):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "data" / c / f"{i}.png").write_bytes(png(10 * k + i))
+    (tmp_path / "data" / "unicorn").mkdir()
+    (tmp_path / "data" / "unicorn" / "u.png").write_bytes(png(99))
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", str(tmp_path / "data"), "--model", tiny_registered, "--curves", "0",
+                     "--gallery", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: Folders that match no class of the model, skipped: 'unicorn' (1 files)" in err
+    assert json.loads((out / "summary.json").read_text())["images"] == 6
+
+
 @pytest.mark.parametrize("args, message", [
     (["nowhere"], "no such folder or zip file"),
     (["shapes", "--methods", "nosuch"], "unknown method"),
