@@ -27,7 +27,7 @@ from PIL import Image
 from . import metrics
 from .datasets import Batch, ImageSet
 from .errors import InputError, MethodError
-from .explain import _compute_resilient, _Job, explain, parse_methods
+from .explain import _compute_resilient, _Job, device_slot, explain, parse_methods
 from .hooks import capture_layer, resolve_layer
 from .models import ModelBundle, Preprocess
 
@@ -324,7 +324,8 @@ def explain_batch(bundle, inputs, names, layer, target, cancel, notes: list[str]
     normalisation and out-of-memory recovery. Returns the batch's maps, flat flags, probabilities
     and targets (numpy, batch first)."""
     job = _Job(names=list(names), layer=layer, score="logit", options={}, progress=None, cancel=cancel)
-    part = _compute_resilient(bundle, inputs, target, job)
+    with device_slot(bundle.device):  # as explain(): a bounded number of explanations per GPU
+        part = _compute_resilient(bundle, inputs, target, job)
     notes += [n for n in job.notes if n not in notes]
     return part
 
