@@ -157,6 +157,8 @@ def add_evaluate_parser(sub, default_model: str) -> None:
     ev.add_argument("--no-confidence", action="store_true", help="skip Average Drop / Increase in Confidence")
     ev.add_argument("--gallery", type=int, default=24, help="misclassified images shown in the report")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; on a busy shared CPU, 1 is often fastest)")
     ev.add_argument("--out", required=True, help="output folder")
 
 
@@ -166,10 +168,14 @@ def _evaluate(args) -> int:
     from .hooks import resolve_layer
     from .models import load_model
 
-    for name in ("limit", "batch_size", "curves", "gallery"):
+    for name in ("limit", "batch_size", "curves", "gallery", "threads"):
         value = getattr(args, name)
-        if value is not None and (value < 0 or (value == 0 and name in ("limit", "batch_size"))):
+        if value is not None and (value < 0 or (value == 0 and name in ("limit", "batch_size", "threads"))):
             raise VislibError(f"--{name.replace('_', '-')} must be a positive number")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .explain import parse_methods
 
     methods = parse_methods(args.methods)
