@@ -28,9 +28,8 @@ TIMEOUT = 180
 SECTION_TITLES = ["1 · Grad-CAM step by step", "2 · CAM and Grad-CAM", "3 · Gradient, Deconvnet, guided backprop",
                   "4 · Several objects: Grad-CAM++ vs Grad-CAM", "5 · Sanity check: randomise the network",
                   "6 · When to trust which method"]
-BUNDLED = {"shapes_resnet", "shapes_zf"}
-needs_bundled = pytest.mark.skipif(not BUNDLED <= set(vislib.list_models()),
-                                   reason="bundled models shapes_resnet and shapes_zf not installed (assets/models)")
+needs_resnet = pytest.mark.skipif("shapes_resnet" not in vislib.list_models(),
+                                  reason="bundled model shapes_resnet not installed (assets/models)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,13 +101,13 @@ def test_every_section_renders_on_any_model():
     assert any("after 3 re-initialised" in c for image in at.image for c in image.captions)
 
 
-@needs_bundled
+@needs_resnet
 def test_numbers_on_the_bundled_models_match_vislib():
     data = sample_png(0)
     at = open_page("shapes_resnet", data)
     assert not at.exception
     assert [h.value for h in at.header] == SECTION_TITLES
-    resnet, zf = vislib.load_model("shapes_resnet"), vislib.load_model("shapes_zf")
+    resnet = vislib.load_model("shapes_resnet")
     image = vislib.load_image(data)
 
     # 1 · the last step is explain()'s Grad-CAM
@@ -127,9 +126,13 @@ def test_numbers_on_the_bundled_models_match_vislib():
     np.testing.assert_allclose(table["w_ck (linear layer)"], w[table["channel k"]], rtol=1e-6)
     np.testing.assert_allclose(table["Z·α_k"], w[table["channel k"]], rtol=1e-4, atol=1e-7)
     # … and CAM refused on the ZF-style model, with vislib's own message
-    with pytest.raises(vislib.MethodError) as refused:
-        vislib.explain(zf, image, ["cam"])
-    assert [e.value for e in at.error] == [str(refused.value)]
+    if "shapes_zf" in vislib.list_models():
+        with pytest.raises(vislib.MethodError) as refused:
+            vislib.explain(vislib.load_model("shapes_zf"), image, ["cam"])
+        assert [e.value for e in at.error] == [str(refused.value)]
+    else:
+        assert not at.error
+        assert any("shapes_zf) is not installed" in i.value for i in at.info)
 
     # 4 · coverage counts as computed directly (page defaults: 24 images, mean ≥ 0.5 × max)
     study = lessons.multi_instance_study(resnet, range(24), threshold=0.5, statistic="mean")
