@@ -415,6 +415,22 @@ def test_cli_refuses_a_zip_with_traversal(tiny_registered, tmp_path, capsys):
     assert "unsafe path" in capsys.readouterr().err
 
 
+def test_fast_shapes_inputs_equal_the_preprocessing_path():
+    """At the model's own size the shapes arrays are normalised in one vectorised step: the same
+    tensor as the input view → to_input path, masks unchanged."""
+    from vislib.models import Preprocess
+
+    pre = Preprocess(resize=128, crop=128, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    bundle = vislib.load_model(GapNet(), preprocess=pre, labels=LABELS, default_layer="features", device="cpu")
+    images = datasets.open_dataset("shapes", LABELS, limit=12)
+    rows = list(range(len(images)))
+    batch = images.load(rows)
+    fast, masks = evaluate.to_inputs(bundle, batch, rows)
+    slow = bundle.to_input([bundle.input_view(images.image(i)) for i in rows])
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+    assert np.array_equal(masks, batch.masks)
+
+
 def test_batched_input_views_equal_the_per_image_inverse_normalisation(tiny):
     """vislib.explain builds the views of a tensor batch at once (a speed change for evaluation)."""
     x = torch.randn(5, 3, 16, 16)
