@@ -168,6 +168,9 @@ def test_shapes_split_maps_classes_by_name_and_is_cached(tmp_path, monkeypatch):
     datasets._RENDERED.clear()  # from the cache file now
     again = datasets.open_dataset("shapes", LABELS, limit=10)
     assert np.array_equal(np.asarray(again.image(1)), np.asarray(sample.image))
+    datasets._RENDERED.clear()
+    datasets.open_dataset("shapes", LABELS, limit=30)  # more images: the smaller file is replaced
+    assert [p.name.rsplit("-", 1)[1] for p in tmp_path.glob("shapes-test-clean-*.npz")] == ["30.npz"]
     marked = datasets.open_dataset("shapes+mark", LABELS, limit=4)
     x0, y0, x1, y1 = shapes.MARK_BOX
     assert (np.asarray(marked.image(0))[y0:y1, x0:x1] == np.asarray(shapes.apply_mark(

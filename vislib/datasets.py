@@ -490,6 +490,7 @@ def render_shapes(split: str = "test", stop: int | None = None, *, mark: bool = 
     else:
         value = _render(split, stop, mark, progress)
         _store(folder / f"{tag}-{stop}.npz", *value)
+        _prune(folder, split, mark, keep=folder / f"{tag}-{stop}.npz")
     with _RENDER_LOCK:
         _RENDERED.clear()  # keep one rendering in memory
         _RENDERED[key] = value
@@ -522,6 +523,18 @@ def _store(path: Path, images, labels, masks) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _prune(folder: Path, split: str, mark: bool, keep: Path) -> None:
+    """Remove this split's older cache files (another generator version, or fewer images)."""
+    if not keep.is_file():
+        return
+    for path in folder.glob(f"shapes-{split}-{'marked' if mark else 'clean'}-*.npz"):
+        if path != keep:
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 class ShapesImages(ImageSet):
