@@ -152,3 +152,29 @@ def test_threads_get_their_single_thread_results_and_leave_the_model_clean(gap):
     assert not errors, errors[:3]
     assert not mismatches, mismatches[:5]
     assert_untouched(gap.model, before)
+
+
+def test_gpu_slots_bound_concurrent_explanations_and_report_waiting(monkeypatch):
+    """At most VISLIB_GPU_SLOTS explanations hold the GPU; a waiting one is told so (on_wait)."""
+    import threading
+
+    explain_module = importlib.import_module("vislib.explain")
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(explain_module, "GPU_SLOTS", slots)
+    cuda = torch.device("cuda")
+    waited = []
+    with explain_module.device_slot(cuda):
+        holder_inside = threading.Event()
+
+        def second():
+            with explain_module.device_slot(cuda, on_wait=lambda: waited.append(True)):
+                holder_inside.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        assert not holder_inside.wait(0.3)  # blocked while the slot is taken
+    t.join(5)
+    assert holder_inside.is_set() and waited == [True]
+    with explain_module.device_slot(torch.device("cpu"), on_wait=lambda: waited.append("cpu")):
+        pass  # the CPU takes no slot
+    assert waited == [True]

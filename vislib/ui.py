@@ -418,7 +418,12 @@ def compute_view(
             if progress is not None:
                 progress(done, total, _label)
 
-        explain_kw = dict(target=target, score=score, options=options, progress=report, cancel=cancel)
+        def waiting() -> None:
+            if progress is not None:
+                progress(0, 0, "waiting for a free GPU slot (other explanations are running)")
+
+        explain_kw = dict(target=target, score=score, options=options, progress=report, cancel=cancel,
+                          on_wait=waiting)
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled by the caller")
         found, errors = {}, {}
@@ -479,7 +484,10 @@ class BackgroundJob:
 
     def _progress(self, done: int, total: int, text: str = "") -> None:
         self.fraction = min(1.0, max(0.0, done / total)) if total else 0.0
-        self.text = f"{text}: {done}/{total}" if text else f"{done}/{total}"
+        if not total:  # a status message (e.g. waiting for the GPU), not a count
+            self.text = text
+        else:
+            self.text = f"{text}: {done}/{total}" if text else f"{done}/{total}"
 
     def _run(self) -> None:
         try:
