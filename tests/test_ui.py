@@ -303,11 +303,14 @@ def test_signal_views(gap_bundle, image):
 def test_topk_figure_and_bar_selection():
     top = [(5, "cat", 0.6), (2, "dog", 0.3), (9, "fox", 0.1)]
     fig = ui.topk_figure(top, target=2)
-    bar = fig.data[0]
-    assert list(bar.customdata) == [9, 2, 5]  # drawn bottom-up: the top class ends up on top
+    track, bar = fig.data
+    classes = [c for c, _ in bar.customdata]
+    assert classes == [9, 2, 5]  # drawn bottom-up: the top class ends up on top
     assert list(bar.x) == [0.1, 0.3, 0.6]
-    highlighted = [c for c, col in zip(bar.customdata, bar.marker.color, strict=True) if col == "#e4572e"]
+    highlighted = [c for c, col in zip(classes, bar.marker.color, strict=True) if col == "#e4572e"]
     assert highlighted == [2]
+    # every class keeps a full-width clickable track, however small its probability
+    assert [c for c, _ in track.customdata] == classes and set(track.x) == {fig.layout.xaxis.range[1]}
     assert fig.layout.xaxis.range[1] == pytest.approx(0.75)
     # Streamlit's selection event: points carry customdata (or only their index in the trace)
     assert ui.class_from_selection({"selection": {"points": [{"customdata": 2, "point_index": 1}]}}) == 2

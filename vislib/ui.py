@@ -615,20 +615,26 @@ def topk_figure(top: Sequence[tuple[int, str, float]], target: int | None):
     top = list(top)[::-1]  # plotly draws the first bar at the bottom
     labels = [f"{label} " for _, label, _ in top]
     colours = ["#e4572e" if idx == target else "#7a9cc6" for idx, _, _ in top]
-    fig = go.Figure(go.Bar(
-        x=[p for _, _, p in top], y=labels, orientation="h", marker_color=colours,
-        customdata=[idx for idx, _, _ in top], text=[f"{p:.1%}" for _, _, p in top],
-        textposition="outside", cliponaxis=False,
-        hovertemplate="%{y}: %{x:.2%}<br>class %{customdata}<extra>click to explain</extra>",
-    ))
     top_p = max((p for _, _, p in top), default=1.0)
     span = min(1.0, 1.25 * top_p) or 1.0
+    hover = "%{y}: %{customdata[1]:.2%}<br>class %{customdata[0]}<extra>click to explain</extra>"
+    customdata = [[idx, p] for idx, _, p in top]
+    # A faint full-width track behind every bar: a confident model leaves the other bars a few pixels
+    # (or zero) wide, and the track keeps each class clickable.
+    track = go.Bar(x=[span] * len(top), y=labels, orientation="h", customdata=customdata,
+                   marker_color="rgba(122, 156, 198, 0.10)", hovertemplate=hover, showlegend=False)
+    bars = go.Bar(
+        x=[p for _, _, p in top], y=labels, orientation="h", marker_color=colours, customdata=customdata,
+        text=[f"{p:.1%}" for _, _, p in top], textposition="outside", cliponaxis=False,
+        hovertemplate=hover, showlegend=False,
+    )
+    fig = go.Figure([track, bars])
     tickformat = ".0%" if span >= 0.05 else ".1%" if span >= 0.005 else ".2%"
     fig.update_layout(
         height=60 + 34 * max(1, len(top)), margin=dict(l=8, r=48, t=8, b=8), showlegend=False,
         xaxis=dict(range=[0, span], tickformat=tickformat, title=None, fixedrange=True),
         yaxis=dict(fixedrange=True, automargin=True), clickmode="event+select", dragmode=False,
-        bargap=0.25,
+        bargap=0.25, barmode="overlay",
     )
     return fig
 
