@@ -38,21 +38,30 @@ def test_reproduces_model_card_accuracy_on_fixed_subset(bundle):
     assert accuracy == pytest.approx(subset["accuracy"], abs=1.5 / len(samples))
 
 
-def test_gradcam_peak_lands_inside_the_object(bundle):
-    """Pointing game on single-object test images, with the image-centre baseline beside it."""
-    samples = [shapes.make_sample("test", i) for i in range(200)]
+def test_gradcam_points_at_the_object(bundle):
+    """Pointing game on single-object test images, with the image-centre baseline beside it.
+
+    Two readings are measured: the pointing game of Zhang et al. 2016 as defined in METHODS.md (the
+    map's maximum within 15 px of the object at 224 px, scaled to this 128-px input: 9 px), which
+    must reach 0.9; and the strict one (the maximum on an object pixel), which is printed and must
+    beat the centre baseline. Grad-CAM of a GAP network peaks on the shapes' edges and corners, and
+    the centre of a ring is its hole, so the strict reading stays lower (figures in the model card).
+    """
+    from vislib import metrics
+
+    samples = [shapes.make_sample("test", i) for i in range(300)]
     result = vislib.explain(bundle, [s.image for s in samples], methods=["gradcam"],
                             target=[s.label for s in samples])
-    hits, centre_hits = [], []
-    size = shapes.IMAGE_SIZE
-    for sample, heat in zip(samples, result.maps["gradcam"], strict=True):
-        y, x = np.unravel_index(np.argmax(heat), heat.shape)
-        hits.append(bool(sample.mask[y, x]))
-        centre_hits.append(bool(sample.mask[size // 2, size // 2]))
-    rate, centre = float(np.mean(hits)), float(np.mean(centre_hits))
-    print(f"Grad-CAM pointing: {rate:.3f}; image-centre baseline: {centre:.3f}")
-    assert rate >= 0.9
-    assert rate > centre + 0.3
+    masks = np.stack([s.mask for s in samples])
+    hits = metrics.pointing_hits(result.maps["gradcam"], masks, flat=result.flat["gradcam"])
+    strict = metrics.pointing_hits(result.maps["gradcam"], masks, tolerance=0, flat=result.flat["gradcam"])
+    centre = metrics.centre_hits(masks)
+    centre_strict = metrics.centre_hits(masks, tolerance=0)
+    print(f"Grad-CAM pointing game {hits.mean():.3f} (centre baseline {centre.mean():.3f}); "
+          f"strictly inside the mask {strict.mean():.3f} (centre {centre_strict.mean():.3f})")
+    assert hits.mean() >= 0.9
+    assert hits.mean() > centre.mean() + 0.3
+    assert strict.mean() > centre_strict.mean() + 0.2
 
 
 def test_sample_images_are_bundled():
