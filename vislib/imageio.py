@@ -77,7 +77,7 @@ def decode_image_bytes(data: bytes, *, name: str = "image") -> Image.Image:
             raise InputError(f"{name}: not a supported image (allowed: {allowed})") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{name}: the image file is broken or truncated ({exc})") from None
-    return _to_rgb(img, name=name)
+    return _to_rgb(img, name=name, owned=True)
 
 
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -102,12 +102,16 @@ def _check_geometry(img: Image.Image, name: str) -> None:
         raise InputError(f"{name}: {width}×{height} is too elongated (aspect ratio above {MAX_ASPECT:g}:1)")
 
 
-def _to_rgb(img: Image.Image, *, name: str = "image") -> Image.Image:
+def _to_rgb(img: Image.Image, *, name: str = "image", owned: bool = False) -> Image.Image:
+    """RGB version of ``img``; ``owned``: ``img`` was decoded here, so it may be changed in place."""
     _check_geometry(img, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = ImageOps.exif_transpose(img)
+            if owned:
+                ImageOps.exif_transpose(img, in_place=True)
+            else:
+                img = ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF must not stop a good image
         pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -124,7 +128,7 @@ def _to_rgb(img: Image.Image, *, name: str = "image") -> Image.Image:
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, NEUTRAL_BACKGROUND + (255,))
             img = Image.alpha_composite(background, rgba)
-        return img.convert("RGB")
+        return img if img.mode == "RGB" and owned else img.convert("RGB")
     except (OSError, ValueError) as exc:
         raise InputError(f"{name}: cannot convert an image of mode {img.mode} to RGB ({exc})") from None
 
@@ -138,4 +142,4 @@ def _from_array(arr: np.ndarray) -> Image.Image:
         if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
             arr = arr * 255.0
         arr = np.clip(arr, 0, 255).round().astype(np.uint8)
-    return _to_rgb(Image.fromarray(arr))
+    return _to_rgb(Image.fromarray(arr), owned=True)
