@@ -80,12 +80,12 @@ MARK_BOX: tuple[int, int, int, int] = (4, 4, 10, 10)
 
 _LABEL_SEED = 7_919  # extra seed word for the per-block label permutations
 _RADIUS = (14.0, 34.0)  # circumradius range (px) of normal objects
-_SMALL_RADIUS = (7.0, 10.0)  # ... of "small" hard cases
+_SMALL_RADIUS = (8.0, 11.0)  # ... of "small" hard cases
 _MULTI_RADIUS = (10.0, 20.0)  # ... of multi-instance objects
 _MIN_CONTRAST = 0.35  # RGB distance between object and local background, normal case
-_LOW_CONTRAST = (0.07, 0.13)  # ... for "low_contrast" hard cases
+_LOW_CONTRAST = (0.10, 0.18)  # ... for "low_contrast" hard cases
 _MIN_VISIBLE = 0.85  # share of the object that ordinary clutter may leave visible
-_OCCLUDED_VISIBLE = (0.45, 0.75)  # visible share targeted by "occluded" hard cases
+_OCCLUDED_VISIBLE = (0.5, 0.8)  # visible share targeted by "occluded" hard cases
 
 Box = tuple[int, int, int, int]
 
@@ -209,9 +209,9 @@ def _shape_sdf(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if name == "circle":
         return rho - 0.95
     if name == "ring":
-        return np.abs(rho - 0.72) - 0.28
+        return np.abs(rho - 0.68) - 0.32
     if name == "crescent":
-        return np.maximum(rho - 1.0, 0.8 - np.sqrt((u - 0.5) ** 2 + v * v))
+        return np.maximum(rho - 1.0, 0.75 - np.sqrt((u - 0.55) ** 2 + v * v))
     if name == "cross":
         return _polygon_sdf(u, v, _cross_polygon())
     if name == "star":
