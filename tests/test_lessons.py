@@ -216,18 +216,38 @@ def test_multi_instance_study_refuses_a_model_of_other_classes(gap):
 # Cascading randomisation
 
 
+class _ZFStyle(torch.nn.Module):
+    """conv/ReLU/pool stages with a norm after one conv, then two fully connected layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1 = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+        self.relu1, self.pool1 = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+        self.conv2, self.relu2 = torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 8), torch.nn.Linear(8, 2)
+
+
+def _covers_every_parameter_once(model, units) -> bool:
+    owned = [id(p) for unit in units for name in unit for p in model.get_submodule(name).parameters()]
+    return sorted(owned) == sorted(id(p) for p in model.parameters())
+
+
 def test_randomisation_units_follow_the_architecture():
     from torchvision.models import resnet18
 
     from vislib.nets import ShapesResNet, ShapesZFNet
 
-    assert lessons.randomisation_units(ShapesZFNet()) == [["conv1"], ["conv2"], ["conv3"], ["fc1"], ["fc2"]]
-    assert lessons.randomisation_units(ShapesResNet()) == [["stem.0", "stem.1"], ["layer1"], ["layer2"],
-                                                           ["layer3"], ["fc"]]
+    zf = _ZFStyle()
+    assert lessons.randomisation_units(zf) == [["conv1", "norm1"], ["conv2"], ["fc1"], ["fc2"]]
     units = lessons.randomisation_units(resnet18(weights=None))
     assert units[0] == ["conv1", "bn1"] and units[1] == ["layer1.0"] and units[-1] == ["fc"]
-    assert len(units) == 2 + 8
+    assert len(units) == 2 + 8  # the stem, eight residual blocks, the head
     assert lessons.randomisation_units(GapNet()) == [["features.0"], ["features.2"], ["fc"]]
+    for model in (zf, resnet18(weights=None), GapNet(), ShapesResNet(), ShapesZFNet()):
+        units = lessons.randomisation_units(model)
+        assert _covers_every_parameter_once(model, units)
+    assert lessons.randomisation_units(ShapesResNet())[-1] == ["fc"]
+    assert lessons.randomisation_units(ShapesZFNet())[-1] == ["fc2"]
 
 
 def test_cascade_runs_on_a_private_copy_and_matches_an_independent_recomputation(gap, image):
