@@ -136,7 +136,8 @@ def _deconv_forward(bundle, module: nn.Module, x: torch.Tensor, *, rule="deconvn
     """Forward with a ReLU rule, recording the layer's output with its graph: (x leaf, A, state)."""
     x = x.detach().requires_grad_(True)
     capture = capture_layer(module, keep_graph=True)
-    with bundle.lock, capture as captured, relu_rule(rule, linearize_pools=linearize) as state:
+    rules = relu_rule(rule, linearize_pools=linearize, frozen_norms=True)
+    with bundle.lock, capture as captured, rules as state:
         with torch.enable_grad():
             bundle.model(x)
     if captured.activation is None:

@@ -64,6 +64,7 @@ class ReluRule:
     rule: str = "gradient"
     count: int = 0
     linearize_pools: bool = False
+    frozen_norms: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -118,6 +119,23 @@ def _pool_args(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     return input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
 
 
+def _local_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                         use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Instance norm with its per-image statistics held constant (``frozen_norms``).
+
+    The statistics couple every output to every input pixel, so a gradient probe through a real
+    instance norm would call the whole image the receptive field; the geometric receptive field is
+    that of the per-pixel affine map the layer applies for this image."""
+    dims = tuple(range(2, input.dim()))
+    mean = input.mean(dim=dims, keepdim=True).detach()
+    var = input.var(dim=dims, unbiased=False, keepdim=True).detach()
+    out = (input - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        shape = (1, -1) + (1,) * len(dims)
+        out = out * weight.view(shape) + bias.view(shape)
+    return out
+
+
 class _ReluRuleMode(TorchFunctionMode):
     """Redirects ReLUs (and, for receptive fields, max-pools) of the current thread's forward."""
 
@@ -132,6 +150,8 @@ class _ReluRuleMode(TorchFunctionMode):
             if x.requires_grad and torch.is_grad_enabled():
                 self.state.count += 1
                 return _RuleReLU.apply(x, self.state, inplace)
+        elif self.state.frozen_norms and func is F.instance_norm:
+            return _local_instance_norm(*args, **kwargs)
         elif self.state.linearize_pools and func in _MAXPOOL_FUNCS:
             x, k, stride, pad, dilation, ceil, indices = _pool_args(*args, **kwargs)
             if not indices and dilation in (1, (1, 1), [1, 1]):
@@ -140,14 +160,17 @@ class _ReluRuleMode(TorchFunctionMode):
 
 
 @contextmanager
-def relu_rule(rule: str = "gradient", *, linearize_pools: bool = False) -> Iterator[ReluRule]:
+def relu_rule(rule: str = "gradient", *, linearize_pools: bool = False,
+              frozen_norms: bool = False) -> Iterator[ReluRule]:
     """Apply a ReLU backward rule to every ReLU of forward passes run in this thread inside the block.
 
     The yielded :class:`ReluRule` stays bound to the graph built in the block: set ``state.rule``
     before each ``torch.autograd.grad`` call to backpropagate the same forward with another rule.
-    ``linearize_pools`` (receptive-field probes only) also turns max-pools into average pools.
+    ``linearize_pools`` (receptive-field probes only) also turns max-pools into average pools;
+    ``frozen_norms`` holds instance-norm statistics constant, so that a signal projected down stays
+    inside the geometric receptive field (Zeiler & Fergus projections, receptive-field probes).
     """
-    state = ReluRule(rule, linearize_pools=linearize_pools)
+    state = ReluRule(rule, linearize_pools=linearize_pools, frozen_norms=frozen_norms)
     with _ReluRuleMode(state):
         yield state
 
