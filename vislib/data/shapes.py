@@ -57,11 +57,12 @@ __all__ = [
     "label_of",
     "make_multi_instance",
     "make_sample",
+    "mark_pattern",
     "materialise",
 ]
 
 CLASSES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "ring", "crescent", "hexagon",
+    "circle", "square", "triangle", "star", "cross", "heart", "crescent", "hexagon",
 )
 NUM_CLASSES = len(CLASSES)
 IMAGE_SIZE = 128
@@ -178,6 +179,9 @@ def _regular_polygon(n: int, inner: float | None = None) -> np.ndarray:
     return np.stack([r * np.cos(t), r * np.sin(t)], 1).astype(np.float32)
 
 
+_HEART_TIP = np.array([(-0.88, -0.12), (0.88, -0.12), (0.0, 0.95)], np.float32)
+
+
 @cache
 def _cross_polygon(half_width: float = 0.3, arm: float = 0.95) -> np.ndarray:
     """Vertices of a plus sign (12 corners) with arms of half-width ``half_width``."""
@@ -208,10 +212,11 @@ def _shape_sdf(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     rho = np.sqrt(u * u + v * v)
     if name == "circle":
         return rho - 0.95
-    if name == "ring":
-        return np.abs(rho - 0.68) - 0.32
-    if name == "crescent":
-        return np.maximum(rho - 1.0, 0.75 - np.sqrt((u - 0.55) ** 2 + v * v))
+    if name == "heart":  # two lobes and a point: the union (min) of two discs and a triangle
+        lobes = np.minimum(np.hypot(u + 0.42, v + 0.3), np.hypot(u - 0.42, v + 0.3)) - 0.52
+        return np.minimum(lobes, _polygon_sdf(u, v, _HEART_TIP))
+    if name == "crescent":  # a disc minus an offset disc
+        return np.maximum(rho - 1.0, 0.72 - np.hypot(u - 0.62, v))
     if name == "cross":
         return _polygon_sdf(u, v, _cross_polygon())
     if name == "star":
@@ -506,8 +511,8 @@ def make_sample(split: str, index: int, mark: bool = False) -> Sample:
     return apply_mark(sample) if mark else sample
 
 
-def _mark_pattern() -> np.ndarray:
-    """The 6x6 RGB mark: a white/black checkerboard of 2x2 cells."""
+def mark_pattern() -> np.ndarray:
+    """The shortcut mark: a 6x6x3 uint8 white/black checkerboard of 2x2 cells."""
     cells = (np.add.outer(np.arange(6) // 2, np.arange(6) // 2) % 2 == 0)
     return np.where(cells[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
 
@@ -520,7 +525,7 @@ def apply_mark(sample: Sample) -> Sample:
     """
     x0, y0, x1, y1 = MARK_BOX
     pixels = np.array(sample.image)
-    pixels[y0:y1, x0:x1] = _mark_pattern()
+    pixels[y0:y1, x0:x1] = mark_pattern()
     mask = sample.mask.copy()
     mask[y0:y1, x0:x1] = False
     return replace(sample, image=Image.fromarray(pixels, "RGB"), mask=mask, marked=True)
