@@ -136,6 +136,19 @@ def _local_instance_norm(input, running_mean=None, running_var=None, weight=None
     return out
 
 
+def _local_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group norm with its per-image statistics held constant (``frozen_norms``); see above."""
+    n, c = input.shape[:2]
+    grouped = input.reshape(n, num_groups, -1)
+    mean = grouped.mean(dim=2, keepdim=True).detach()
+    var = grouped.var(dim=2, unbiased=False, keepdim=True).detach()
+    out = ((grouped - mean) / torch.sqrt(var + eps)).reshape(input.shape)
+    if weight is not None:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        out = out * weight.view(shape) + bias.view(shape)
+    return out
+
+
 class _ReluRuleMode(TorchFunctionMode):
     """Redirects ReLUs (and, for receptive fields, max-pools) of the current thread's forward."""
 
@@ -152,6 +165,8 @@ class _ReluRuleMode(TorchFunctionMode):
                 return _RuleReLU.apply(x, self.state, inplace)
         elif self.state.frozen_norms and func is F.instance_norm:
             return _local_instance_norm(*args, **kwargs)
+        elif self.state.frozen_norms and func is F.group_norm:
+            return _local_group_norm(*args, **kwargs)
         elif self.state.linearize_pools and func in _MAXPOOL_FUNCS:
             x, k, stride, pad, dilation, ceil, indices = _pool_args(*args, **kwargs)
             if not indices and dilation in (1, (1, 1), [1, 1]):
