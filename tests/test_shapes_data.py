@@ -128,3 +128,54 @@ def test_dataset_view() -> None:
     image, label = dataset[7]
     assert image.shape == (3, 128, 128) and image.dtype == torch.uint8
     assert label == shapes.make_sample("test", 7).label
+
+
+# ------------------------------------------------------------------------------------------- nets
+
+
+def _calls_per_module(model: torch.nn.Module, x: torch.Tensor) -> Counter:
+    calls: Counter = Counter()
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: calls.update([n]))
+               for n, m in model.named_modules() if n]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["ShapesResNet", "ShapesZFNet"])
+def test_every_module_runs_once(arch: str) -> None:
+    from vislib.nets import ARCHITECTURES
+
+    model = ARCHITECTURES[arch]().eval()
+    calls = _calls_per_module(model, torch.zeros(1, 3, 128, 128))
+    assert calls and set(calls.values()) == {1}
+    assert len(calls) == len([n for n, _ in model.named_modules() if n])
+
+
+def test_resnet_layout_and_gap_head() -> None:
+    from vislib.nets import ShapesResNet
+
+    model = ShapesResNet(norm="instance").eval()
+    x = torch.randn(2, 3, 128, 128)
+    feats = model.features(x)
+    assert feats.shape == (2, 64, 16, 16)
+    expected = feats.mean((2, 3)) @ model.fc.weight.T + model.fc.bias  # GAP + one linear layer
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_resnet_maps_are_centred_on_the_pixel_grid() -> None:
+    """With left-right symmetric kernels the net is exactly mirror-equivariant only if every
+    downsampling keeps cell i centred on its input block (see vislib.nets._conv_bn)."""
+    from vislib.nets import ShapesResNet
+
+    torch.manual_seed(0)
+    model = ShapesResNet(norm="instance").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
+        x = torch.randn(1, 3, 128, 128)
+        assert torch.allclose(model.features(x.flip(-1)).flip(-1), model.features(x), atol=1e-5)

@@ -65,7 +65,7 @@ class Recipe:
     arch_kwargs: dict[str, object]
     default_layer: str
     description: str
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
