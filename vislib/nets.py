@@ -156,7 +156,7 @@ class ShapesZFNet(nn.Module):
 
     Layout at a 128x128 input (default arguments)::
 
-        conv1 5x5/2  relu1  pool1 3/2  norm1   -> 32x32
+        conv1 6x6/2  relu1  pool1 2/2  norm1   -> 32x32
         conv2 3x3    relu2  pool2 2/2  norm2   -> 16x16
         conv3 3x3    relu3                     -> 16x16   (default layer)
         pool3 2/2, flatten                     -> 8x8
@@ -166,7 +166,9 @@ class ShapesZFNet(nn.Module):
     normalisation of its feature maps (here instance norm, per image and channel);
     without it training stalls at chance level on the randomly coloured shapes. Every
     module has its own attribute, so any of them can be a target layer; ``relu3`` is the
-    last conv activation before the last max-pool.
+    last conv activation before the last max-pool. The even conv1 kernel (ZF used 7x7)
+    and the non-overlapping pools keep every map centred on the pixel grid, as in
+    :class:`ShapesResNet`.
 
     Args:
         num_classes: number of output logits.
@@ -186,9 +188,9 @@ class ShapesZFNet(nn.Module):
     ) -> None:
         super().__init__()
         c1, c2, c3 = widths
-        self.conv1 = nn.Conv2d(3, c1, 5, stride=2, padding=2)
+        self.conv1 = nn.Conv2d(3, c1, 6, stride=2, padding=2)
         self.relu1 = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.pool1 = nn.MaxPool2d(2)
         self.norm1 = nn.GroupNorm(c1, c1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.relu2 = nn.ReLU(inplace=True)
