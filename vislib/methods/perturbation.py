@@ -32,6 +32,7 @@ from torch import fx, nn
 from ..errors import LayerError, MethodError
 from ..hooks import capture_layer, resolve_layer, this_thread_only
 from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
+from .frozen import BatchForward
 from .registry import register_family
 
 SCORES = ("logit", "probability")
@@ -73,6 +74,7 @@ class Session:
         self.done = 0
         self.total = 0
         self._activation: torch.Tensor | None = None
+        self.forward_info: dict = {}  # how the last batch of model forwards ran (BatchForward.summary)
 
     def activation(self) -> torch.Tensor:
         """The target layer's activation N×C×h×w (float32, no graph)."""
@@ -119,25 +121,40 @@ class Session:
         score: str,
         batch_size: int,
         forward: Callable[[object], torch.Tensor] | None = None,
+        *,
+        fast_forward: object = "auto",
+        channels_last: bool = True,
     ) -> torch.Tensor:
         """Target scores of ``rows`` perturbed inputs, built and run ``batch_size`` at a time.
 
-        ``make_batch(start, stop)`` builds rows [start, stop) (by default an input batch for the
-        model; with ``forward`` anything that callable takes). ``targets``: one class per row.
+        ``make_batch(start, stop)`` builds rows [start, stop): by default input batches for the
+        model, run by a :class:`~vislib.methods.frozen.BatchForward` (eager, channels-last if asked,
+        or a frozen copy: ``fast_forward``), whose choice lands in :attr:`forward_info`; with
+        ``forward``, anything that callable takes. ``targets``: one class per row. The model's lock
+        is held for each batch's forward only.
         """
-        forward = forward or self.bundle.model
+        if forward is None:
+            runner = BatchForward(self.bundle.model, self.ctx.inputs, self.logits(), mode=fast_forward,
+                                  channels_last=channels_last, rows=rows, run_locked=self._locked)
+        else:
+            def runner(batch):
+                return self._locked(lambda: forward(batch))
         parts = []
         for start in range(0, rows, batch_size):
             stop = min(start + batch_size, rows)
             with torch.inference_mode():
-                batch = make_batch(start, stop)
-                with self.bundle.lock:
-                    logits = forward(batch)
+                logits = runner(make_batch(start, stop))
                 parts.append(class_scores(logits, targets[start:stop], score))
             self.advance(stop - start)
+        if isinstance(runner, BatchForward):
+            self.forward_info = runner.summary
         if not parts:
             return torch.zeros(0, device=self.device)
         return torch.cat(parts)
+
+    def _locked(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with self.bundle.lock:
+            return fn()
 
 
 class PerturbationMethod(Method):
@@ -179,6 +196,14 @@ class PerturbationMethod(Method):
     @property
     def channels_last(self) -> bool:
         return self.bool_option("channels_last", True)
+
+    @property
+    def fast_forward(self) -> object:
+        value = self.options.get("fast_forward", "auto")
+        if not (isinstance(value, bool) or value == "auto"):
+            raise MethodError(f"{self.name}: option 'fast_forward' must be 'auto', True or False, "
+                              f"not {value!r}")
+        return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +265,8 @@ class ScoreCAM(PerturbationMethod):
     slow = True
     title = "Score-CAM"
     paper = "Wang et al. 2020, Score-CAM: Score-Weighted Visual Explanations for CNNs"
-    options_allowed = ("batch_size", "channels_last", "skip", "align_corners", "top_k", "return_weights")
+    options_allowed = ("batch_size", "channels_last", "fast_forward", "skip", "align_corners", "top_k",
+                       "return_weights")
 
     def plan(self, session: Session) -> Plan:
         ctx = session.ctx
@@ -249,7 +275,7 @@ class ScoreCAM(PerturbationMethod):
         skip = self.bool_option("skip", True)
         align = self.bool_option("align_corners", False)
         top_k = self.int_option("top_k", None)
-        batch_size, channels_last = self.batch_size, self.channels_last
+        batch_size, channels_last, fast_forward = self.batch_size, self.channels_last, self.fast_forward
         flat = A.flatten(2)
         lo, hi = flat.amin(dim=2), flat.amax(dim=2)
         constant = hi == lo
@@ -279,11 +305,13 @@ class ScoreCAM(PerturbationMethod):
 
         def make_batch(start: int, stop: int) -> torch.Tensor:
             masks = upsampled_masks(feats_all[start:stop], size, align)
-            return memory_layout(ctx.inputs[owner_all[start:stop]] * masks.unsqueeze(1), channels_last)
+            return ctx.inputs[owner_all[start:stop]] * masks.unsqueeze(1)
 
         def run() -> tuple[torch.Tensor, dict]:
             targets = ctx.targets
-            row_scores = session.scores(len(feats_all), make_batch, targets[owner_all], ctx.score, batch_size)
+            row_scores = session.scores(len(feats_all), make_batch, targets[owner_all], ctx.score, batch_size,
+                                        fast_forward=fast_forward, channels_last=channels_last)
+            forward_info = dict(session.forward_info)
             scores = torch.full((n, c), float("-inf"), device=A.device)
             if zero_pass:
                 zero_scores = self._zero_image_scores(session, targets)
@@ -299,6 +327,7 @@ class ScoreCAM(PerturbationMethod):
                 "channels_skipped": int(considered.sum()) - evaluated,
                 "forwards": evaluated + int(zero_pass),
                 "batch_size": batch_size,
+                **forward_info,
                 "approximate": approximate,
                 "title": f"{self.title} (approximate: top {top_k} channels)" if approximate else self.title,
             }
@@ -659,7 +688,7 @@ class Occlusion(PerturbationMethod):
     slow = True
     title = "Occlusion"
     paper = "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks (§4.3)"
-    options_allowed = ("batch_size", "channels_last", "patch", "stride", "fill", "score")
+    options_allowed = ("batch_size", "channels_last", "fast_forward", "patch", "stride", "fill", "score")
     needs_activation = False
 
     def plan(self, session: Session) -> Plan:
@@ -685,18 +714,19 @@ class Occlusion(PerturbationMethod):
         def make_batch(start: int, stop: int) -> torch.Tensor:
             w = window[start:stop]
             mask = rows_y[:, w // grid_w].T.unsqueeze(2) * rows_x[:, w % grid_w].T.unsqueeze(1)
-            occluded = torch.where(mask.unsqueeze(1) > 0, fill, inputs[owner[start:stop]])
-            return memory_layout(occluded, self.channels_last)
+            return torch.where(mask.unsqueeze(1) > 0, fill, inputs[owner[start:stop]])
 
         def run() -> tuple[torch.Tensor, dict]:
             base = class_scores(session.logits(), ctx.targets, score)
-            occluded = session.scores(total, make_batch, ctx.targets[owner], score, self.batch_size)
+            occluded = session.scores(total, make_batch, ctx.targets[owner], score, self.batch_size,
+                                      fast_forward=self.fast_forward, channels_last=self.channels_last)
             drops = (base[owner] - occluded).view(n, grid_h, grid_w)
             summed = torch.einsum("yi,nij,xj->nyx", rows_y, drops, rows_x)
             counts = rows_y.sum(dim=1).view(-1, 1) * rows_x.sum(dim=1).view(1, -1)
             extra = {
                 "patch": patch, "stride": stride, "fill": fill_label, "score": score,
                 "windows": [grid_h, grid_w], "forwards": total, "batch_size": self.batch_size,
+                **session.forward_info,
             }
             return summed / counts, extra
 
