@@ -156,7 +156,7 @@ def test_auto_times_both_paths_then_keeps_one(monkeypatch):
     monkeypatch.setattr(frozen, "BUILD_WORTH_S", 0.0)  # build whatever the eager time
     monkeypatch.setattr(frozen, "_CACHE", frozen.weakref.WeakKeyDictionary())
     x = inputs(2)
-    batches = [inputs(4, seed) for seed in range(10, 16)]
+    batches = [inputs(4, seed) for seed in range(10, 18)]
     with torch.no_grad():
         runner = BatchForward(net, x, net(x), mode="auto", rows=4 * len(batches))
         expected = [net(b) for b in batches]
@@ -165,17 +165,28 @@ def test_auto_times_both_paths_then_keeps_one(monkeypatch):
         for batch, want in zip(batches, expected, strict=True):
             paths.append(runner.path)
             torch.testing.assert_close(runner(batch), want, rtol=1e-4, atol=1e-5)
-    assert paths[:3] == ["eager", "trial", "frozen"]  # eager timed, copy warmed up, copy timed
+    # eager timed twice, the copy built and warmed up, the copy timed twice, then one path kept
+    assert paths[:5] == ["eager", "eager", "trial", "frozen", "frozen"]
     assert runner.decided and "timed" in runner.reason
-    assert set(paths[3:]) == {runner.path}
+    assert set(paths[5:]) == {runner.path}
+    # a second call finds the copy and the eager timing in the cache: it times only the copy
+    with torch.no_grad():
+        again = BatchForward(net, x, net(x), mode="auto", rows=4 * len(batches))
+    paths = []
+    with torch.inference_mode():
+        for batch in batches[:4]:
+            paths.append(again.path)
+            again(batch)
+    assert paths[:3] == ["trial", "frozen", "frozen"] and again.decided
 
 
 def test_auto_keeps_eager_when_a_copy_cannot_pay_off():
     net = BnNet().eval()
     x = inputs(2)
     with torch.no_grad():
-        runner = BatchForward(net, x, net(x), mode="auto", rows=8)
+        runner = BatchForward(net, x, net(x), mode="auto", rows=12)
     with torch.inference_mode():
+        runner(inputs(4))
         runner(inputs(4))
     assert runner.decided and runner.path == "eager" and "take <" in runner.reason
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 BUILD_WORTH_S = 10.0  # "auto" builds a frozen copy only when the eager forwards still ahead take longer
+TIMED_BATCHES = 2  # batches timed on each path before "auto" settles
 TOLERANCE = 1e-4  # relative gap allowed between frozen and eager logits (batch-norm folding rounds)
 
 
@@ -116,7 +117,7 @@ class BatchForward:
         self.decided = mode is False or inputs.device.type != "cpu"
         if inputs.device.type != "cpu" and mode is not False:
             self.reason = "the frozen copy is used on the CPU only"
-        self.timed: dict[str, float] = {}
+        self.timed: dict[str, list[float]] = {}
         if not self.decided:
             self._start()
 
@@ -161,28 +162,32 @@ class BatchForward:
         self.rows_left -= rows
         if self.decided or self.rows_left <= 0:
             return
-        per_row = seconds / rows
         if path == "trial":  # the copy's first batch runs TorchScript's optimisation: time the next
             self.path = "frozen"
             return
-        self.timed[path] = per_row
-        if self.entry is not None:
-            self.entry.per_row_s.setdefault(shape, {})[path] = per_row
+        runs = self.timed.setdefault(path, [])
+        runs.append(seconds / rows)
+        if len(runs) < TIMED_BATCHES:  # the best of a few batches: one can be slowed by other work
+            return
+        best = min(runs)
         if self.entry is None:  # eager timed; build a copy only if it can pay off
-            if per_row * self.rows_left < BUILD_WORTH_S:
+            if best * self.rows_left < BUILD_WORTH_S:
                 self._settle("eager", f"eager forwards left take < {BUILD_WORTH_S:g} s")
                 return
             self._adopt(cached_frozen(self.model, self.inputs))
+        known = self.entry.per_row_s.setdefault(shape, {}) if self.entry is not None else {}
+        known[path] = min(best, known.get(path, best))
+        if self.decided or self.path == "trial":
             return
-        if "eager" not in self.timed:
-            known = self.entry.per_row_s.get(shape, {}).get("eager")
-            if known is None:
-                self.path = "eager"
-                return
-            self.timed["eager"] = known
-        faster = "frozen" if self.timed["frozen"] < self.timed["eager"] else "eager"
-        ratio = self.timed["eager"] / self.timed["frozen"]
-        self._settle(faster, f"timed: the frozen copy takes {1 / ratio:.2f}× eager's time per input")
+        if "eager" not in known:
+            self.path = "eager"
+            return
+        if path == "eager" and "frozen" not in self.timed:
+            self.path = "frozen"
+            return
+        ratio = known["frozen"] / known["eager"]
+        self._settle("frozen" if ratio < 1 else "eager",
+                     f"timed: the frozen copy takes {ratio:.2f}× eager's time per input")
 
     # ------------------------------------------------------------------ running
 
