@@ -5,6 +5,7 @@ Examples::
     python -m benchmarks.run --quick                    # CI smoke: a couple of minutes on 2 CPU cores
     python -m benchmarks.run                            # resnet50 + shapes_resnet, batch 1 and 16
     python -m benchmarks.run --methods gradcam,gradcam++ --batches 1 --no-scaling
+    python -m benchmarks.run --scorecam                 # Score-CAM head to head: resnet50 layer4, batch 1
 
 resnet50 runs with random weights unless ``--pretrained`` finds torchvision's checkpoint in the local
 cache (nothing is ever downloaded): timing does not depend on the weights. Results go to
@@ -48,6 +49,14 @@ QUICK = {
         "ablationcam": {"batch_size": 64},
     },
 }
+# --scorecam: Score-CAM on resnet50 layer4 (2048 channels), batch 1, against the peers; one call each
+# (the first, so our time includes building the frozen copy), no row budget to stop it. shapes_resnet
+# adds the agreement on a trained model, whose channel softmax is far from uniform.
+SCORECAM = {
+    "models": ["resnet50", "shapes_resnet"], "methods": ["scorecam"], "batches": [1], "repeats": 1,
+    "warmup": 0, "budget": 3600.0, "peer_batches": None, "no_scaling": True, "peer_single_call": True,
+    "scaling_model": "resnet50", "scaling_batches": [1], "scaling_sizes": [224], "options": {},
+}
 FULL = {
     "scaling_model": "resnet50", "options": {},
     "models": ["resnet50", "shapes_resnet"], "batches": [1, 16], "repeats": 3, "warmup": 1, "budget": 30.0,
@@ -67,6 +76,8 @@ def _names(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke settings (< 2 minutes on 2 CPU cores)")
+    p.add_argument("--scorecam", action="store_true",
+                   help="Score-CAM head to head: resnet50 layer4, batch 1 (about 15 minutes on 2 CPU cores)")
     p.add_argument("--models", type=_names,
                    help="comma-separated models, NAME or NAME@SIDE (default resnet50,shapes_resnet)")
     p.add_argument("--methods", type=_names, help="comma-separated vislib methods (default: all registered)")
@@ -89,9 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--options", type=json.loads,
                    help='per-method options as JSON, e.g. \'{"smoothgrad": {"n_samples": 10}}\'')
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = QUICK if args.quick else SCORECAM if args.scorecam else FULL
     for key, value in preset.items():
-        if getattr(args, key) is None:
+        current = getattr(args, key, None)
+        if current is None or current is False:  # not given (a flag left off); an explicit 0 stays
             setattr(args, key, value)
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -147,7 +159,7 @@ def main(argv=None) -> int:
     config = BenchConfig(
         batches=args.batches, repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
         methods=args.methods, peers=not args.no_peers, peer_batches=args.peer_batches, size=args.size,
-        options=args.options, log=log,
+        options=args.options, log=log, peer_single_call=getattr(args, "peer_single_call", False),
     )
     try:
         config.method_names()

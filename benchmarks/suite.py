@@ -34,6 +34,7 @@ from .measure import (
 )
 from .reference import PAPER_FORMULAS, paper_maps
 
+ROW_EXTRAS = ("channels", "channels_skipped", "forwards", "forward", "forward_why", "path", "approximate")
 SIX_CAMS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 ALL_CAMS_ROW = "all six CAMs"
 PROMISE_RATIO = 1.3  # the six CAMs together cost at most this many forward passes
@@ -53,6 +54,7 @@ class BenchConfig:
     peer_batches: Sequence[int] | None = None  # None: the same as ``batches``
     size: int | None = None  # input side; None: the model's own input size
     options: dict[str, dict] = field(default_factory=dict)  # per-method options, mirrored by the peers
+    peer_single_call: bool = False  # True: a peer's first call is its only sample (long methods)
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
 
@@ -190,6 +192,9 @@ def run_ours(bundle, inputs, targets, methods: list[str], refs: dict, config: Be
             row.update(status="error", message=str(exc))
             return row, None
     row.update(_timing_fields(forward, timing, refs, probe.result))
+    if len(methods) == 1:
+        extras = explanation.extras.get(methods[0], {})
+        row["extras"] = {k: extras[k] for k in ROW_EXTRAS if k in extras}
     return row, explanation
 
 
@@ -234,9 +239,10 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
             out = run()
             sync(bundle.device)
             first = time.perf_counter() - start
-        if first > config.budget_s / 2 and ours_row.get("runs_s"):
+        if (first > config.budget_s / 2 or config.peer_single_call) and ours_row.get("runs_s"):
             n = len(inputs)
-            timing = Timing(batch=n, runs=[first], warmup=0, note="single call: over half the budget")
+            why = "single call" if config.peer_single_call else "single call: over half the budget"
+            timing = Timing(batch=n, runs=[first], warmup=0, note=why)
             mine = Timing(batch=n, runs=ours_row["runs_s"], warmup=0, note="from our row (unpaired)")
         else:
             mine, timing, out = time_paired(ours_call, run, device=bundle.device, batch=len(inputs),

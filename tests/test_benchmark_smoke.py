@@ -138,6 +138,28 @@ def test_promise_verdict_is_the_paired_ratio_against_the_target():
     assert all(c["target"] == suite.PROMISE_RATIO == 1.3 for c in checks)
 
 
+def test_backprop_and_scorecam_promises():
+    """Backprop rows against 1.1× forward + backward; Score-CAM against the *fastest* peer, and only
+    when every peer's map agrees with ours at ρ ≥ 0.999."""
+    rows = [{"method": "gradient", "batch": 1, "status": "ok", "x_fwd_bwd": 1.05},
+            {"method": "guided_backprop", "batch": 16, "status": "ok", "x_fwd_bwd": 1.12},
+            {"method": "gradcam", "batch": 1, "status": "ok", "x_fwd_bwd": 0.5}]
+    peers = [{"method": "scorecam", "batch": 1, "status": "ok", "library": "slow", "per_image_s": 400.0,
+              "x_ours": 3.0, "rho_ours": 0.9999},
+             {"method": "scorecam", "batch": 1, "status": "ok", "library": "fast", "per_image_s": 300.0,
+              "x_ours": 2.1, "rho_ours": 0.9995}]
+    run = {"model": "resnet50", "device": "cpu", "input": [3, 224, 224], "all_cams": [], "rows": rows,
+           "peers": peers}
+    checks = report.evaluate_promises({"runs": [run]})
+    assert [(c["what"].split(",")[0], c["met"]) for c in checks] == [
+        ("gradient", True), ("guided_backprop", False), ("scorecam", True)]
+    assert checks[-1]["ratio"] == 2.1 and "fast" in checks[-1]["what"]
+    peers[0]["rho_ours"] = 0.99  # one peer disagrees: the promise is not met whatever the speed
+    assert not report.evaluate_promises({"runs": [run]})[-1]["met"]
+    text = "\n".join(report.promise_lines({"promises": checks}))
+    assert "**MISSED**" in text and "≥ 2× faster at ρ ≥ 0.999" in text
+
+
 def test_scaling_points_and_plot(bundle, tmp_path):
     config = BenchConfig(repeats=1, warmup=0)
     data = suite.scaling(bundle, batches=[1, 2], sizes=[SIDE, 40], config=config)
