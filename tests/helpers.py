@@ -11,6 +11,19 @@ from vislib.models import Preprocess
 PLAIN = Preprocess(resize=16, crop=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
+class Counter(nn.Module):
+    """Identity that counts the images the eager model sees (a Python side effect: neither a hook nor
+    something a TorchScript trace records, so a frozen copy's forwards leave it unchanged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return x
+
+
 class GapNet(nn.Module):
     """conv → ReLU → conv → ReLU (target ``features``) → GAP → linear: CAM applies exactly."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from helpers import Counter, assert_untouched, snapshot
 from torch import nn
 
 import vislib
@@ -15,19 +15,6 @@ from vislib.methods.frozen import BatchForward, build_frozen, cached_frozen
 
 SIZE = 16
 PLAIN = vislib.Preprocess(resize=SIZE, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-class Counter(nn.Module):
-    """Identity that counts the images the *eager* model sees (a Python side effect, which a trace
-    does not record: a frozen copy's forwards leave it unchanged)."""
-
-    def __init__(self):
-        super().__init__()
-        self.images = 0
-
-    def forward(self, x):
-        self.images += x.shape[0]
-        return x
 
 
 class BnNet(nn.Module):

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_untouched, snapshot
+from helpers import Counter, assert_untouched, snapshot
 from torch import nn
 
 import vislib
@@ -16,18 +16,6 @@ from vislib.methods.perturbation import eigen_cam, trace_head, upsampled_masks, 
 
 SIZE = 8
 PLAIN = vislib.Preprocess(resize=SIZE, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-class Counter(nn.Module):
-    """Identity that counts the images it sees (a plain module, not a hook)."""
-
-    def __init__(self):
-        super().__init__()
-        self.images = 0
-
-    def forward(self, x):
-        self.images += x.shape[0]
-        return x
 
 
 class ChannelNet(nn.Module):
