@@ -168,15 +168,20 @@ def test_receptive_field_of_torchvision_resnet_stem():
         assert features.receptive_field(bundle, layer, (10, 5)) == (top, left, bottom, right)
 
 
-def test_zf_style_net_receptive_fields_and_projections():
-    """ShapesZFNet (random weights): conv 5/2 → pool 3/2 → conv 3 → pool 2 → conv 3 → relu3."""
+@pytest.mark.parametrize("layer", ["relu3", "relu6"])
+def test_zf_style_net_receptive_fields_and_projections(layer):
+    """ShapesZFNet (random weights): conv 6/2 → pool 2 → conv 3, conv 3 (relu3) → pool 2 → conv 3,
+    conv 3 → pool 2 → conv 3 (relu6)."""
     nets = pytest.importorskip("vislib.nets")
     torch.manual_seed(5)
-    net = nets.ShapesZFNet(widths=(8, 12, 16), hidden=16, input_size=64)
+    net = nets.ShapesZFNet(widths=(8, 8, 12, 12, 16, 16), hidden=16, input_size=64)
     bundle = load_model(net, preprocess=Preprocess(resize=64, crop=64), device="cpu")
     x = torch.randn(3, 64, 64)
-    chain = [(5, 2, 2), (3, 2, 1), (3, 1, 1), (2, 2, 0), (3, 1, 1)]
-    tops = features.top_channels(bundle, x, "relu3", n=5)
+    conv, pool = (3, 1, 1), (2, 2, 0)
+    chain = [(6, 2, 2), pool, conv, conv]
+    if layer == "relu6":
+        chain += [pool, conv, conv, pool, conv]
+    tops = features.top_channels(bundle, x, layer, n=5)
     assert len(tops) == 5
     for t in tops:
         i, j = t.position

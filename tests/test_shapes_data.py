@@ -166,8 +166,9 @@ def test_resnet_layout_and_gap_head() -> None:
     assert torch.allclose(model(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, layer", [("ShapesResNet", "layer3"), ("ShapesZFNet", "relu3")])
-def test_maps_are_centred_on_the_pixel_grid(arch: str, layer: str) -> None:
+@pytest.mark.parametrize("arch, layer, side", [("ShapesResNet", "layer3", 16), ("ShapesZFNet", "relu5", 16),
+                                              ("ShapesZFNet", "relu6", 8)])
+def test_maps_are_centred_on_the_pixel_grid(arch: str, layer: str, side: int) -> None:
     """With left-right symmetric kernels a net is exactly mirror-equivariant only if every
     downsampling keeps cell i centred on its input block (see vislib.nets._conv_bn)."""
     from vislib.nets import ARCHITECTURES
@@ -183,5 +184,27 @@ def test_maps_are_centred_on_the_pixel_grid(arch: str, layer: str) -> None:
         x = torch.randn(1, 3, 128, 128)
         model(x)
         model(x.flip(-1))
-    assert captured[0].shape[-1] == 16
+    assert captured[0].shape[-1] == side
     assert torch.allclose(captured[1].flip(-1), captured[0], atol=1e-5)
+
+
+def test_zf_layout_and_position_shared_head() -> None:
+    """Max-pool stages down to a 4x4 map, a two-layer FC head (so not CAM's GAP + linear), and
+    an fc1 that starts as global average pooling + a linear layer (see ShapesZFNet)."""
+    from vislib.nets import ShapesZFNet
+
+    torch.manual_seed(0)
+    model = ShapesZFNet().eval()
+    assert [n for n, m in model.named_children() if isinstance(m, torch.nn.MaxPool2d)] == [
+        "pool1", "pool2", "pool3", "pool4"]
+    assert all(isinstance(getattr(model, f"relu{k}"), torch.nn.ReLU) for k in range(1, 7))
+    captured: dict[str, torch.Tensor] = {}
+    for name in ("relu6", "pool4"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: captured.update({n: o.clone()}))
+    x = torch.randn(2, 3, 128, 128)
+    logits = model(x)
+    assert captured["relu6"].shape == (2, 96, 8, 8) and captured["pool4"].shape == (2, 96, 4, 4)
+    weight = model.fc1.weight.view(model.fc1.out_features, 96, 16)
+    assert torch.allclose(weight, weight[:, :, :1].expand_as(weight))  # shared over the 16 positions
+    hidden = captured["pool4"].mean((2, 3)) @ (weight[:, :, 0] * 16).T + model.fc1.bias
+    assert torch.allclose(logits, model.fc2(torch.relu(hidden)), atol=1e-5)

@@ -156,23 +156,43 @@ class ShapesZFNet(nn.Module):
 
     Layout at a 128x128 input (default arguments)::
 
-        conv1 6x6/2  relu1  pool1 2/2  norm1   -> 32x32
-        conv2 3x3    relu2  pool2 2/2  norm2   -> 16x16
-        conv3 3x3    relu3                     -> 16x16   (default layer)
-        pool3 2/2, flatten                     -> 8x8
+        conv1 6x6/2  norm1 relu1                            -> 64x64
+        pool1 2/2                                           -> 32x32
+        conv2 3x3  norm2 relu2   conv3 3x3  norm3 relu3     -> 32x32
+        pool2 2/2                                           -> 16x16
+        conv4 3x3  norm4 relu4   conv5 3x3  norm5 relu5     -> 16x16
+        pool3 2/2                                           -> 8x8
+        conv6 3x3  norm6 relu6                              -> 8x8   (default layer)
+        pool4 2/2, flatten                                  -> 4x4
         fc1  relu_fc1  dropout  fc2
 
-    As in ZF's layers 1 and 2, each of the first two stages ends in a contrast
-    normalisation of its feature maps (here instance norm, per image and channel);
-    without it training stalls at chance level on the randomly coloured shapes. Every
-    module has its own attribute, so any of them can be a target layer; ``relu3`` is the
-    last conv activation before the last max-pool. The even conv1 kernel (ZF used 7x7)
-    and the non-overlapping pools keep every map centred on the pixel grid, as in
-    :class:`ShapesResNet`.
+    ``relu6`` is the last conv activation before the last max-pool; ``relu5`` is the last
+    16x16 one. Every module has its own attribute and runs once, so any of them can be a
+    target layer. The even conv1 kernel (ZF used 7x7) and the non-overlapping pools keep
+    every map centred on the pixel grid, as in :class:`ShapesResNet`. The head flattens
+    the 4x4 map (no global pooling), so CAM does not apply.
+
+    Training notes (shapes data, 2 CPU cores):
+
+    * each conv is followed by instance norm (``GroupNorm(c, c)``, per image and channel,
+      a contrast normalisation in the spirit of ZF's layers 1-2) before its ReLU, as in the
+      bundled ShapesResNet; two 3x3 convs per stage (VGG-like) give ``relu5`` a 60 px
+      receptive field, enough to see a whole shape. With one conv per stage (a 36 px
+      field at the last conv) training stayed at chance level.
+    * ``fc1`` starts *position-shared* (:meth:`init_fc1_position_shared`): each hidden
+      unit weighs a channel equally at all 4x4 positions, so at initialisation the head
+      is global average pooling + MLP. With a random position-specific ``fc1``, the
+      gradient that reaches a conv filter is a random mix over positions, which averages
+      out for objects at random places: training stayed at chance for 500+ steps, while a
+      similar stack with a GAP head left the plateau after ~250. The shared start alone
+      was not enough under Adam (whose per-weight steps of size ~lr soon swamp fc1's
+      small shared weights); the training recipe also gives fc1 a 1/16 learning rate (one
+      position's share), and then training leaves the plateau after ~400-600 steps, with
+      fc1 learning position-specific weights from there.
 
     Args:
         num_classes: number of output logits.
-        widths: output channels of conv1..conv3.
+        widths: output channels of conv1..conv6.
         hidden: width of fc1.
         dropout: dropout probability before fc2.
         input_size: input side, used to size fc1.
@@ -181,35 +201,56 @@ class ShapesZFNet(nn.Module):
     def __init__(
         self,
         num_classes: int = 8,
-        widths: Sequence[int] = (32, 64, 64),
+        widths: Sequence[int] = (16, 32, 32, 64, 64, 96),
         hidden: int = 256,
         dropout: float = 0.5,
         input_size: int = 128,
     ) -> None:
         super().__init__()
-        c1, c2, c3 = widths
-        self.conv1 = nn.Conv2d(3, c1, 6, stride=2, padding=2)
+        if len(widths) != 6:
+            raise ValueError("need six widths, for conv1..conv6")
+        if input_size % 32:
+            raise ValueError("input_size must be a multiple of 32")
+        self.conv1 = nn.Conv2d(3, widths[0], 6, stride=2, padding=2, bias=False)
+        self.norm1 = nn.GroupNorm(widths[0], widths[0])
         self.relu1 = nn.ReLU(inplace=True)
         self.pool1 = nn.MaxPool2d(2)
-        self.norm1 = nn.GroupNorm(c1, c1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.pool2 = nn.MaxPool2d(2)
-        self.norm2 = nn.GroupNorm(c2, c2)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
-        self.relu3 = nn.ReLU(inplace=True)
-        self.pool3 = nn.MaxPool2d(2)
+        pools = {3: "pool2", 5: "pool3", 6: "pool4"}  # the max-pool after conv k
+        for k in range(2, 7):
+            c_in, c_out = widths[k - 2], widths[k - 1]
+            self.add_module(f"conv{k}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+            self.add_module(f"norm{k}", nn.GroupNorm(c_out, c_out))
+            self.add_module(f"relu{k}", nn.ReLU(inplace=True))
+            if k in pools:
+                self.add_module(pools[k], nn.MaxPool2d(2))
         self.flatten = nn.Flatten(1)
-        side = input_size // 16
-        self.fc1 = nn.Linear(c3 * side * side, hidden)
+        self.positions = (input_size // 32) ** 2
+        self.fc1 = nn.Linear(widths[-1] * self.positions, hidden)
         self.relu_fc1 = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_fc1_position_shared()
+
+    @torch.no_grad()
+    def init_fc1_position_shared(self) -> None:
+        """Set ``fc1`` to global average pooling followed by a default-initialised
+        ``Linear(channels, hidden)``: ``W[h, c, p] = w[h, c] / positions``."""
+        hidden, channels = self.fc1.out_features, self.fc1.in_features // self.positions
+        shared = nn.Linear(channels, hidden)
+        self.fc1.weight.copy_((shared.weight[:, :, None] / self.positions)
+                              .expand(-1, -1, self.positions).reshape(hidden, -1))
+        self.fc1.bias.copy_(shared.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(self.pool1(self.relu1(self.conv1(x))))
-        x = self.norm2(self.pool2(self.relu2(self.conv2(x))))
-        x = self.pool3(self.relu3(self.conv3(x)))
+        x = self.pool1(self.relu1(self.norm1(self.conv1(x))))
+        x = self.relu2(self.norm2(self.conv2(x)))
+        x = self.pool2(self.relu3(self.norm3(self.conv3(x))))
+        x = self.relu4(self.norm4(self.conv4(x)))
+        x = self.pool3(self.relu5(self.norm5(self.conv5(x))))
+        x = self.pool4(self.relu6(self.norm6(self.conv6(x))))
         return self.fc2(self.dropout(self.relu_fc1(self.fc1(self.flatten(x)))))
 
 

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,9 @@ class Recipe:
             every class) or ``"none"``.
         shortcut_class: if set, train samples of this class (and only those) carry the mark.
         notes: free text for the card.
+        lr_scales: learning-rate multipliers by module name (e.g. ``{"fc1": 1 / 16}``): that
+            module's parameters get ``lr * scale`` (peak of the same one-cycle schedule).
+            Empty (the default): one parameter group, as for the ResNets.
     """
 
     architecture: str
@@ -74,6 +77,7 @@ class Recipe:
     shortcut_class: str | None = None
     notes: str = ""
     seed: int = 0
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -88,14 +92,19 @@ RECIPES: dict[str, Recipe] = {
     ),
     "shapes_zf": Recipe(
         architecture="ShapesZFNet",
-        arch_kwargs={"num_classes": 8, "widths": [32, 64, 64], "hidden": 256, "dropout": 0.5,
-                     "input_size": 128},
-        default_layer="relu3",
+        arch_kwargs={"num_classes": 8, "widths": [16, 32, 32, 64, 64, 96], "hidden": 256,
+                     "dropout": 0.2, "input_size": 128},
+        default_layer="relu6",
         description="Zeiler & Fergus style net (conv/ReLU/max-pool stages, fully connected "
                     "head) trained on the synthetic shapes dataset.",
+        epochs=7,
         lr=2e-3,
-        notes="No GAP head, so CAM does not apply; gradient CAMs, Deconvnet and guided "
-              "backprop do. relu3 (16x16) is the last conv activation before the last max-pool.",
+        lr_scales={"fc1": 1 / 16},
+        notes="No GAP head (fc1 reads the flattened 4x4 map), so CAM does not apply; gradient "
+              "CAMs, Deconvnet and guided backprop do. relu6 (8x8) is the last conv activation "
+              "before the last max-pool, relu5 the last 16x16 one. fc1 starts position-shared "
+              "(equal to global average pooling + MLP) and learns at lr/16: with a random fc1 "
+              "training stayed at chance level (vislib.nets.ShapesZFNet).",
     ),
     "shapes_shortcut": Recipe(
         architecture="ShapesResNet",
@@ -166,6 +175,17 @@ def build_model(recipe: Recipe) -> nn.Module:
     return ARCHITECTURES[recipe.architecture](**recipe.arch_kwargs)
 
 
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """AdamW parameter groups: one per entry of ``recipe.lr_scales``, then the rest."""
+    groups, taken = [], set()
+    for name, scale in recipe.lr_scales.items():
+        params = list(model.get_submodule(name).parameters())
+        taken.update(id(p) for p in params)
+        groups.append({"params": params, "lr": recipe.lr * scale})
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    return [*groups, {"params": rest, "lr": recipe.lr}]
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
@@ -177,10 +197,16 @@ def train(
     """Train in place with AdamW + one-cycle LR; return the wall time in seconds."""
     generator = torch.Generator().manual_seed(recipe.seed)
     steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr,
-                                  weight_decay=recipe.weight_decay)
+    if recipe.lr_scales:
+        groups = param_groups(model, recipe)
+        optimiser = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        max_lr: float | list[float] = [g["lr"] for g in groups]
+    else:
+        optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr,
+                                      weight_decay=recipe.weight_decay)
+        max_lr = recipe.lr
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+        optimiser, max_lr=max_lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
         pct_start=recipe.warmup,
     )
     model.to(memory_format=torch.channels_last).train()
@@ -371,6 +397,7 @@ def model_card(name: str, recipe: Recipe, mean: list[float], std: list[float],
                    "schedule": f"OneCycleLR(pct_start={recipe.warmup}), stepped per batch",
                    "augment": recipe.augment if recipe.shortcut_class is None else
                    f"{recipe.augment}; mark on every train '{recipe.shortcut_class}'",
+                   **({"lr_scales": recipe.lr_scales} if recipe.lr_scales else {}),
                    "train_seconds": round(train_seconds, 1), "torch": torch.__version__.split("+")[0]},
         "metrics": metrics,
         "notes": _notes(recipe, extra),
