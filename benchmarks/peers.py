@@ -75,6 +75,7 @@ class PeerMethod:
     make: Adapter
     note: str = ""
     passes: Callable[[PeerSetup], tuple[int, str]] = one_pass
+    differs: str = ""  # how the peer's definition differs from our default (its ρ then says so)
 
 
 def _channel_passes(s: PeerSetup) -> tuple[int, str]:
@@ -291,7 +292,7 @@ PEER_METHODS: list[PeerMethod] = [
     PeerMethod("pytorch-grad-cam", "LayerCAM", "layercam", _pgc_cam("LayerCAM")),
     PeerMethod("pytorch-grad-cam", "HiResCAM", "hirescam", _pgc_cam("HiResCAM")),
     PeerMethod("pytorch-grad-cam", "ScoreCAM", "scorecam", _pgc_cam("ScoreCAM"), SCORECAM_NOTE,
-               _channel_passes),
+               _channel_passes, differs="align_corners=True upsampling"),
     PeerMethod("pytorch-grad-cam", "AblationCAM", "ablationcam", _pgc_cam("AblationCAM"), ABLATION_PGC,
                _channel_passes),
     PeerMethod("pytorch-grad-cam", "EigenCAM", "eigencam", _pgc_cam("EigenCAM"), EIGENCAM_PGC),

@@ -162,21 +162,24 @@ def evaluate_promises(results: dict) -> list[dict]:
 
 
 def _scorecam_promise(run: dict, where: str) -> list[dict]:
+    """Speed against the fastest peer; agreement with every peer that defines Score-CAM as our default
+    does (a peer with another upsampling convention is reported, not held against the promise)."""
     peers = [p for p in run.get("peers", [])
              if p["method"] == "scorecam" and p["batch"] == 1 and p["status"] == "ok"]
     if not peers:
         return []
     fastest = min(peers, key=lambda p: p["per_image_s"])
-    rhos = [p.get("rho_ours") for p in peers]
-    agree = all(r is not None and r >= SCORECAM_RHO for r in rhos)
+    same = [p.get("rho_ours") for p in peers if not p.get("differs")]
+    agree = bool(same) and all(r is not None and r >= SCORECAM_RHO for r in same)
     speedup = fastest["x_ours"]
+    rhos = ", ".join(f"{p['library']} " + ("–" if p.get("rho_ours") is None else f"{p['rho_ours']:.4f}")
+                     + (f" ({p['differs']})" if p.get("differs") else "") for p in peers)
     return [{
         "what": f"scorecam, {where} batch 1 on {run['device']}, against the fastest peer "
                 f"({fastest['library']}, {fastest['per_image_s']:.1f} s)",
         "model": run["model"], "device": run["device"], "batch": 1,
         "ratio": speedup, "target": SCORECAM_SPEEDUP, "met": speedup >= SCORECAM_SPEEDUP and agree,
-        "measured": f"{speedup:.2f}× faster, ρ with the peers "
-                    + ", ".join("–" if r is None else f"{r:.4f}" for r in rhos),
+        "measured": f"{speedup:.2f}× faster; ρ with {rhos}",
         "target_text": f"≥ {SCORECAM_SPEEDUP:.0f}× faster at ρ ≥ {SCORECAM_RHO}",
     }]
 

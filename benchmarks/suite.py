@@ -213,7 +213,7 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
     A first call longer than half the budget is the peer's only sample.
     """
     row = _row_base(method=peer.ours, library=peer.library, peer=peer.peer_name, batch=len(inputs),
-                    note=peer.note)
+                    note=peer.note, differs=peer.differs)
     if ours_row.get("status") == "estimated":
         row.update(status="skipped", message="ours was over the row budget; the peer needs as many passes")
         return row

@@ -156,6 +156,8 @@ def test_backprop_and_scorecam_promises():
     assert checks[-1]["ratio"] == 2.1 and "fast" in checks[-1]["what"]
     peers[0]["rho_ours"] = 0.99  # one peer disagrees: the promise is not met whatever the speed
     assert not report.evaluate_promises({"runs": [run]})[-1]["met"]
+    peers[0]["differs"] = "align_corners=True upsampling"  # ... unless it defines the map otherwise
+    assert report.evaluate_promises({"runs": [run]})[-1]["met"]
     text = "\n".join(report.promise_lines({"promises": checks}))
     assert "**MISSED**" in text and "≥ 2× faster at ρ ≥ 0.999" in text
 
