@@ -101,7 +101,7 @@ def cached_frozen(model: nn.Module, example: torch.Tensor, *, build: bool = True
 
 class BatchForward:
     """Runs perturbed input batches through the model: eager (optionally channels-last) or a frozen
-    copy, whichever the mode and (in ``"auto"``) a timing of one batch each way choose.
+    copy, whichever the mode and (in ``"auto"``) timing two batches each way choose.
 
     ``inputs`` and ``logits``: the unperturbed batch and the eager model's logits on it, against
     which a frozen copy is checked before it is used. ``rows``: how many perturbed inputs will be
