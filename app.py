@@ -11,7 +11,7 @@ import time
 import streamlit as st
 
 import vislib
-from pages.common import image_picker, keep_state, model_picker, nav, show_error
+from pages.common import Miss, cached_or_run, image_picker, keep_state, model_picker, nav, show_error
 from vislib import ui
 from vislib.render import COLORMAPS, to_png_bytes
 
@@ -22,15 +22,11 @@ state = st.session_state
 TOP_CLASS = -1  # the class picker's "explain the predicted class" entry
 
 
-class _Miss(Exception):
-    """Raised inside the cached lookup so that nothing is stored for an unknown key."""
-
-
 @st.cache_data(max_entries=24, ttl=3600, show_spinner=False)
 def _view_cache(key: str, _result: ui.ViewResult | None = None) -> ui.ViewResult:
     """Results keyed by SHA-256(image bytes + every parameter); called with ``_result`` to store."""
     if _result is None:
-        raise _Miss
+        raise Miss
     return _result
 
 
@@ -59,50 +55,10 @@ def load_url_state() -> None:
         state["source"], state["sample"] = "Sample", parsed.sample
 
 
-def _stop(key: str) -> None:
-    state["_stopped"] = key
-
-
 def _pick_bar(classes: list[int]) -> None:
     chosen = ui.class_from_selection(state.get("topk_chart"), classes)
     if chosen is not None:
         state["target"] = chosen
-
-
-def compute(key: str, job_fn) -> tuple[ui.ViewResult | None, bool]:
-    """(result, from cache): the cached result, or ``job_fn`` run in a worker with a progress bar
-    and a Stop button.
-
-    When the script is interrupted (a widget changed, Stop pressed), ``finally`` cancels the job
-    and waits for it: vislib unwinds its hooks, so the next run finds the model clean.
-    """
-    try:
-        return _view_cache(key), True
-    except _Miss:
-        pass
-    if state.get("_stopped") == key:
-        st.warning("Stopped before it finished. Change a setting, or compute it again.",
-                   icon=":material/stop_circle:")
-        if not st.button("Compute again", icon=":material/refresh:"):
-            return None, False
-        state.pop("_stopped", None)
-    job = ui.BackgroundJob(job_fn).start()
-    slot, bar = st.empty(), None
-    try:
-        while not job.wait(0.05):
-            if bar is None and job.elapsed > 0.3:
-                with slot.container():
-                    bar = st.progress(0.0, text="Computing…")
-                    st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=_stop, args=(key,))
-            if bar is not None:
-                bar.progress(job.fraction, text=f"Computing… {job.text}")
-    finally:
-        if not job.done:
-            job.cancel()
-    slot.empty()
-    result = job.result()
-    _view_cache(key, _result=result)
-    return result, False
 
 
 def _method_label(name: str) -> str:
@@ -263,7 +219,7 @@ def job(progress, cancel):
 
 
 try:
-    result, cached = compute(key, job)
+    result, cached = cached_or_run(key, job, _view_cache, name="stop")
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
     st.stop()

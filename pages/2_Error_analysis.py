@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import keep_state, model_picker, nav, show_error
+from pages.common import Miss, cached_or_run, keep_state, model_picker, nav, show_error
 from vislib import METHODS, datasets, evaluate, ui
 from vislib.render import overlay
 
@@ -28,15 +28,11 @@ LIMITS = [100, 200, 500, 1000, 2000]
 THUMB = 160  # px: thumbnails and map panels are enlarged to about this size
 
 
-class _Miss(Exception):
-    """Raised inside the cached lookup so that nothing is stored for an unknown key."""
-
-
 @st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
 def _eval_cache(key: str, _result: evaluate.EvalResult | None = None) -> evaluate.EvalResult:
     """Evaluations keyed by the data, the model and every setting; called with ``_result`` to store."""
     if _result is None:
-        raise _Miss
+        raise Miss
     return _result
 
 
@@ -50,42 +46,6 @@ def load_images(source: str, digest: str, labels: tuple[str, ...], limit: int, _
 @st.cache_data(max_entries=64, ttl=3600, show_spinner=False)
 def cached_error(key: str, index: int, methods: tuple[str, ...], layer: str, _bundle, _images):
     return evaluate.explain_error(_bundle, _images, index, list(methods), layer=layer)
-
-
-def _stop(key: str) -> None:
-    state["_ea_stopped"] = key
-
-
-def compute(key: str, job_fn) -> tuple[evaluate.EvalResult | None, bool]:
-    """(result, from cache): the cached evaluation, or ``job_fn`` run in a worker with a progress bar
-    and a Stop button; an interrupted script cancels the worker in ``finally``."""
-    try:
-        return _eval_cache(key), True
-    except _Miss:
-        pass
-    if state.get("_ea_stopped") == key:
-        st.warning("Stopped before it finished.", icon=":material/stop_circle:")
-        if not st.button("Evaluate again", icon=":material/refresh:"):
-            return None, False
-        state.pop("_ea_stopped", None)
-    job = ui.BackgroundJob(job_fn).start()
-    slot, bar = st.empty(), None
-    try:
-        while not job.wait(0.05):
-            if bar is None and job.elapsed > 0.3:
-                with slot.container():
-                    bar = st.progress(0.0, text="Evaluating…")
-                    st.button("Stop", key="ea_stop", icon=":material/stop_circle:", on_click=_stop,
-                              args=(key,))
-            if bar is not None:
-                bar.progress(job.fraction, text=f"Evaluating… {job.text}")
-    finally:
-        if not job.done:
-            job.cancel()
-    slot.empty()
-    result = job.result()
-    _eval_cache(key, _result=result)
-    return result, False
 
 
 def _pick_cell() -> None:
@@ -364,7 +324,8 @@ def job(progress, cancel):
 
 
 try:
-    result, cached = compute(key, job)
+    result, cached = cached_or_run(key, job, _eval_cache, name="ea_stop", verb="Evaluating",
+                                   again="Evaluate again")
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
     st.stop()

@@ -191,3 +191,52 @@ def show_error(exc: Exception) -> None:
         st.error(str(exc), icon=":material/error:")
     else:
         st.error(f"Something went wrong ({type(exc).__name__}: {exc}).", icon=":material/error:")
+
+
+class Miss(Exception):
+    """Raised inside a page's cached lookup (``store(key)``) so that nothing is stored for an unknown
+    key; the page stores a result with ``store(key, _result=result)``."""
+
+
+def cached_or_run(key: str, job_fn, store, *, name: str, verb: str = "Computing",
+                  again: str = "Compute again"):
+    """(result, from cache): ``store``'s result for ``key``, or ``job_fn`` run in a worker with a
+    progress bar and a Stop button (``name`` keys the button and the session's stopped flag; ``verb``
+    and ``again`` label the bar and the button that restarts a stopped run).
+
+    When the script is interrupted (a widget changed, Stop pressed), ``finally`` cancels the job and
+    waits for it: vislib unwinds its hooks, so the next run finds the model clean.
+    """
+    try:
+        return store(key), True
+    except Miss:
+        pass
+    stopped = f"_{name}_pressed"
+    if st.session_state.get(stopped) == key:
+        st.warning("Stopped before it finished. Change a setting, or run it again.",
+                   icon=":material/stop_circle:")
+        if not st.button(again, icon=":material/refresh:"):
+            return None, False
+        st.session_state.pop(stopped, None)
+    job = ui.BackgroundJob(job_fn).start()
+    slot, bar = st.empty(), None
+    try:
+        while not job.wait(0.05):
+            if bar is None and job.elapsed > 0.3:
+                with slot.container():
+                    bar = st.progress(0.0, text=f"{verb}…")
+                    st.button("Stop", key=name, icon=":material/stop_circle:", on_click=_mark_stopped,
+                              args=(stopped, key))
+            if bar is not None:
+                bar.progress(job.fraction, text=f"{verb}… {job.text}")
+    finally:
+        if not job.done:
+            job.cancel()
+    slot.empty()
+    result = job.result()
+    store(key, _result=result)
+    return result, False
+
+
+def _mark_stopped(flag: str, key: str) -> None:
+    st.session_state[flag] = key
