@@ -11,7 +11,7 @@ import time
 import streamlit as st
 
 import vislib
-from pages.common import Miss, cached_or_run, image_picker, keep_state, model_picker, nav, show_error
+from pages.common import Miss, cached_or_run, input_and_model, keep_state, show_error
 from vislib import ui
 from vislib.render import COLORMAPS, to_png_bytes
 
@@ -166,11 +166,7 @@ def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, color
 
 load_url_state()
 with st.sidebar:
-    nav()
-    st.markdown("### :material/image: Input")
-    picked = image_picker()
-    st.markdown("### :material/neurology: Model")
-    bundle = model_picker()
+    picked, bundle = input_and_model()
     layer, extra_layers, methods = sidebar_controls(bundle)
     if state.get("score") not in ui.SCORES:
         state["score"] = "logit"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 from PIL import Image
 
-from pages.common import image_picker, keep_state, model_picker, nav, show_error
+from pages.common import input_and_model, keep_state, show_error
 from vislib import features, ui
 from vislib.imageio import load_image
 from vislib.render import COLORMAPS
@@ -134,11 +134,7 @@ def filters_tab(bundle) -> None:
 
 
 with st.sidebar:
-    nav()
-    st.markdown("### :material/image: Input")
-    picked = image_picker()
-    st.markdown("### :material/neurology: Model")
-    bundle = model_picker()
+    picked, bundle = input_and_model()
 
 st.title("Layer explorer")
 st.caption("Walk through the network from the input to the output: what each layer computes on your image.")

@@ -14,7 +14,7 @@ import streamlit as st
 import torch
 
 import vislib
-from pages.common import image_picker, keep_state, load_bundle, model_picker, nav, show_error
+from pages.common import input_and_model, keep_state, load_bundle, show_error
 from vislib import lessons, ui
 from vislib.render import overlay, signed_rgb
 
@@ -427,11 +427,7 @@ def section_trust() -> None:
 # Page
 
 with st.sidebar:
-    nav()
-    st.markdown("### :material/image: Input")
-    picked = image_picker()
-    st.markdown("### :material/neurology: Model")
-    bundle = model_picker()
+    picked, bundle = input_and_model()
     if bundle is not None:
         if state.get("layer") not in bundle.layers:
             state["layer"] = bundle.default_layer

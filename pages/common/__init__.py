@@ -175,6 +175,16 @@ def image_picker() -> tuple[bytes, str] | None:
     return None
 
 
+def input_and_model():
+    """The top of every image page's sidebar (call inside ``with st.sidebar``): navigation, the image
+    picker and the model picker. Returns (picked image or None, bundle or None)."""
+    nav()
+    st.markdown("### :material/image: Input")
+    picked = image_picker()
+    st.markdown("### :material/neurology: Model")
+    return picked, model_picker()
+
+
 def nav() -> None:
     """Page links at the top of the sidebar (the default page list is hidden in config.toml)."""
     st.page_link("app.py", label="Explain", icon=":material/visibility:")
