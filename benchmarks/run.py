@@ -54,8 +54,7 @@ QUICK = {
 # adds the agreement on a trained model, whose channel softmax is far from uniform.
 SCORECAM = {
     "models": ["resnet50", "shapes_resnet"], "methods": ["scorecam"], "batches": [1], "repeats": 1,
-    "warmup": 0, "budget": 3600.0, "peer_batches": None, "no_scaling": True, "peer_single_call": True,
-    "scaling_model": "resnet50", "scaling_batches": [1], "scaling_sizes": [224], "options": {},
+    "warmup": 0, "budget": 3600.0, "no_scaling": True, "peer_single_call": True, "options": {},
 }
 FULL = {
     "scaling_model": "resnet50", "options": {},

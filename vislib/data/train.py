@@ -197,16 +197,10 @@ def train(
     """Train in place with AdamW + one-cycle LR; return the wall time in seconds."""
     generator = torch.Generator().manual_seed(recipe.seed)
     steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
-    if recipe.lr_scales:
-        groups = param_groups(model, recipe)
-        optimiser = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        max_lr: float | list[float] = [g["lr"] for g in groups]
-    else:
-        optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr,
-                                      weight_decay=recipe.weight_decay)
-        max_lr = recipe.lr
+    groups = param_groups(model, recipe)  # one group (all parameters) unless lr_scales is set
+    optimiser = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=max_lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+        optimiser, max_lr=[g["lr"] for g in groups], epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
         pct_start=recipe.warmup,
     )
     model.to(memory_format=torch.channels_last).train()
