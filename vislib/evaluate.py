@@ -482,7 +482,7 @@ def bare_gradcam(bundle: ModelBundle, inputs: torch.Tensor, layer: str | None = 
     backward of the predicted logits to it, Grad-CAM at feature resolution. Nothing else."""
     _, module = resolve_layer(bundle, layer)
     with bundle.lock, capture_layer(module, grad=True) as captured, torch.no_grad():
-        logits = bundle.model(inputs)
+        logits = bundle.logits(inputs)
     A = captured.activation
     with torch.enable_grad():
         score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()

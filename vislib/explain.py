@@ -184,7 +184,7 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
             results.update(FAMILY_RUNNERS[family](ctx, wanted, job.options))
     if ctx.logits is None:
         with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
-            ctx.set_logits(bundle.model(inputs))
+            ctx.set_logits(bundle.logits(inputs))
         ctx.pass_timings["forward"] = sw.seconds
     size = tuple(inputs.shape[-2:])
     part = _Part({}, {}, {}, {}, dict(ctx.pass_timings), probs=np.empty(0), targets=[], extras={})

@@ -48,7 +48,7 @@ def feature_maps(bundle, image, layer: str | None = None) -> np.ndarray:
     _, module = resolve_layer(bundle, layer)
     _, x = _single_input(bundle, image)
     with bundle.lock, capture_layer(module, grad=False) as captured, torch.no_grad():
-        bundle.model(x)
+        bundle.logits(x)
     if captured.activation is None:
         raise LayerError(f"layer {layer!r} did not run during the forward pass")
     return captured.activation[0].float().cpu().numpy()
@@ -139,7 +139,7 @@ def _deconv_forward(bundle, module: nn.Module, x: torch.Tensor, *, rule="deconvn
     rules = relu_rule(rule, linearize_pools=linearize, frozen_norms=True)
     with bundle.lock, capture as captured, rules as state:
         with torch.enable_grad():
-            bundle.model(x)
+            bundle.logits(x)
     if captured.activation is None:
         raise LayerError("the layer did not run during the forward pass")
     check_rule_reached(bundle.model, state, rule)

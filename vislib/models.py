@@ -91,6 +91,7 @@ class ModelBundle:
     card: dict | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     cpu_fallback: ModelBundle | None = field(default=None, repr=False)  # made on a GPU out-of-memory
+    output: object = None  # which part of the model's output holds the class scores (see select_output)
 
     def input_view(self, img: Image.Image) -> Image.Image:
         """The image as the model sees it (resized and cropped), for overlays that line up."""
@@ -110,11 +111,32 @@ class ModelBundle:
             tensors = [self.preprocess(v) for v in views]
         return torch.stack(tensors).to(self.device)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The class scores (N × classes) of a forward of ``x``: the model's output, or the part of it
+        that ``output`` selects for models that return a dict, a tuple or a ``ModelOutput``."""
+        return select_output(self.model(x), self.output)
+
     @property
     def input_size(self) -> int:
         if isinstance(self.preprocess, Preprocess):
             return self.preprocess.crop
         return 224
+
+
+def select_output(out, output=None) -> torch.Tensor:
+    """The class scores in a model's output: a tensor as is, ``logits`` of a dict / ``ModelOutput``,
+    or what ``output`` (an index, a key, or a callable on the output) selects."""
+    if output is not None:
+        return output(out) if callable(output) else out[output]
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ModelError(f"the model returned {type(out).__name__}, not a tensor of class scores; "
+                     f"say which part holds them with output= (an index, a key or a callable)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -438,7 +438,7 @@ def compute_view(
     if first is None:  # every method failed: still show the prediction
         with bundle.lock, torch.no_grad():
             tensor = bundle.to_input([bundle.input_view(image)])
-            logits = bundle.model(tensor)
+            logits = bundle.logits(tensor)
         probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
         from .explain import resolve_targets
 

@@ -244,7 +244,7 @@ def backprop_pass(
         capture = nullcontext(Captured())
     with bundle.lock, Stopwatch(bundle.device) as forward:
         with capture as captured, mode as state, torch.enable_grad():
-            logits = bundle.model(x)
+            logits = bundle.logits(x)
     for rule in rules:
         check_rule_reached(bundle.model, state, rule)
     with torch.enable_grad():
@@ -468,8 +468,8 @@ def integrated_gradients(
             report(idx.stop)
     attributions = delta * total
     with bundle.lock, torch.no_grad():
-        f_x = target_scores(ctx.score, bundle.model(x), targets)
-        f_x0 = target_scores(ctx.score, bundle.model(x0), targets)
+        f_x = target_scores(ctx.score, bundle.logits(x), targets)
+        f_x0 = target_scores(ctx.score, bundle.logits(x0), targets)
     gap = attributions.flatten(1).sum(dim=1) - (f_x - f_x0)
     numbers = {
         "sum_attributions": attributions.flatten(1).sum(dim=1),
@@ -498,7 +498,7 @@ def run_backprop_family(ctx: ExplainContext, names: list[str], options: dict) ->
         results.update(_run_direct(ctx, direct))
     if ctx.logits is None:
         with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
-            ctx.set_logits(bundle.model(ctx.inputs))
+            ctx.set_logits(bundle.logits(ctx.inputs))
         ctx.pass_timings["forward"] = sw.seconds
     if "integrated_gradients" in methods:
         results["integrated_gradients"] = _run_ig(ctx, methods["integrated_gradients"].options)

@@ -162,7 +162,7 @@ def run_cam_family(ctx: ExplainContext, names: list[str], options: dict) -> dict
     with bundle.lock:
         with Stopwatch(bundle.device) as forward:
             with capture_layer(module, grad=need_grad) as captured, torch.no_grad():
-                logits = bundle.model(ctx.inputs)
+                logits = bundle.logits(ctx.inputs)
     ctx.pass_timings["forward"] = forward.seconds
     A = captured.activation
     if A is None:

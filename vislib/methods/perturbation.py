@@ -84,7 +84,7 @@ class Session:
         layer, module = resolve_layer(self.bundle, ctx.layer)
         with self.bundle.lock, Stopwatch(self.device) as sw:
             with capture_layer(module, grad=False) as captured, torch.no_grad():
-                logits = self.bundle.model(ctx.inputs)
+                logits = self.bundle.logits(ctx.inputs)
         key = "forward" if "forward" not in ctx.pass_timings else "perturbation_forward"
         ctx.pass_timings[key] = sw.seconds
         ctx.set_logits(logits)
@@ -98,7 +98,7 @@ class Session:
         """The unperturbed logits (one forward if no earlier family ran one)."""
         if self.ctx.logits is None:
             with self.bundle.lock, torch.no_grad(), Stopwatch(self.device) as sw:
-                self.ctx.set_logits(self.bundle.model(self.ctx.inputs))
+                self.ctx.set_logits(self.bundle.logits(self.ctx.inputs))
             self.ctx.pass_timings["forward"] = sw.seconds
         return self.ctx.logits
 
@@ -342,7 +342,7 @@ class ScoreCAM(PerturbationMethod):
         zeros = torch.zeros((1, *ctx.inputs.shape[1:]), device=ctx.inputs.device)
         with torch.inference_mode():
             with session.bundle.lock:
-                logits = session.bundle.model(zeros)
+                logits = session.bundle.logits(zeros)
             scores = class_scores(logits.expand(len(targets), -1), targets, ctx.score)
         session.advance(1)
         return scores
@@ -530,7 +530,7 @@ class AblationCAM(PerturbationMethod):
         def full_forward(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             inputs, activation = batch
             with replaced_output(module, activation):
-                return session.bundle.model(inputs)
+                return session.bundle.logits(inputs)
 
         if head is not None:
             make_batch, forward = ablated, head
