@@ -178,7 +178,8 @@ def run_cam_family(ctx: ExplainContext, names: list[str], options: dict) -> dict
     extra_kw = {}
     if "cam" in names:
         head = gap_linear_head(bundle.model, A, ctx.logits, layer)
-        extra_kw["class_weights"] = head.weight.detach()[targets]
+        weights = head.weight.detach()
+        extra_kw["class_weights"] = weights[targets] - (0 if ctx.contrast is None else weights[ctx.contrast])
     results = {}
     for method in methods:
         with Stopwatch(bundle.device) as sw:

@@ -155,6 +155,7 @@ class PerturbationMethod(Method):
     """Template: ``plan(session)`` says how many forwards the method needs and returns its work."""
 
     family = "perturbation"
+    contrastive = False  # scores of perturbed inputs: S_A − S_B is not offered (yet)
     options_allowed: ClassVar[tuple[str, ...]] = ("batch_size", "channels_last")
     needs_activation: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 32
