@@ -149,7 +149,8 @@ def _list_models(args) -> int:
     if any(c in pattern for c in "*?["):
         import fnmatch
 
-        rows = [r for r in rows if fnmatch.fnmatch(r[0].lower(), pattern)]
+        rows = [r for r in rows if fnmatch.fnmatch(r[0].lower(), pattern)
+                or fnmatch.fnmatch(r[0].lower().split(":", 1)[-1], pattern)]
     elif pattern:
         rows = [r for r in rows if pattern in r[0].lower()]
     width = max([22] + [len(r[0]) + 1 for r in rows])
