@@ -1,0 +1,100 @@
+"""The torchvision zoo: every classifier, its own preprocessing, its head, offline weights."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import vislib
+from vislib.models import Preprocess, sample_images
+from vislib.models.torchvision_zoo import preprocess_from_torchvision
+
+NAMES = torchvision.models.list_models(module=torchvision.models)
+
+
+def _images(rand_image):
+    rng = np.random.default_rng(1)
+    odd = Image.fromarray(rng.integers(0, 256, size=(233, 301, 3), dtype=np.uint8))  # odd crop margins
+    return [Image.open(sample_images()[0]).convert("RGB"), rand_image, odd]
+
+
+def test_preprocessing_equals_weights_transforms_for_every_model(rand_image):
+    images = _images(rand_image)
+    seen = set()
+    for name in NAMES:
+        transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        if repr(transform) in seen:
+            continue
+        seen.add(repr(transform))
+        ours = preprocess_from_torchvision(transform)
+        assert isinstance(ours, Preprocess)
+        for img in images:
+            expected = transform(img)
+            got = ours(img)
+            assert got.shape == expected.shape, name
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=name)
+    assert len(seen) > 15  # resize / crop / interpolation really vary between the models
+
+
+def test_bundle_uses_the_models_own_preprocessing_and_categories():
+    bundle = vislib.load_model("efficientnet_b1", weights=None, device="cpu")
+    transform = torchvision.models.EfficientNet_B1_Weights.DEFAULT.transforms()
+    assert bundle.preprocess == preprocess_from_torchvision(transform)
+    assert bundle.labels == torchvision.models.EfficientNet_B1_Weights.DEFAULT.meta["categories"]
+    assert bundle.source == "torchvision" and bundle.weights == "random"
+
+
+def test_a_state_dict_with_another_head_builds_the_model_with_that_many_classes(tmp_path, rand_image):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(num_classes=10)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "ten.safetensors"))
+    bundle = vislib.load_model("resnet18", weights=tmp_path / "ten.safetensors", device="cpu")
+    assert bundle.labels == [f"class {i}" for i in range(10)]
+    assert any("10-class head" in note for note in bundle.notes)
+    torch.testing.assert_close(bundle.model.fc.weight, reference.fc.weight, rtol=0, atol=0)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(bundle.logits(x), reference.eval()(x))
+
+
+def test_kwargs_reach_the_builder():
+    bundle = vislib.load_model("mobilenet_v3_small", weights=None, kwargs={"num_classes": 4}, device="cpu")
+    assert bundle.labels == ["class 0", "class 1", "class 2", "class 3"]
+    with pytest.raises(vislib.ModelError, match="resnet18.*no_such_argument"):
+        vislib.load_model("resnet18", weights=None, kwargs={"no_such_argument": 1}, device="cpu")
+
+
+def _sweep_input(name: str, bundle_pre: Preprocess) -> tuple[Preprocess, dict]:
+    """A small input where the architecture allows: 128 px for the convolutional networks (inception
+    needs 75+), the native size for the transformers (ViT-H/14 built at 224 instead of 518)."""
+    if name.startswith(("vit_", "swin", "maxvit")):
+        side = 224 if name.startswith(("vit_", "maxvit", "swin_t", "swin_s", "swin_b")) else 256
+        kwargs = {"image_size": 224} if name.startswith("vit_") else {}
+    else:
+        side, kwargs = 128, {}
+    pre = Preprocess(resize=side, crop=side, mean=bundle_pre.mean, std=bundle_pre.std,
+                     interpolation=bundle_pre.interpolation)
+    return pre, kwargs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_every_torchvision_classifier_explains_gradcam_at_its_default_layer(name):
+    image = Image.open(sample_images()[0]).convert("RGB")
+    own = preprocess_from_torchvision(torchvision.models.get_model_weights(name).DEFAULT.transforms())
+    pre, kwargs = _sweep_input(name, own)
+    start = time.perf_counter()
+    bundle = vislib.load_model(name, weights=None, preprocess=pre, kwargs=kwargs, device="cpu")
+    result = vislib.explain(bundle, image, methods=["gradcam"])
+    seconds = time.perf_counter() - start
+    c, h, w = bundle.layers[bundle.default_layer]
+    assert h > 1 and w > 1, bundle.default_layer
+    assert result.raw["gradcam"].shape == (h, w)
+    assert result.maps["gradcam"].shape == (pre.crop, pre.crop)
+    assert not result.flat["gradcam"], f"{name}: flat Grad-CAM at {bundle.default_layer}"
+    assert np.isfinite(result.maps["gradcam"]).all()
+    print(f"{name}: {seconds:.1f}s at {bundle.default_layer} {bundle.layers[bundle.default_layer]}")
