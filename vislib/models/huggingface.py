@@ -13,6 +13,7 @@ note. ``transformers`` is optional (``requirements-extras.txt``). Code from the 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -218,7 +219,8 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
     def build(num_classes: int | None = None):
         cfg = config
         if num_classes:
-            cfg = type(config).from_dict({**config.to_dict(), "num_labels": num_classes})
+            cfg = copy.deepcopy(config)
+            cfg.num_labels = num_classes
             cfg.id2label = {i: f"class {i}" for i in range(num_classes)}
             cfg.label2id = {v: k for k, v in cfg.id2label.items()}
         return _seeded(lambda: _call(what, auto.from_config, cfg))
