@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from ..errors import LayerError, MethodError
 from ..hooks import capture_layer, resolve_layer, this_thread_only
+from ..models.bundle import select_output
 from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
 from .frozen import BatchForward, memory_layout
 from .registry import register_family
@@ -83,7 +84,7 @@ class Session:
             return shared["activation"].detach().float()
         layer, module = resolve_layer(self.bundle, ctx.layer)
         with self.bundle.lock, Stopwatch(self.device) as sw:
-            with capture_layer(module, grad=False) as captured, torch.no_grad():
+            with capture_layer(module, view=self.bundle.view(layer)) as captured, torch.no_grad():
                 logits = self.bundle.logits(ctx.inputs)
         key = "forward" if "forward" not in ctx.pass_timings else "perturbation_forward"
         ctx.pass_timings[key] = sw.seconds
@@ -129,7 +130,8 @@ class Session:
         """
         if forward is None:
             runner = BatchForward(self.bundle.model, self.ctx.inputs, self.logits(), mode=fast_forward,
-                                  channels_last=channels_last, rows=rows, run_locked=self._locked)
+                                  channels_last=channels_last, rows=rows, run_locked=self._locked,
+                                  select=lambda out: select_output(out, self.bundle.output))
         else:
             def runner(batch):
                 return self._locked(lambda: forward(batch))
