@@ -292,3 +292,41 @@ def test_preprocess_refuses_what_it_cannot_make():
         vislib.Preprocess(resize=8, crop=8, channels=1)
     with pytest.raises(vislib.ModelError, match="1, 3 or 4"):
         vislib.Preprocess(resize=8, crop=8, mean=(0.5,) * 2, std=(0.5,) * 2, channels=2)
+
+
+def test_ablationcam_on_tokens_zeroes_one_channel_of_the_patch_tokens(image):
+    """(S − S_{A^k=0}) / S with channel k zeroed in the patch tokens only (the class token kept)."""
+    model = small_vit()
+    with torch.no_grad():
+        model.heads.head.weight.normal_()
+    bundle = vislib.load_model(model, preprocess=vislib.Preprocess(resize=64, crop=64), device="cpu")
+    layer = bundle.default_layer
+    result = vislib.explain(bundle, image, ["ablationcam"], target=2)
+    x, _ = bundle.prepare([image])
+    module = model.get_submodule(layer)
+
+    def score(channel=None):
+        def hook(_m, _i, out):
+            out = out.clone()
+            out[:, 1:, channel] = 0.0
+            return out
+
+        handle = module.register_forward_hook(hook) if channel is not None else None
+        try:
+            with torch.no_grad():
+                return model(x)[0, 2].item()
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    base = score()
+    weights = torch.tensor([(base - score(k)) / base for k in range(32)])
+    store = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: store.setdefault("A", out.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    A = tokens_to_map(1, 4, 4)(store["A"])[0]
+    expected = F.relu(torch.einsum("c,chw->hw", weights, A))
+    np.testing.assert_allclose(result.raw["ablationcam"], expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert result.extras["ablationcam"]["path"] == "full-forward"
