@@ -14,15 +14,16 @@
 from .bundle import (  # noqa: F401
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LayerRow,
     ModelBundle,
     Preprocess,
     default_device,
-    guess_default_layer,
+    describe_output,
     make_bundle,
-    probe_layers,
     select_output,
 )
 from .bundled import ASSETS, DEFAULT_MODEL, MODELS_DIR, read_card, sample_images  # noqa: F401, I001
+from .probe import Probe, choose_default_layer, probe_model  # noqa: F401
 from .registry import (  # noqa: F401
     _REGISTRY,
     ModelRef,

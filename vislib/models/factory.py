@@ -49,7 +49,7 @@ def resolve_callable(target: str, search_path: str | Path | None = None, what: s
 def _search_path(folder: str | Path | None, top: str):
     """Put ``folder`` first on ``sys.path`` while importing, if it holds the top-level module."""
     folder = Path(folder) if folder else None
-    if folder is None or not ((folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()):
+    if folder is None or not ((folder / f"{top}.py").is_file() or (folder / top).is_dir()):
         yield
         return
     sys.path.insert(0, str(folder))

@@ -161,6 +161,7 @@ def load_model(
     device: str | torch.device | None = None,
     name: str | None = None,
     output: object = None,
+    channels: int | None = None,
     kwargs: dict | None = None,
     processor: object = None,
 ) -> ModelBundle:
@@ -172,8 +173,10 @@ def load_model(
     through ``torch.load(weights_only=True)``). Where the file's classifier head has another number
     of classes, the model is built with that number (a note on the bundle says so).
 
-    ``labels``, ``preprocess``, ``default_layer`` and ``output`` (which part of the model's output
-    holds the class scores: an index, a key or a callable) override what the source knows;
+    ``labels``, ``preprocess``, ``default_layer``, ``output`` (which part of the model's output
+    holds the class scores: an index, a key or a callable) and ``channels`` (the input channels;
+    default: the preprocessing's, the source's, or the first convolution's) override what the
+    source knows;
     ``kwargs`` go to the builder (``torchvision.models.get_model``, ``timm.create_model``, the
     Hugging Face config, a factory); ``processor`` is a Hugging Face image processor for a Hugging
     Face model object.
@@ -183,30 +186,30 @@ def load_model(
         from .factory import module_source
 
         src = module_source(model, weights, processor=processor)
-        _override(src, labels, preprocess, default_layer, output)
+        _override(src, labels, preprocess, default_layer, output, channels)
         bundle = finish(name or type(model).__name__, src, dev)
         bundle.ref = None
         return bundle
     spec = model_spec(model)
     if spec.make is None:  # a builder registered with @register_model
-        if kwargs:
-            raise ModelError(f"model {model!r} takes no kwargs")
+        if kwargs or channels:
+            raise ModelError(f"model {model!r} takes no kwargs or channels")
         bundle = spec.build(weights)
         _move_and_override(bundle, dev, labels, default_layer, output)
     else:
         src = spec.make(weights, dict(kwargs or {}))
-        _override(src, labels, preprocess, default_layer, output)
+        _override(src, labels, preprocess, default_layer, output, channels)
         bundle = finish(spec.name, src, dev)
     bundle.ref = ModelRef(
         name=spec.name, weights=weights if weights in (None, "default") else absolute(weights),
         spec_files=(spec.origin,) if spec.origin else (),
         labels=tuple(labels) if labels is not None else None, default_layer=default_layer, output=output,
-        preprocess=preprocess, kwargs=dict(kwargs) if kwargs else None,
+        preprocess=preprocess, channels=channels, kwargs=dict(kwargs) if kwargs else None,
     )
     return bundle
 
 
-def _override(src: SourceModel, labels, preprocess, default_layer, output) -> None:
+def _override(src: SourceModel, labels, preprocess, default_layer, output, channels) -> None:
     if labels is not None:
         src.labels, src.labels_from = list(labels), "given to load_model"
     if preprocess is not None:
@@ -215,6 +218,8 @@ def _override(src: SourceModel, labels, preprocess, default_layer, output) -> No
         src.default_layer = default_layer
     if output is not None:
         src.output = output
+    if channels is not None:
+        src.channels = channels
 
 
 def _move_and_override(bundle: ModelBundle, dev: torch.device, labels, default_layer, output) -> None:
@@ -246,6 +251,7 @@ class ModelRef:
     default_layer: str | None = None
     output: object = None
     preprocess: object = None
+    channels: int | None = None
     kwargs: dict | None = field(default=None, hash=False)
 
     def load(self, device: str | torch.device | None = None) -> ModelBundle:
@@ -255,7 +261,8 @@ class ModelRef:
             for path in self.spec_files:
                 register_models(path)
         return load_model(self.name, self.weights, labels=self.labels, default_layer=self.default_layer,
-                          output=self.output, preprocess=self.preprocess, kwargs=self.kwargs, device=device)
+                          output=self.output, preprocess=self.preprocess, channels=self.channels,
+                          kwargs=self.kwargs, device=device)
 
 
 def model_ref(bundle: ModelBundle) -> ModelRef:

@@ -13,8 +13,6 @@ apart without building anything.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,36 +95,12 @@ def preprocess(
     antialias: bool = True,
 ) -> Preprocess:
     """A :class:`Preprocess` from a source's own settings: ``resize`` an int (shorter side), (H, W)
-    (exact) or None; ``crop`` an int, (H, W) or None.
-
-    Built from the fields this version of :class:`Preprocess` has; a setting it cannot hold (more
-    or fewer than 3 channels, an exact resize) is a :class:`ModelError` naming it.
-    """
-    fields = {"resize": resize, "crop": crop, "mean": tuple(mean), "std": tuple(std),
-              "interpolation": interpolation, "channels": channels, "antialias": antialias}
-    known = {f.name for f in dataclasses.fields(Preprocess)}
-    if "channels" not in known:  # a Preprocess of shorter-side resize and square crop only
-        if isinstance(crop, tuple) and crop[0] == crop[1]:
-            fields["crop"] = crop[0]
-        for key, usual in (("channels", 3), ("antialias", True), ("resize", int), ("crop", int)):
-            value = fields[key]
-            if (isinstance(value, usual) if isinstance(usual, type) else value == usual):
-                continue
-            raise ModelError(f"this model needs preprocessing with {key}={value!r}, which this version "
-                             f"of vislib's Preprocess cannot do")
-    return Preprocess(**{k: v for k, v in fields.items() if k in known})
-
-
-def make_bundle_from(name: str, device: torch.device | None = None, **kwargs) -> ModelBundle:
-    """:func:`make_bundle` with the keyword arguments it takes; the others are set on the bundle."""
-    params = inspect.signature(make_bundle).parameters
-    taken = {k: v for k, v in kwargs.items() if k in params}
-    model = taken.pop("model")
-    bundle = make_bundle(name, model, device=device, **taken)
-    for key, value in kwargs.items():
-        if key not in params:
-            setattr(bundle, key, value)
-    return bundle
+    (exact) or None; ``crop`` an int, (H, W) (a square one as an int) or None."""
+    if isinstance(crop, (tuple, list)) and crop[0] == crop[1]:
+        crop = int(crop[0])
+    resize = tuple(resize) if isinstance(resize, list) else resize
+    return Preprocess(resize=resize, crop=crop, mean=tuple(mean), std=tuple(std), interpolation=interpolation,
+                      channels=channels, antialias=antialias)
 
 
 def finish(name: str, src: SourceModel, device: torch.device | None = None) -> ModelBundle:
@@ -137,12 +111,12 @@ def finish(name: str, src: SourceModel, device: torch.device | None = None) -> M
     """
     spec_labels = src.labels if src.context else None
     try:
-        bundle = make_bundle_from(
-            name, device, model=src.model, preprocess=src.preprocess,
+        bundle = make_bundle(
+            name, src.model, preprocess=src.preprocess,
             labels=None if spec_labels is not None else src.labels, default_layer=src.default_layer,
-            weights=src.weights, card=src.card, output=src.output, channels=src.channels,
-            source=src.source, labels_from=src.labels_from, notes=list(src.notes),
-            description=src.description,
+            device=device, weights=src.weights, card=src.card,
+            output=src.output, channels=src.channels, source=src.source, labels_from=src.labels_from,
+            notes=list(src.notes),
         )
     except LayerError as exc:
         if not src.context:
@@ -156,5 +130,6 @@ def finish(name: str, src: SourceModel, device: torch.device | None = None) -> M
         if len(spec_labels) != len(bundle.labels):
             raise ModelError(f"{src.context} labels: {len(spec_labels)} labels but the model has "
                              f"{len(bundle.labels)} outputs")
-        bundle.labels = list(spec_labels)
+        bundle.labels, bundle.labels_from = list(spec_labels), src.labels_from
+    bundle.description = src.description
     return bundle
