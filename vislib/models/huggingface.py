@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import ModelError, WeightsError
 from .cache import hf_cache_dir, hf_cached, hf_missing, hf_reachable, offline
 from .registry import ModelSpec, _seeded, source_spec
-from .source import SourceModel, fit_stats, interpolation_mode, preprocess
+from .source import SourceModel, draw_zero_head, fit_stats, interpolation_mode, preprocess
 from .weights import load_weights
 
 PREFIX = "hf:"
@@ -231,7 +231,10 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
     else:
         model = build()
         weights_id = "random"
-        if weights is not None:
+        if weights is None:
+            note = _seeded(lambda: draw_zero_head(model, f"hf:{ref}"), seed=1)
+            notes += [note] if note else []
+        else:
             model, note = load_weights(model, weights, build)
             notes += [note] if note else []
             weights_id = str(weights)

@@ -103,6 +103,23 @@ def preprocess(
                       channels=channels, antialias=antialias)
 
 
+def draw_zero_head(model: nn.Module, what: str) -> str | None:
+    """Give a randomly initialised model a random classifier head where its initialisation leaves the
+    head at zero (torchvision's ViTs): with a zero head every class score is equal, every gradient
+    zero and every map flat, which makes a random model useless as a baseline. The last linear layer
+    is drawn like any ``nn.Linear`` (under the caller's seed); returns the note saying so, or None."""
+    head = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            head = module
+    if head is None or bool(head.weight.detach().any()):
+        return None
+    with torch.no_grad():
+        head.reset_parameters()
+    return (f"{what}'s own initialisation leaves its classifier head at zero (every map flat); "
+            f"vislib draws the head at random like any linear layer")
+
+
 def finish(name: str, src: SourceModel, device: torch.device | None = None) -> ModelBundle:
     """Probe a source's model into a bundle.
 

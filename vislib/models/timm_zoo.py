@@ -17,7 +17,7 @@ import math
 from ..errors import ModelError, WeightsError
 from .cache import fetch_hf, fetch_url, hf_cached, torch_checkpoint_path
 from .registry import ModelSpec, _seeded, source_spec
-from .source import SourceModel, fit_stats, interpolation_mode, preprocess
+from .source import SourceModel, draw_zero_head, fit_stats, interpolation_mode, preprocess
 from .weights import load_weights
 
 PREFIX = "timm:"
@@ -180,7 +180,10 @@ def timm_source(name: str, weights, kwargs: dict) -> SourceModel:
     else:
         model = build()
         weights_id = "random"
-        if weights is not None:
+        if weights is None:
+            note = _seeded(lambda: draw_zero_head(model, f"timm:{model_name}"), seed=1)
+            notes += [note] if note else []
+        else:
             model, note = load_weights(model, weights, build)
             notes += [note] if note else []
             weights_id = str(weights)
@@ -188,7 +191,7 @@ def timm_source(name: str, weights, kwargs: dict) -> SourceModel:
     if num_classes <= 0:
         raise ModelError(f"timm:{model_name} has no classifier head (num_classes=0): it gives features, not "
                          f"class scores; pick a tag trained for classification or give kwargs num_classes")
-    own_head = not notes and "num_classes" not in kwargs
+    own_head = weights in ("default", None) and "num_classes" not in kwargs
     labels, labels_from = imagenet_labels(num_classes, cfg if own_head else None)
     config = resolve_data_config({}, model=model)
     pre, note = preprocess_from_timm(config, model)

@@ -11,7 +11,7 @@ from ..errors import ModelError, WeightsError
 from .bundle import Preprocess
 from .cache import fetch_url, torch_checkpoint_path
 from .registry import _seeded, register_source, source_spec
-from .source import SourceModel, preprocess
+from .source import SourceModel, draw_zero_head, preprocess
 from .weights import load_weights
 
 #: Default layers of the torchvision models registered before the whole zoo was (kept stable); the
@@ -75,7 +75,7 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
     weights_enum = torchvision.models.get_model_weights(name).DEFAULT
     pre = preprocess_from_torchvision(weights_enum.transforms())
     labels, labels_from = list(weights_enum.meta["categories"]), f"torchvision {weights_enum}"
-    notes = []
+    notes, head_note = [], None
     if weights == "default":
         fetch_url(weights_enum.url, name)
         try:
@@ -99,11 +99,14 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
         except (TypeError, ValueError) as exc:
             raise ModelError(f"{name}: {exc}") from None
         weights_id = "random"
-        if weights is not None:
-            model, note = load_weights(model, weights, build)
+        if weights is None:
+            note = _seeded(lambda: draw_zero_head(model, name), seed=1)
             notes += [note] if note else []
+        else:
+            model, head_note = load_weights(model, weights, build)
+            notes += [head_note] if head_note else []
             weights_id = str(weights)
-    if notes or kwargs.get("num_classes", len(labels)) != len(labels):  # another head: no categories
+    if head_note or kwargs.get("num_classes", len(labels)) != len(labels):  # another head: no categories
         labels, labels_from = None, "class indices"
     return SourceModel(
         model=model, preprocess=pre, labels=labels, labels_from=labels_from, weights=weights_id,
