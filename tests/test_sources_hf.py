@@ -193,3 +193,17 @@ def test_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(vislib.ModelError, match="pip install -r requirements-extras.txt"):
         vislib.load_model("hf:google/vit-base-patch16-224", weights=None)
+
+
+def test_the_cli_explains_a_folder(saved, tmp_path, capsys):
+    import json
+
+    from vislib.cli import main
+
+    folder, _ = saved("resnet")
+    image = tmp_path / "in.png"
+    _image().save(image)
+    code = main(["explain", str(image), "--model", f"hf:{folder}", "--weights", "none", "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert scores["model"] == f"hf:{folder}" and scores["weights"] == "random"
