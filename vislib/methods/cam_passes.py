@@ -86,7 +86,8 @@ def run_group(ctx: ExplainContext, methods: list, *, aug_smooth: bool, fuse_laye
             extra["augmentations"] = len(augmentations)
         if len(modules) > 1:
             extra["fused_layers"] = ", ".join(names)
-        results[method.name] = MethodResult(totals[method.name] / len(augmentations), seconds[method.name], extra)
+        mean = totals[method.name] / len(augmentations)
+        results[method.name] = MethodResult(mean, seconds[method.name], extra)
     return results
 
 
@@ -178,7 +179,7 @@ def fuse_maps(maps: list[torch.Tensor], gamma: float = SHALLOW_GAMMA) -> torch.T
         if size[0] * size[1] > coarsest:
             unit = torch.tanh(gamma * unit)
         if size != largest:
-            unit = F.interpolate(unit.unsqueeze(1), size=largest, mode="bilinear", align_corners=False).squeeze(1)
+            unit = F.interpolate(unit.unsqueeze(1), size=largest, mode="bilinear", align_corners=False)[:, 0]
         fused = unit if fused is None else torch.maximum(fused, unit)
     return fused
 

@@ -53,7 +53,8 @@ def fix_sign(proj: torch.Tensor, reference: torch.Tensor | None = None) -> torch
 KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
 
 
-def kernel_matrix(X: torch.Tensor, kernel: str, gamma: float, coef0: float = 1.0, degree: int = 3) -> torch.Tensor:
+def kernel_matrix(X: torch.Tensor, kernel: str, gamma: float, coef0: float = 1.0, degree: int = 3
+                  ) -> torch.Tensor:
     """N×Z×Z kernel of the rows of X (N×Z×C), with scikit-learn's parameterisation."""
     dot = X @ X.transpose(1, 2)
     if kernel == "sigmoid":
@@ -131,7 +132,8 @@ class KPCACAM(CAMMethod):
 
     name = "kpcacam"
     title = "KPCA-CAM"
-    paper = "Karmani et al. 2024, KPCA-CAM: Visual Explainability of Deep Computer Vision Models using Kernel PCA"
+    paper = ("Karmani et al. 2024, KPCA-CAM: Visual Explainability of Deep Computer Vision Models using "
+             "Kernel PCA")
     passes = "1 fwd + kernel PCA"
     needs_gradients = False
     contrastive = False
@@ -203,7 +205,8 @@ class FinerCAM(CAMMethod):
 
     name = "finercam"
     title = "Finer-CAM"
-    paper = "Zhang et al. 2025, Finer-CAM: Spotting the Difference Reveals Finer Details for Visual Explanation"
+    paper = ("Zhang et al. 2025, Finer-CAM: Spotting the Difference Reveals Finer Details for Visual "
+             "Explanation")
     passes = "1 fwd + 1 bwd"
     defaults = {**SHARED_OPTIONS, "base": "gradcam", "alpha": 1.0, "comparisons": 3, "weighting": "softmax"}
 
@@ -215,7 +218,8 @@ class FinerCAM(CAMMethod):
             raise MethodError(f"finercam: base must be one of {', '.join(bases)}, not {o['base']!r}")
         if not _is_real(o["alpha"]) or not math.isfinite(o["alpha"]) or o["alpha"] < 0:
             raise MethodError(f"finercam: alpha must be a finite number ≥ 0, not {o['alpha']!r}")
-        if isinstance(o["comparisons"], bool) or not isinstance(o["comparisons"], int) or o["comparisons"] < 1:
+        count = o["comparisons"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise MethodError(f"finercam: comparisons must be a positive integer, not {o['comparisons']!r}")
         if o["weighting"] not in FINER_WEIGHTINGS:
             raise MethodError(f"finercam: weighting must be one of {', '.join(FINER_WEIGHTINGS)}, not "
