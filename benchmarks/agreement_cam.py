@@ -163,7 +163,11 @@ class _ConstantWeights:
                                                                                       strict=True))
 
 
-def _fused_torchcam(layers: list[str]):
+def _fused_torchcam(layers: list[str], *, paper_scaling: bool = False):
+    """torch-cam's LayerCAM on several layers, fused by its ``fuse_cams`` or, with ``paper_scaling``,
+    its per-layer maps fused by vislib's :func:`~vislib.methods.cam_passes.fuse_maps` (eq. 9 on the
+    shallow maps only)."""
+
     def run(s: dict) -> np.ndarray:
         from torchcam.methods import LayerCAM
 
@@ -172,7 +176,12 @@ def _fused_torchcam(layers: list[str]):
         try:
             scores = model(s["inputs"])
             cams = extractor(class_idx=[int(t) for t in s["targets"]], scores=scores)
-            fused = extractor.fuse_cams(cams)
+            if paper_scaling:
+                from vislib.methods.cam_passes import fuse_maps
+
+                fused = fuse_maps([c.detach() for c in cams])
+            else:
+                fused = extractor.fuse_cams(cams)
         finally:
             extractor.remove_hooks()
         return fused.detach().double().numpy()
@@ -217,7 +226,12 @@ def fusion_cases(libraries: dict[str, str], model_name: str) -> list[Case]:
     if "torchcam" not in libraries or model_name != "resnet18":
         return []
     return [Case("layercam", "LayerCAM fuse_cams(layer3, layer4)", _fused_torchcam(["layer3", "layer4"]),
-                 options={"fuse_layers": ["layer3"]}, note=FUSION_NOTE, library="torchcam")]
+                 options={"fuse_layers": ["layer3"]}, note=FUSION_NOTE, library="torchcam"),
+            Case("layercam", "LayerCAM per-layer maps, fused by eq. 9 on the shallow map",
+                 _fused_torchcam(["layer3", "layer4"], paper_scaling=True),
+                 options={"fuse_layers": ["layer3"]},
+                 note="torch-cam's per-layer maps, our fusion: checks the gradients of both layers",
+                 library="torchcam")]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Public API::
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
 """
 
+from .concepts import Concepts, concepts  # noqa: F401
 from .errors import (  # noqa: F401
     Cancelled,
     InputError,
@@ -28,7 +29,8 @@ from .render import overlay, to_png_bytes  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = [
-    "explain", "Explanation", "load_image", "load_model", "list_models", "METHODS", "method_names",
+    "explain", "Explanation", "concepts", "Concepts",
+    "load_image", "load_model", "list_models", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
 ]
