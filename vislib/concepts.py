@@ -166,6 +166,17 @@ def concepts(bundle, image, k: int = 5, layer: str | None = None, *, top: int = 
     return result
 
 
+def concepts_or_maps(bundle, image, k: int = 5, layer: str | None = None) -> tuple[Concepts, str]:
+    """:func:`concepts` with their classes, or, where the head cannot take a concept vector, the maps
+    alone and the reason (for a page that shows what it can)."""
+    try:
+        return concepts(bundle, image, k, layer), ""
+    except MethodError as exc:
+        if "classes=False" not in str(exc):
+            raise
+        return concepts(bundle, image, k, layer, classes=False), str(exc)
+
+
 def _input_maps(raw: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """N×k×h×w → N×k×H×W, bilinear (``align_corners=False``), each map min-max scaled."""
     n, k, h, w = raw.shape
