@@ -65,11 +65,15 @@ def nmf(V: torch.Tensor, k: int, *, iterations: int = 400, tol: float = 1e-5, se
     W = scale * torch.rand(c, k, generator=gen, dtype=torch.float64)
     H = scale * torch.rand(k, z, generator=gen, dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
+    norm2 = float(V.pow(2).sum())
     losses: list[float] = []
     for _ in range(iterations):
         H *= (W.T @ V) / (W.T @ W @ H).clamp_min(tiny)
-        W *= (V @ H.T) / (W @ (H @ H.T)).clamp_min(tiny)
-        losses.append(float((V - W @ H).pow(2).sum()))
+        VHt, HHt = V @ H.T, H @ H.T
+        W *= VHt / (W @ HHt).clamp_min(tiny)
+        # ‖V − WH‖² = ‖V‖² − 2⟨W, VHᵀ⟩ + ⟨WᵀW, HHᵀ⟩: from the k-column products the update made,
+        # without forming the C×Z residual
+        losses.append(max(norm2 - 2 * float((W * VHt).sum()) + float(((W.T @ W) * HHt).sum()), 0.0))
         if len(losses) > 1 and losses[-2] - losses[-1] <= tol * losses[-2]:
             break
     return NMF(W, H, losses, norm=float(V.norm()))
