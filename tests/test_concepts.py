@@ -165,3 +165,21 @@ def test_legend_names_the_top_classes_and_escapes_them(x):
     text = legend_html(result, top=3)
     assert "&lt;cat&gt;" in text and "dog &amp; co" in text and "<cat>" not in text
     assert text.count("&#9632;") == 2
+
+
+def test_concept_lesson_places_each_concept_by_its_share_on_the_objects():
+    from types import SimpleNamespace
+
+    from vislib.lessons import ConceptLesson
+
+    masks = np.zeros((1, 10, 10), bool)
+    masks[0, :2] = True  # objects: 20% of the pixels
+    fake = SimpleNamespace(k=3, layer="layer3", top_classes=[[(0, "circle", 0.9)], [(1, "star", 0.6)],
+                                                             [(2, "cross", 0.5)]])
+    lesson = ConceptLesson("m", fake, [0], masks, np.array([0.5, 0.3, 0.1]))
+    np.testing.assert_allclose(lesson.enrichment, [2.5, 1.5, 0.5])
+    assert [lesson.kind(d) for d in range(3)] == ["object", "mixed", "background"]
+    text = lesson.sentence()
+    assert "1 sits on the objects" in text and "concept 1 (circle)" in text
+    assert "1 lies partly on the objects: concept 2 (star)" in text
+    assert "1 lies on the background: concept 3 (cross)." in text
