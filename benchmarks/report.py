@@ -236,6 +236,11 @@ def render_markdown(results: dict) -> str:
             out += peer_table(run, footnotes)
     for skipped in results.get("skipped", []):
         out += ["", f"- skipped: {skipped}"]
+    if results.get("agreement_cam"):
+        from .agreement_cam import render_markdown as agreement_markdown
+
+        out += ["", "## CAM-family agreement with the peers (benchmarks.agreement_cam)", "",
+                agreement_markdown(results["agreement_cam"])]
     out += ["", "## Promises", ""]
     missing = "- not measured here (the promises are stated for resnet50 at 224×224)"
     out += promise_lines(results) or [missing]
