@@ -131,7 +131,7 @@ def concepts(bundle, image, k: int = 5, layer: str | None = None, *, top: int = 
         bundle = load_model(bundle)
     layer_name, module = resolve_layer(bundle, layer)
     batched, views, inputs = _prepare_inputs(bundle, image)
-    with bundle.lock, capture_layer(module) as captured, torch.no_grad():
+    with bundle.lock, capture_layer(module, view=bundle.view(layer_name)) as captured, torch.no_grad():
         logits = bundle.logits(inputs)
     A = captured.activation
     if A is None or A.dim() != 4:

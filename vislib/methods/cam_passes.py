@@ -104,11 +104,13 @@ def cam_pass(ctx: ExplainContext, x: torch.Tensor, modules: list, methods: list,
         if several and keys:
             # Gradients at several layers from one backward: every captured output keeps its graph
             # (the input is made a leaf so that there is one even when no parameter requires grad).
-            captures = [stack.enter_context(capture_layer(module, keep_graph=True)) for _, module in modules]
+            captures = [stack.enter_context(capture_layer(module, keep_graph=True, view=bundle.view(name)))
+                        for name, module in modules]
             stack.enter_context(torch.enable_grad())
             x = x.detach().requires_grad_(True)
         else:
-            captures = [stack.enter_context(capture_layer(module, grad=bool(keys))) for _, module in modules]
+            captures = [stack.enter_context(capture_layer(module, grad=bool(keys), view=bundle.view(name)))
+                        for name, module in modules]
             stack.enter_context(torch.no_grad())
         logits = bundle.logits(x)
     _add_time(ctx, prefix + "forward", forward.seconds)
@@ -127,6 +129,12 @@ def cam_pass(ctx: ExplainContext, x: torch.Tensor, modules: list, methods: list,
             _add_time(ctx, prefix + _backward_label(key), backward.seconds)
             for p, g in zip(passes, grads, strict=True):
                 p.gradients[key] = g.detach()
+                if key == ("class",) and not bool(g.abs().amax() > 0):
+                    note = (f"the class score's gradient is zero at every position of layer {p.layer!r}: its "
+                            f"gradient-based maps are flat (a layer the score does not depend on, e.g. a ViT's "
+                            f"patch tokens after its last attention)")
+                    if note not in ctx.notes:
+                        ctx.notes.append(note)
             if hvp:
                 with Stopwatch(bundle.device) as second:
                     for p, g, A in zip(passes, grads, activations, strict=True):
