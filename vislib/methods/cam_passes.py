@@ -130,9 +130,9 @@ def cam_pass(ctx: ExplainContext, x: torch.Tensor, modules: list, methods: list,
             for p, g in zip(passes, grads, strict=True):
                 p.gradients[key] = g.detach()
                 if key == ("class",) and not bool(g.abs().amax() > 0):
-                    note = (f"the class score's gradient is zero at every position of layer {p.layer!r}: its "
-                            f"gradient-based maps are flat (a layer the score does not depend on, e.g. a ViT's "
-                            f"patch tokens after its last attention)")
+                    note = (f"the class score's gradient is zero at every position of layer {p.layer!r}: "
+                            f"its gradient-based maps are flat (a layer the score does not depend on, e.g. a "
+                            f"ViT's patch tokens after its last attention)")
                     if note not in ctx.notes:
                         ctx.notes.append(note)
             if hvp:
