@@ -36,11 +36,16 @@ from .peers import installed_libraries  # noqa: E402
 THRESHOLD = 0.999
 #: (model, layer, why this layer): the default layers, plus layers below a smooth part of the net
 #: (SiLU / GELU) where ShapleyCAM's Hessian term is not zero.
+#: (model, layer, what is above the layer). ShapleyCAM's Hessian term vanishes for the logit on these
+#: random-init nets (piecewise-linear heads; ConvNeXt's layer scale starts at 1e-6, so its GELU blocks
+#: are near identities), so ShapleyCAM is also compared for the softmax probability, where it does not.
+#: Not efficientnet_b0: its random-init activations vanish (maps ~1e-15), where pytorch-grad-cam's
+#: absolute 1e-7 in its min-max dominates; not mobilenet_v3: torch has no second derivative of
+#: hardsigmoid (ours refuses ShapleyCAM there with that reason).
 MODELS = (
-    ("resnet18", "layer4", "default layer; ReLU / GAP / linear above it: H·A = 0"),
+    ("resnet18", "layer4", "default layer; ReLU / GAP / linear above it"),
     ("densenet121", "features.denseblock4", "functional F.relu and BN above the layer"),
-    ("efficientnet_b0", "features.6", "SiLU blocks above the layer: H·A ≠ 0"),
-    ("convnext_tiny", "features.5", "GELU / LayerNorm blocks above the layer: H·A ≠ 0"),
+    ("convnext_tiny", "features.6", "LayerNorm / GELU blocks above the layer"),
 )
 QUICK_MODELS = MODELS[:1]
 
@@ -55,6 +60,7 @@ class Case:
     options: dict | None = None
     note: str = ""
     library: str = "pytorch-grad-cam"
+    score: str = "logit"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,7 +68,7 @@ class Case:
 
 
 def _pgc(cls_name: str, *, call: dict | None = None, init: dict | None = None,
-         pre_relu: Callable | None = None):
+         pre_relu: Callable | None = None, softmax: bool = False):
     """A peer running pytorch-grad-cam's class ``cls_name`` with its target size set to the feature grid.
 
     ``pre_relu(cam, setup)``: instead of the peer's output, rebuild its map from its own captured
@@ -72,14 +78,15 @@ def _pgc(cls_name: str, *, call: dict | None = None, init: dict | None = None,
 
     def run(s: dict) -> np.ndarray:
         import pytorch_grad_cam
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
         model = copy.deepcopy(s["model"]).eval()
         module = model.get_submodule(s["layer"])
         cam = getattr(pytorch_grad_cam, cls_name)(model=model, target_layers=[module], **(init or {}))
         h, w = s["grid"]
         cam.get_target_width_height = lambda _x: (w, h)
-        targets = [ClassifierOutputTarget(int(t)) for t in s["targets"]]
+        target = ClassifierOutputSoftmaxTarget if softmax else ClassifierOutputTarget
+        targets = [target(int(t)) for t in s["targets"]]
         try:
             out = cam(input_tensor=s["inputs"].clone(), targets=targets, **(call or {}))
             if pre_relu is not None:
@@ -163,6 +170,17 @@ class _ConstantWeights:
                                                                                       strict=True))
 
 
+def _ours(method: str):
+    """vislib's own ``method`` on the same batch (a reference row, not a peer)."""
+
+    def run(s: dict) -> np.ndarray:
+        result = vislib.explain(s["bundle"], s["inputs"], [method], target=s["targets"].tolist(),
+                                score=s["score"])
+        return result.raw[method].astype(np.float64)
+
+    return run
+
+
 def _fused_torchcam(layers: list[str], *, paper_scaling: bool = False):
     """torch-cam's LayerCAM on several layers, fused by its ``fuse_cams`` or, with ``paper_scaling``,
     its per-layer maps fused by vislib's :func:`~vislib.methods.cam_passes.fuse_maps` (eq. 9 on the
@@ -175,7 +193,8 @@ def _fused_torchcam(layers: list[str], *, paper_scaling: bool = False):
         extractor = LayerCAM(model, target_layer=layers, input_shape=tuple(s["inputs"].shape[1:]))
         try:
             scores = model(s["inputs"])
-            cams = extractor(class_idx=[int(t) for t in s["targets"]], scores=scores)
+            cams = extractor(class_idx=[int(t) for t in s["targets"]], scores=scores,
+                             normalized=not paper_scaling)
             if paper_scaling:
                 from vislib.methods.cam_passes import fuse_maps
 
@@ -195,6 +214,7 @@ FINER_NOTE = ("pytorch-grad-cam differentiates through its softmax comparison we
               "weighted mean of contrastive maps does not have); the second row holds them constant")
 FUSION_NOTE = ("torch-cam applies tanh(2·M) to every layer's min-max scaled map; LayerCAM (eq. 9) and ours "
                "scale the shallow maps only, each divided by its maximum")
+SHAPLEY_NOTE = "softmax probability: S is not linear in A above the layer, so H·A ≠ 0"
 
 
 def cases(libraries: dict[str, str]) -> list[Case]:
@@ -207,6 +227,10 @@ def cases(libraries: dict[str, str]) -> list[Case]:
             Case("eigengradcam", "EigenGradCAM (as shipped)", _pgc("EigenGradCAM"), note=EIGEN_NOTE),
             Case("kpcacam", "KPCA_CAM", _pgc("KPCA_CAM")),
             Case("shapleycam", "ShapleyCAM", _pgc("ShapleyCAM")),
+            Case("shapleycam", "ShapleyCAM, softmax target", _pgc("ShapleyCAM", softmax=True),
+                 score="probability", note=SHAPLEY_NOTE),
+            Case("shapleycam", "Grad-CAM (how far the Hessian term moves the map)", _ours("gradcam"),
+                 score="probability", note=SHAPLEY_NOTE, library="vislib"),
             Case("finercam", "FinerCAM (as shipped)", _finer_pgc(1.0), note=FINER_NOTE),
             Case("finercam", "FinerCAM (weights constant)", _finer_pgc(1.0, detach_weights=True),
                  note=FINER_NOTE),
@@ -230,7 +254,8 @@ def fusion_cases(libraries: dict[str, str], model_name: str) -> list[Case]:
             Case("layercam", "LayerCAM per-layer maps, fused by eq. 9 on the shallow map",
                  _fused_torchcam(["layer3", "layer4"], paper_scaling=True),
                  options={"fuse_layers": ["layer3"]},
-                 note="torch-cam's per-layer maps, our fusion: checks the gradients of both layers",
+                 note="torch-cam's per-layer maps (before its min-max), our fusion: checks both layers' "
+                      "gradients",
                  library="torchcam")]
 
 
@@ -266,15 +291,18 @@ def run_model(name: str, layer: str, why: str, libraries: dict[str, str], *, bat
     with torch.no_grad():
         targets = bundle.logits(inputs).argmax(dim=1)
     grid = tuple(bundle.layers[layer][1:])
-    setup = {"model": model, "layer": layer, "inputs": inputs, "targets": targets, "grid": grid}
+    setup = {"model": model, "layer": layer, "inputs": inputs, "targets": targets, "grid": grid,
+             "bundle": bundle}
     rows = []
     for case in cases(libraries) + fusion_cases(libraries, name):
         log(f"{name} {layer}: {case.method} vs {case.peer}")
         row = {"model": name, "layer": layer, "layer_note": why, "method": case.method,
-               "options": case.options or {}, "library": case.library, "peer": case.peer, "note": case.note}
+               "options": case.options or {}, "library": case.library, "peer": case.peer, "note": case.note,
+               "score": case.score}
+        setup["score"] = case.score
         try:
             started = time.perf_counter()
-            ours = vislib.explain(bundle, inputs, [case.method], target=targets.tolist(),
+            ours = vislib.explain(bundle, inputs, [case.method], target=targets.tolist(), score=case.score,
                                   options={case.method: case.options or {}}).raw[case.method]
             theirs = case.run_peer(setup)
             if ours.shape != theirs.shape:
@@ -313,12 +341,14 @@ def render_markdown(result: dict) -> str:
              "| model · layer | ours | peer | r min | r mean | ok | note |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ours = row["method"] + "".join(f" {k}={v}" for k, v in row["options"].items())
+        ours += " (probability)" if row.get("score") == "probability" else ""
         where, peer = f"{row['model']} · {row['layer']}", f"{row['library']} {row['peer']}"
         if "error" in row:
             lines.append(f"| {where} | {ours} | {peer} | – | – | error | {row['error']} |")
             continue
         rmin, rmean = row["r_min"], row["r_mean"]
         ok = "–" if rmin is None else "yes" if rmin >= result["threshold"] else "no"
+        ok = "reference" if row["library"] == "vislib" else ok
         fmt = lambda x: "–" if x is None else f"{x:.5f}"  # noqa: E731
         lines.append(f"| {where} | {ours} | {peer} | {fmt(rmin)} | {fmt(rmean)} | {ok} | {row['note']} |")
     return "\n".join(lines)

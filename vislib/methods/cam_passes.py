@@ -157,7 +157,14 @@ def hessian_vector_product(g: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     is piecewise linear: ReLU, max-pool, linear layers)."""
     if not g.requires_grad:
         return torch.zeros_like(A).detach()
-    (hv,) = torch.autograd.grad(g, A, grad_outputs=A.detach(), retain_graph=True, allow_unused=True)
+    try:
+        (hv,) = torch.autograd.grad(g, A, grad_outputs=A.detach(), retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:
+        if "not implemented" not in str(exc):
+            raise
+        raise MethodError(f"shapleycam needs second derivatives of the network above the layer, and torch "
+                          f"has none for one of its operations ({exc}); use gradcam, which ShapleyCAM "
+                          f"extends") from None
     return torch.zeros_like(A).detach() if hv is None else hv.detach()
 
 
