@@ -409,3 +409,16 @@ def test_model_untouched_after_success_and_failure(smooth, x, method, opts):
     with torch.no_grad():
         vislib.explain(smooth, x, [method], options={method: opts})
         assert not torch.is_grad_enabled()
+
+
+def test_shapleycam_refuses_a_head_without_second_derivatives(x):
+    """torch has no double backward for hardsigmoid (in MobileNetV3's squeeze-excitation): a clear refusal."""
+    torch.manual_seed(6)
+    net = SmoothHeadNet()
+    net.act = nn.Hardsigmoid()
+    bundle = tiny_bundle(net)
+    before = snapshot(bundle.model)
+    with pytest.raises(vislib.MethodError, match="second derivatives.*use gradcam"):
+        vislib.explain(bundle, x, ["shapleycam"])
+    assert_untouched(bundle.model, before)
+    assert vislib.explain(bundle, x, ["gradcam"]).maps["gradcam"].shape == (3, 16, 16)
