@@ -422,3 +422,12 @@ def test_shapleycam_refuses_a_head_without_second_derivatives(x):
         vislib.explain(bundle, x, ["shapleycam"])
     assert_untouched(bundle.model, before)
     assert vislib.explain(bundle, x, ["gradcam"]).maps["gradcam"].shape == (3, 16, 16)
+
+
+def test_the_dashboard_lists_them_in_the_cam_group():
+    from vislib import ui
+
+    groups = ui.methods_by_family()
+    assert set(NEW) <= set(groups["cam"])
+    assert not any(ui.is_slow(m) for m in NEW)  # one forward each (ShapleyCAM: one more backward)
+    assert all(ui.method_summary(m) for m in NEW)
