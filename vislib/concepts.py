@@ -87,8 +87,8 @@ def nmf(V: torch.Tensor, k: int, *, iterations: int = 400, tol: float = 1e-5, se
 class Concepts:
     """What :func:`concepts` returns. With a batch, ``maps`` and ``raw`` have the batch first."""
 
-    maps: np.ndarray  # k×H×W in [0, 1] at the input resolution (each concept min-max scaled)
-    raw: np.ndarray  # k×h×w: the rows of H at feature resolution, each scaled to a maximum of 1
+    maps: np.ndarray  # k×H×W in [0, 1] at the input resolution (``raw`` upsampled)
+    raw: np.ndarray  # k×h×w: the rows of H at feature resolution, each scaled to a maximum of 1 (per batch)
     vectors: np.ndarray  # k×C: the layer's activation where each concept is fully present
     share: np.ndarray  # k: each concept's share ‖W_d‖·‖H_d‖ / Σ of the factorization (sorted, largest first)
     logits: np.ndarray | None  # k×classes: the head applied to the concept vectors
@@ -182,14 +182,12 @@ def concepts_or_maps(bundle, image, k: int = 5, layer: str | None = None) -> tup
 
 
 def _input_maps(raw: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """N×k×h×w → N×k×H×W, bilinear (``align_corners=False``), each map min-max scaled."""
+    """N×k×h×w rows of H (each already divided by its maximum over the whole batch) → N×k×H×W,
+    bilinear (``align_corners=False``). Not min-max scaled per image: a concept that is weak or absent
+    in one image of a batch stays dark there."""
     n, k, h, w = raw.shape
     up = F.interpolate(raw.reshape(n * k, 1, h, w), size=size, mode="bilinear", align_corners=False)
-    flat = up.reshape(n * k, -1)
-    lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-    span = hi - lo
-    scaled = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
-    return scaled.reshape(n, k, *size).numpy().astype(np.float32)
+    return up.clamp_(0, 1).reshape(n, k, *size).numpy().astype(np.float32)
 
 
 def head_logits(bundle, layer: str, A: torch.Tensor, logits: torch.Tensor, vectors: torch.Tensor,
