@@ -353,3 +353,17 @@ def test_cli_layers_prints_the_table_and_the_reason(capsys):
     assert any("no spatial map" in line or "—" in line for line in capsys.readouterr().out.splitlines())
     assert main(["layers", "--model", "no_such_model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_metrics_use_the_selected_scores():
+    from vislib import metrics
+
+    torch.manual_seed(0)
+    bundle = vislib.load_model(DictNet(), preprocess=PLAIN, device="cpu")
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = torch.softmax(bundle.model(x)["logits"], 1)[torch.arange(3), torch.tensor([0, 1, 2])]
+    got = metrics.target_probabilities(bundle, x, [0, 1, 2])
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+    curves = metrics.deletion_insertion(bundle, x, torch.rand(3, 16, 16), [0, 1, 2], steps=4)
+    np.testing.assert_allclose(curves.deletion[:, 0], expected.numpy(), atol=1e-6)
