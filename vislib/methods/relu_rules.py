@@ -108,7 +108,7 @@ def _relu_call(func, args, kwargs) -> tuple[torch.Tensor, bool]:
     return x, inplace
 
 
-_RELU_FUNCS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+RELU_FUNCS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
 _MAXPOOL_FUNCS = frozenset({F.max_pool2d, torch.max_pool2d})
 
 
@@ -124,7 +124,7 @@ def _activation_funcs() -> dict:
     return {func: name for name, funcs in names.items() for func in funcs}
 
 
-_OTHER_ACTIVATIONS = _activation_funcs()
+OTHER_ACTIVATIONS = _activation_funcs()
 
 
 def _pool_args(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -171,15 +171,15 @@ class _ReluRuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELU_FUNCS:
+        if func in RELU_FUNCS:
             x, inplace = _relu_call(func, args, kwargs)
             if x.requires_grad and torch.is_grad_enabled():
                 self.state.count += 1
                 return _RuleReLU.apply(x, self.state, inplace)
-        elif func in _OTHER_ACTIVATIONS:
+        elif func in OTHER_ACTIVATIONS:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
-                name = _OTHER_ACTIVATIONS[func]
+                name = OTHER_ACTIVATIONS[func]
                 self.state.others[name] = self.state.others.get(name, 0) + 1
         elif self.state.frozen_norms and func is F.instance_norm:
             return _local_instance_norm(*args, **kwargs)
