@@ -14,13 +14,15 @@ convolution and batch-norm layers (spatial outputs N×C×h×w)::
 
 ψ (option ``psi``):
 
-- ``"channel"`` (default, as pytorch-grad-cam): every channel min-maxed to [0, 1] on its own (the
-  input term: every colour channel), channels summed, bilinear upsampling (``align_corners=False``).
-  One difference: a channel whose values are all equal becomes zeros here, where pytorch-grad-cam
-  divides by ``max + 1e-7`` (so a channel whose range is below ~1e-7 is shrunk, not stretched).
+- ``"channel"`` (default: the paper's eq. 6, ψ per channel c, and pytorch-grad-cam): every channel
+  min-maxed to [0, 1] on its own (the input term: every colour channel), channels summed, bilinear
+  upsampling (``align_corners=False``). One difference from pytorch-grad-cam: a channel whose values
+  are all equal becomes zeros here, where it divides by ``max + 1e-7`` (so a channel whose range is
+  below ~1e-7 is shrunk there, stretched here). Note what per-channel min-max implies: |b_c·∂S/∂z_c|
+  is rescaled per channel, so the map depends on *which* biases are non-zero, not on their size.
 - ``"layer"`` (the authors' code, idiap/fullgrad-saliency): each layer's tensor min-maxed as a whole
-  per image, channels summed, bilinear upsampling with ``align_corners=True`` (the authors divide by
-  ``max + 1e-6``; an exact division here).
+  per image, so channels with larger bias-gradients weigh more; channels summed, bilinear upsampling
+  with ``align_corners=True`` (the authors divide by ``max + 1e-6``; an exact division here).
 
 Linear-layer biases enter completeness but have no spatial map (as in the authors' code). Every
 bias-gradient comes from the same backward as the input gradient: the layers' outputs are captured
