@@ -185,6 +185,7 @@ class BackpropMethod(Method):
     rule: ClassVar[str] = "gradient"
     defaults: ClassVar[dict] = {}
     standalone: ClassVar[bool] = False
+    passes: ClassVar[str] = ""  # the passes it costs, for listings
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -202,6 +203,7 @@ class Gradient(BackpropMethod):
     """Saliency (Simonyan et al. 2014): ∂S/∂x, every ReLU passing ``1[f>0]·R``."""
 
     name = "gradient"
+    passes = "1 fwd + 1 bwd"
     uses_layer = False
     title = "Gradient (saliency)"
     paper = "Simonyan et al. 2014, Deep Inside Convolutional Networks"
@@ -214,6 +216,7 @@ class Deconvnet(BackpropMethod):
     (max-pool backward = unpooling with switches, conv backward = transposed filters)."""
 
     name = "deconvnet"
+    passes = "+ 1 bwd (shares the forward)"
     uses_layer = False
     title = "Deconvnet"
     paper = "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks"
@@ -225,6 +228,7 @@ class GuidedBackprop(BackpropMethod):
     """Guided backpropagation (Springenberg et al. 2015): every ReLU passes ``1[f>0]·1[R>0]·R``."""
 
     name = "guided_backprop"
+    passes = "+ 1 bwd (shares the forward)"
     uses_layer = False
     title = "Guided backprop"
     paper = "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net"
@@ -237,6 +241,7 @@ class GuidedGradCAM(BackpropMethod):
     at the target layer (bilinear upsampling). Reuses the CAM family's pass when it ran."""
 
     name = "guided_gradcam"
+    passes = "shares guided backprop's and Grad-CAM's"
     title = "Guided Grad-CAM"
     paper = "Selvaraju et al. 2017, Grad-CAM"
     rule = "guided"
@@ -248,6 +253,7 @@ class InputXGradient(BackpropMethod):
     normalised input space. Shares the forward and the gradient backward of the family."""
 
     name = "input_x_gradient"
+    passes = "shares the gradient's forward and backward"
     uses_layer = False
     title = "Input × Gradient"
     paper = "Shrikumar et al. 2016, Not Just a Black Box: Learning Important Features Through Propagating …"
@@ -263,6 +269,7 @@ class FullGrad(BackpropMethod):
     S = ∇ₓS·x + Σ b·∂S/∂b (exact on piecewise-linear nets) is checked: its parts and gap are in extras."""
 
     name = "fullgrad"
+    passes = "shares the gradient's forward and backward"
     uses_layer = False
     title = "FullGrad"
     paper = "Srinivas & Fleuret 2019, Full-Gradient Representation for Neural Network Visualization"
@@ -284,6 +291,7 @@ class SmoothGrad(BackpropMethod):
     through the model in batches of ``batch_size``; ``seed`` makes it reproducible."""
 
     name = "smoothgrad"
+    passes = "n_samples × the base's, batched"
     uses_layer = False  # unless its base is guided_gradcam
     slow = True
     title = "SmoothGrad"
@@ -301,6 +309,7 @@ class IntegratedGradients(BackpropMethod):
     Σ IG = S(x) − S(x') is checked: the gap is reported in extras."""
 
     name = "integrated_gradients"
+    passes = "steps fwd + bwd, batched"
     uses_layer = False
     slow = True
     title = "Integrated Gradients"
@@ -582,3 +591,8 @@ def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, ta
     elif base == "input_x_gradient":
         signal = x.detach() * signal  # the noisy copy times its gradient (Captum NoiseTunnel(InputXGradient))
     return signal
+
+
+# LRP is a method of this family computed on its own (a private copy of the model, through zennit);
+# imported last so that it is registered right after the family's other methods.
+from . import lrp  # noqa: E402, F401
