@@ -27,7 +27,9 @@ module types before running (DenseNet: pre-activation batch norms; EfficientNet,
 SiLU / Hardswish / ReLU6; ConvNeXt: LayerNorm and GELU; transformers: attention), and during the
 forward by a thread-local torch-function mode that watches for what module types cannot show: a sum
 of two branches outside the known blocks, a product of two activations (gating, attention), a
-non-ReLU activation called as a function.
+non-ReLU activation called as a function. (Pooling written as a function, e.g. ``x.mean((2, 3))``,
+passes: it conserves relevance, splitting it evenly where an ``nn.AdaptiveAvgPool2d`` module gets
+the Norm rule's split in proportion to the inputs.)
 
 **Isolation**: zennit registers hooks and its canonizers change parameters while they are applied.
 The shared model is never touched: zennit runs on a private deep copy, made once per model (under
