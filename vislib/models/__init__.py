@@ -10,15 +10,16 @@
 from .bundle import (  # noqa: F401
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LayerRow,
     ModelBundle,
     Preprocess,
     default_device,
-    guess_default_layer,
+    describe_output,
     make_bundle,
-    probe_layers,
     select_output,
 )
 from .bundled import ASSETS, DEFAULT_MODEL, MODELS_DIR, read_card, sample_images  # noqa: F401, I001
+from .probe import Probe, choose_default_layer, probe_model  # noqa: F401
 from .registry import _REGISTRY, ModelSpec, list_models, load_model, model_spec, register_model  # noqa: F401
 from .torchvision_zoo import (  # noqa: F401, I001  (sources register their models on import: after the registry)
     TORCHVISION_DEFAULT_LAYERS,

@@ -65,12 +65,16 @@ def load_model(
     default_layer: str | None = None,
     device: str | torch.device | None = None,
     name: str | None = None,
+    output=None,
+    channels: int | None = None,
 ) -> ModelBundle:
     """Load a registered model by name, or wrap the user's own ``nn.Module``.
 
     ``weights``: ``"default"`` (bundled weights, or torchvision's pretrained weights from the
     ``TORCH_HOME`` cache / a download), ``None`` (random initialisation), or a path to a state dict
     (``.safetensors`` preferred; ``.pt``/``.pth`` only through ``torch.load(weights_only=True)``).
+    For your own module: ``output`` (an index, a key or a callable) selects the class scores in a
+    dict / tuple output, ``channels`` sets the input channels (default: the first convolution's).
     """
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(model, nn.Module):
@@ -78,7 +82,7 @@ def load_model(
             load_state_dict_file(model, weights)
         return make_bundle(
             name or type(model).__name__, model, preprocess=preprocess, labels=labels,
-            default_layer=default_layer, device=dev,
+            default_layer=default_layer, device=dev, output=output, channels=channels,
             weights=str(weights) if weights not in ("default", None) else "as given",
         )
     bundle = model_spec(model).build(weights)
