@@ -113,7 +113,7 @@ def param_completeness(net: nn.Module, x: torch.Tensor, target: int, contrast: i
         beta = m.bias.detach() if m.affine else torch.zeros_like(inv)
         folded = beta - gamma * m.running_mean * inv
         bias_term = bias_term + (folded.view(1, -1, 1, 1) * g).sum()
-    return float(score), float((xg * grads[0]).detach().sum()), float(bias_term)
+    return float(score.detach()), float((xg * grads[0]).detach().sum()), float(bias_term)
 
 
 def test_folded_bias_is_what_batch_norm_adds_in_eval_mode():
