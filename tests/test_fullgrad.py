@@ -86,7 +86,7 @@ def param_completeness(net: nn.Module, x: torch.Tensor, target: int, contrast: i
     score = logits[0, target] - (logits[0, contrast] if contrast is not None else 0)
     pairs = []  # (bias value, parameter whose gradient is ∂S/∂bias)
     for m in ref.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)) and m.bias is not None:
             pairs.append((m.bias.detach(), m.bias))
     params = [p for _, p in pairs]
     grads = torch.autograd.grad(score, [xg, *params])
@@ -143,6 +143,25 @@ def test_completeness_before_psi_on_a_relu_net_with_biases_and_batch_norm(bias):
         assert abs(extras["completeness_gap"][i]) <= 1e-5 * max(1.0, abs(score))
     assert extras["bias_layers"] == (5 if bias else 0)  # conv1, bn1, bn2 (plain), conv3, fc
     assert extras["spatial_terms"] == (4 if bias else 0)  # the linear bias has no map
+
+
+def test_group_norm_shifts_count_as_biases_and_the_gap_says_completeness_fails_through_them():
+    """Instance norm (GroupNorm(c, c), as in the bundled models): its β is a bias term, computed from
+    the same backward; its statistics depend on x, so completeness does not hold and the gap says so."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.GroupNorm(4, 4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        net[1].bias.normal_(0, 0.5)
+    bundle = bundle_of(net)
+    x = torch.randn(1, 3, 16, 16)
+    extras = vislib.explain(bundle, x[0], methods=["fullgrad"], target=2).extras["fullgrad"]
+    score, input_term, bias_term = param_completeness(net, x, 2)
+    assert extras["bias_layers"] == 2 and extras["spatial_terms"] == 1
+    np.testing.assert_allclose(extras["bias_term"][0], bias_term, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(extras["input_term"][0], input_term, rtol=1e-4, atol=1e-6)
+    assert abs(input_term) < 1e-3 * abs(score)  # scale-invariant below the norm (up to its eps): x·∇ₓS ≈ 0
+    assert extras["relative_gap"][0] > 0.05
 
 
 def test_completeness_holds_for_a_contrastive_score():

@@ -24,7 +24,11 @@ convolution and batch-norm layers (spatial outputs N×C×h×w)::
   per image, so channels with larger bias-gradients weigh more; channels summed, bilinear upsampling
   with ``align_corners=True`` (the authors divide by ``max + 1e-6``; an exact division here).
 
-Linear-layer biases enter completeness but have no spatial map (as in the authors' code). Every
+Linear-layer biases enter completeness but have no spatial map (as in the authors' code). Group and
+instance norms with an affine shift β count like batch norm (their β is added per channel after the
+normalisation), so that networks normalised per image (the bundled ``shapes_*`` models) get bias terms
+too; completeness does not hold through them (their statistics depend on x), and the reported gap says
+so. Layer norms are left out (their bias runs along the last dimension, not the channels). Every
 bias-gradient comes from the same backward as the input gradient: the layers' outputs are captured
 with their graph during the one forward (hooks inside :func:`capture_outputs`), and one
 ``torch.autograd.grad`` call returns ∂S/∂x and every ∂S/∂z_l.
@@ -46,13 +50,20 @@ from ..hooks import this_thread_only
 PSI = ("channel", "layer")
 
 
+_SHIFTED_NORMS = (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
 def has_bias(module: nn.Module) -> bool:
     """Whether ``module`` adds a bias at every position of its output: a convolution or linear layer
-    with a bias, or a batch norm in eval mode with running statistics (its folded bias)."""
+    with a bias, a batch norm in eval mode with running statistics (its folded bias), or a group /
+    instance norm with an affine shift β (added per channel after the normalisation; pytorch-grad-cam
+    leaves these out, and completeness does not hold through them: their statistics depend on x)."""
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         return module.bias is not None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return not module.training and module.running_mean is not None
+    if isinstance(module, _SHIFTED_NORMS):
+        return getattr(module, "bias", None) is not None
     return False
 
 
