@@ -244,6 +244,10 @@ def render_markdown(results: dict) -> str:
     out += ["", "## Promises", ""]
     missing = "- not measured here (the promises are stated for resnet50 at 224×224)"
     out += promise_lines(results) or [missing]
+    if results.get("agreement_backprop"):
+        from .agreement_backprop import render
+
+        out += [""] + render(results["agreement_backprop"])
     notes = row_notes(results)
     if notes:
         out += ["", "## What the long methods did", ""] + notes

@@ -32,6 +32,7 @@ import vislib  # noqa: E402
 from vislib.errors import VislibError  # noqa: E402
 from vislib.models import pretrained_available  # noqa: E402
 
+from . import agreement_backprop  # noqa: E402
 from . import peers as peer_lib  # noqa: E402
 from .report import evaluate_promises, render_markdown, write_results  # noqa: E402
 from .suite import BenchConfig, bench_bundle, scaling  # noqa: E402
@@ -190,6 +191,11 @@ def main(argv=None) -> int:
         from . import agreement_cam
 
         results["agreement_cam"] = agreement_cam.run(quick=args.quick, log=log)
+    wanted = set(config.method_names()) & {m for m, _ in agreement_backprop.CASES}
+    if not args.no_peers and not args.no_agreement and wanted:  # FullGrad, Input×Gradient, LRP
+        results["agreement_backprop"] = agreement_backprop.run_agreement(
+            ["resnet18"] if args.quick else ["resnet18", "vgg16"], size=64 if args.quick else 112,
+            batch=1 if args.quick else 2, repeats=1 if args.quick else args.repeats, methods=wanted, log=log)
     results["promises"] = evaluate_promises(results)
     results["meta"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results["meta"]["total time"] = f"{time.perf_counter() - started:.0f} s"
