@@ -450,25 +450,46 @@ def _cam_pass_for(ctx: ExplainContext):
     return None
 
 
-def _run_direct(ctx: ExplainContext, names: list[str], options: dict[str, dict]) -> dict[str, MethodResult]:
-    """The methods of :data:`DIRECT` on the clean input: one forward, one backward per distinct rule
-    (guided backprop and guided Grad-CAM share theirs; gradient, Input × Gradient and FullGrad theirs,
-    FullGrad's bias-gradients included)."""
+def direct_pass(ctx: ExplainContext, names: list[str], options: dict[str, dict], *,
+                with_layer: bool = False) -> BackpropPass:
+    """The one forward (and one backward per distinct rule) that every method of :data:`DIRECT` in
+    ``names`` reads; ``with_layer`` also records the target layer's A and ∂S/∂A on the same graph
+    (guided Grad-CAM, and the CAM family when the two families share the forward)."""
     rules = list(dict.fromkeys(_rule_of(n) for n in names))
-    psi = options["fullgrad"]["psi"] if "fullgrad" in names else None
-    if psi is not None and psi not in fg.PSI:
+    if "fullgrad" in names and options["fullgrad"]["psi"] not in fg.PSI:
+        psi = options["fullgrad"]["psi"]
         raise MethodError(f"fullgrad: psi must be one of {', '.join(fg.PSI)}, not {psi!r}")
-    reuse = _cam_pass_for(ctx) if "guided_gradcam" in names else None
-    layer_module = None
-    if "guided_gradcam" in names and reuse is None:
-        layer_module = resolve_layer(ctx.bundle, ctx.layer)[1]
+    layer_module = resolve_layer(ctx.bundle, ctx.layer)[1] if with_layer else None
     capture = fg.bias_layers(ctx.bundle.model) if "fullgrad" in names else ()
     passed = backprop_pass(ctx.bundle, ctx.inputs, ctx.class_score, rules, layer_module=layer_module,
                            layer_view=ctx.bundle.view(ctx.layer), capture_modules=capture)
     key = "backprop_forward" if ctx.pass_timings.get("forward") is not None else "forward"
     ctx.pass_timings[key] = passed.forward_seconds
     for rule, seconds in passed.backward_seconds.items():
-        ctx.pass_timings[f"backward_{rule}"] = seconds
+        ctx.pass_timings["backward" if rule == "layer" else f"backward_{rule}"] = seconds
+    return passed
+
+
+def _reusable(passed: BackpropPass | None, names: list[str], cam_pass) -> bool:
+    """Whether a pass recorded earlier (shared with the CAM family, or cached) serves ``names``."""
+    if passed is None:
+        return False
+    rules = {_rule_of(n) for n in names}
+    return (rules <= set(passed.signals) and ("fullgrad" not in names or bool(passed.outputs))
+            and ("guided_gradcam" not in names or cam_pass is not None or passed.activation is not None))
+
+
+def _run_direct(ctx: ExplainContext, names: list[str], options: dict[str, dict]) -> dict[str, MethodResult]:
+    """The methods of :data:`DIRECT` on the clean input: one forward, one backward per distinct rule
+    (guided backprop and guided Grad-CAM share theirs; gradient, Input × Gradient and FullGrad theirs,
+    FullGrad's bias-gradients included), or a pass recorded earlier for them (``ctx.shared``)."""
+    psi = options["fullgrad"]["psi"] if "fullgrad" in names else None
+    reuse = _cam_pass_for(ctx) if "guided_gradcam" in names else None
+    passed = ctx.shared.get("direct_pass")
+    fresh = not _reusable(passed, names, reuse)
+    if fresh:
+        passed = direct_pass(ctx, names, options, with_layer="guided_gradcam" in names and reuse is None)
+        ctx.shared["direct_pass"] = passed
     ctx.check_cancel()
     results = {}
     for name in names:
@@ -488,7 +509,8 @@ def _run_direct(ctx: ExplainContext, names: list[str], options: dict[str, dict])
                 signal, extra = _fullgrad_result(ctx.inputs, passed, psi)
             else:
                 extra["display"] = display_map(signal)
-        results[name] = MethodResult(signal.detach(), sw.seconds + passed.backward_seconds[rule], extra)
+        charged = passed.backward_seconds[rule] if fresh else 0.0  # a reused backward cost nothing now
+        results[name] = MethodResult(signal.detach(), sw.seconds + charged, extra)
     return results
 
 

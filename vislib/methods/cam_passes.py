@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import MethodError
 from ..hooks import capture_layer, resolve_layer
 from .base import ExplainContext, MethodResult, Stopwatch
+from .sharing import shared_cam_pass
 
 #: (horizontal flip, input multiplier) of ``aug_smooth``, the unaugmented input first (its logits
 #: fix the explained class). pytorch-grad-cam's default test-time augmentation (ttach).
@@ -99,6 +100,15 @@ def cam_pass(ctx: ExplainContext, x: torch.Tensor, modules: list, methods: list,
     keys = list(dict.fromkeys(m.score_key for m in methods if m.score_key is not None))
     owners = {key: next(m for m in methods if m.score_key == key) for key in keys}
     hvp_keys = {m.score_key for m in methods if m.needs_hvp}
+    if set(keys) <= {("class",)} and not hvp_keys:
+        recorded = shared_cam_pass(ctx, x, modules, need_gradient=bool(keys))
+        if recorded is not None:  # one forward shared with the backprop family, or a cached pass
+            A, g = recorded
+            layer_pass = LayerPass(ctx.layer, A)
+            if keys:
+                layer_pass.gradients[("class",)] = g
+                _note_zero_gradient(ctx, layer_pass.layer, g)
+            return [layer_pass]
     several = len(modules) > 1
     with bundle.lock, Stopwatch(bundle.device) as forward, ExitStack() as stack:
         if several and keys:
@@ -129,18 +139,23 @@ def cam_pass(ctx: ExplainContext, x: torch.Tensor, modules: list, methods: list,
             _add_time(ctx, prefix + _backward_label(key), backward.seconds)
             for p, g in zip(passes, grads, strict=True):
                 p.gradients[key] = g.detach()
-                if key == ("class",) and not bool(g.abs().amax() > 0):
-                    note = (f"the class score's gradient is zero at every position of layer {p.layer!r}: "
-                            f"its gradient-based maps are flat (a layer the score does not depend on, e.g. a "
-                            f"ViT's patch tokens after its last attention)")
-                    if note not in ctx.notes:
-                        ctx.notes.append(note)
+                if key == ("class",):
+                    _note_zero_gradient(ctx, p.layer, g)
             if hvp:
                 with Stopwatch(bundle.device) as second:
                     for p, g, A in zip(passes, grads, activations, strict=True):
                         p.hvps[key] = hessian_vector_product(g, A)
                 _add_time(ctx, prefix + "hessian_vector_product", second.seconds)
     return passes
+
+
+def _note_zero_gradient(ctx: ExplainContext, layer: str, g: torch.Tensor) -> None:
+    if not bool(g.abs().amax() > 0):
+        note = (f"the class score's gradient is zero at every position of layer {layer!r}: its "
+                f"gradient-based maps are flat (a layer the score does not depend on, e.g. a ViT's patch "
+                f"tokens after its last attention)")
+        if note not in ctx.notes:
+            ctx.notes.append(note)
 
 
 def _backward_label(key: tuple) -> str:
