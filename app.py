@@ -215,10 +215,17 @@ key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bun
                     layers=extra_layers, target=explain_target, score=score, methods=methods)
 
 
+@st.cache_resource(show_spinner=False)
+def _pass_cache() -> vislib.PassCache:
+    """Recorded passes and method results, shared by the sessions of this server (keyed by the model
+    object and its weights, so an uploaded model's entries are never another session's)."""
+    return vislib.PassCache(max_entries=32)
+
+
 def job(progress, cancel):
     return ui.compute_view(bundle, image_bytes, methods, layer=layer, extra_layers=extra_layers,
                            target=explain_target, score=score, progress=progress, cancel=cancel,
-                           image_name=image_name)
+                           image_name=image_name, cache=_pass_cache())
 
 
 try:
@@ -242,8 +249,9 @@ with head:
     st.subheader("Maps")
     passes = " · ".join(f"{k.replace('_', ' ')} {ui.format_seconds(v)}"
                         for k, v in result.pass_timings.items())
+    reused = f" · reused: {', '.join(ui.method_title(m) for m in result.reused)}" if result.reused else ""
     st.caption(f"Computed in {ui.format_seconds(result.seconds)}" + (" (cached)" if cached else "")
-               + (f" · shared passes: {passes}" if passes else ""))
+               + (f" · shared passes: {passes}" if passes else "") + reused)
 with scale:
     st.image(ui.colorbar(colormap, width=240, height=12), width="stretch")
     st.caption("low → high · one colour scale, each map min–max normalised")

@@ -128,3 +128,18 @@ def test_the_cache_is_bounded():
     for i in range(4):
         vislib.explain(bundle, torch.full((1, 3, 16, 16), float(i)), ["gradcam"], cache=cache)
     assert len(cache._entries) == 2
+
+
+def test_a_view_that_adds_a_method_reuses_the_rest(counted, x):
+    from vislib import ui
+
+    bundle, counter = counted
+    cache = vislib.PassCache()
+    image = vislib.sample_images()[0]
+    first = ui.compute_view(bundle, str(image), ["gradcam", "guided_backprop"], layer="net.features", cache=cache)
+    counter.images = 0
+    second = ui.compute_view(bundle, str(image), ["gradcam", "guided_backprop", "hirescam"],
+                             layer="net.features", cache=cache)
+    assert counter.images == 0 and second.reused == ["gradcam", "guided_backprop"]
+    a, b = first.rows[0].explanations["gradcam"], second.rows[0].explanations["gradcam"]
+    np.testing.assert_array_equal(a.maps["gradcam"], b.maps["gradcam"])
