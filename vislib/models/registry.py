@@ -215,7 +215,7 @@ def _override(src: SourceModel, labels, preprocess, default_layer, output, chann
     if preprocess is not None:
         src.preprocess = preprocess
     if default_layer is not None:
-        src.default_layer = default_layer
+        src.default_layer, src.default_reason = default_layer, None
     if output is not None:
         src.output = output
     if channels is not None:

@@ -40,6 +40,7 @@ class SourceModel:
     weights: str  # which weights: a file, a pretrained tag, or "random"
     source: str  # "bundled" | "torchvision" | "timm" | "hf" | "spec" | "factory" | "module"
     default_layer: str | None = None
+    default_reason: str | None = None  # why that default layer (None: make_bundle's rule says why)
     channels: int | None = None
     output: object = None
     card: dict | None = None
@@ -131,7 +132,8 @@ def finish(name: str, src: SourceModel, device: torch.device | None = None) -> M
         bundle = make_bundle(
             name, src.model, preprocess=src.preprocess,
             labels=None if spec_labels is not None else src.labels, default_layer=src.default_layer,
-            device=device, weights=src.weights, card=src.card,
+            default_reason=src.default_reason if src.default_layer else None, device=device,
+            weights=src.weights, card=src.card,
             output=src.output, channels=src.channels, source=src.source, labels_from=src.labels_from,
             notes=list(src.notes),
         )

@@ -299,6 +299,7 @@ def entry_source(entry: ModelEntry, weights, kwargs: dict) -> SourceModel:
         src.labels, src.labels_from = list(entry.labels), entry.labels_from
     if entry.layer is not None:
         src.default_layer = entry.layer
+        src.default_reason = f"the spec file's choice ({Path(entry.file).name})"
     if entry.output is not None:
         src.output = _output(entry)
     if entry.channels is not None:

@@ -14,8 +14,8 @@ from .registry import _seeded, register_source, source_spec
 from .source import SourceModel, draw_zero_head, preprocess
 from .weights import load_weights
 
-#: Default layers of the torchvision models registered before the whole zoo was (kept stable); the
-#: others get the bundle's default-layer rule.
+#: The default layers of the eight torchvision models registered before the whole zoo was; the bundle's
+#: default-layer rule gives these same layers (tested) and chooses for every model.
 TORCHVISION_DEFAULT_LAYERS = {
     "alexnet": "features.11",
     "vgg16": "features.29",
@@ -110,7 +110,7 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
         labels, labels_from = None, "class indices"
     return SourceModel(
         model=model, preprocess=pre, labels=labels, labels_from=labels_from, weights=weights_id,
-        source="torchvision", default_layer=TORCHVISION_DEFAULT_LAYERS.get(name), channels=3,
+        source="torchvision", channels=3,  # the default layer: the bundle's rule (the peers' choices, tested)
         description=f"torchvision {name} (ImageNet)", notes=notes,
     )
 
