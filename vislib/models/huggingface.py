@@ -240,6 +240,9 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
             weights_id = str(weights)
     labels, labels_from = config_labels(model.config)
     channels = int(getattr(model.config, "num_channels", 3) or 3)
+    if folder is None:  # the processor is optional: looked up online only when it is not cached
+        load["local_files_only"] = (hf_cached(ref, "preprocessor_config.json") is not None or offline()
+                                    or not hf_reachable())
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(ref, **load)
     except Exception:  # no preprocessor_config.json
@@ -267,7 +270,9 @@ def pretrained_available(name: str) -> bool:
 
 
 def hf_spec(name: str) -> ModelSpec:
-    ref, _ = _split(name)
+    ref, folder = _split(name)
+    if folder is not None:  # absolute, so that another process (a Ray worker) finds it too
+        ref = str(folder.resolve())
     return source_spec(PREFIX + ref, "hf", f"Hugging Face {ref}",
                        lambda weights, kwargs: hf_source(ref, weights, kwargs),
                        available=lambda: pretrained_available(ref))

@@ -89,6 +89,8 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
         arch = dict(kwargs)
         if name.startswith("vit_") and isinstance(pre.crop, int):
             arch.setdefault("image_size", pre.crop)
+        if name in ("googlenet", "inception_v3"):  # PyTorch's initialisation (torchvision's own is
+            arch.setdefault("init_weights", False)  # slow, about to change, and warns)
 
         def build(num_classes: int | None = None):
             extra = {"num_classes": num_classes} if num_classes else {}
