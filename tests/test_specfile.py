@@ -275,3 +275,17 @@ def test_the_reader_checks_without_building(spec):
     (entry,) = read_spec_file(path)
     assert entry.weights is None and entry.resize == (64, 80) and entry.input_size == (56, 72)
     assert entry.std == (0.25, 0.25, 0.25) and entry.file == str(path.resolve())
+
+
+def test_missing_pretrained_weights_of_a_spec_model_name_the_file(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = spec('[models.pre]\nsource = "timm:resnet18.a1_in1k"\n[models.tv]\nsource = "resnet50"\n')
+    register_models(path)
+    assert not vislib.models.pretrained_available("pre") and not vislib.models.pretrained_available("tv")
+    for name, missing in (("pre", "timm/resnet18.a1_in1k"), ("tv", "resnet50-")):
+        with pytest.raises(vislib.WeightsError) as info:
+            vislib.load_model(name, device="cpu")
+        message = str(info.value)
+        assert f"{path} [models.{name}]:" in message and missing in message and "not cached" in message
+        assert "\n" not in message
