@@ -20,6 +20,8 @@ import contextlib
 import logging
 import os
 import queue
+import re
+import sys
 import threading
 import time
 
@@ -102,7 +104,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         with contextlib.suppress(Exception):
             ray.shutdown()
         where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
-        raise EngineError(f"could not {where}: {type(exc).__name__}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise EngineError(f"could not {where}: {type(exc).__name__}: {first}") from None
     try:
         yield {"owned": True, "address": address or LOOPBACK, "init_s": time.perf_counter() - start}
     finally:
@@ -123,28 +126,33 @@ class _Worker:
         return self.task(self.bundle, self.images, np.asarray(batch["data"], np.int64))
 
 
-def _user_error(exc: BaseException) -> VislibError | None:
-    """The VislibError a worker raised, dug out of Ray's wrappers (None if there is none)."""
-    seen = set()
-    stack = [exc]
+_RAISED = re.compile(r"\b(vislib(?:\.\w+)*)\.(\w+): (.+)")
+
+
+def worker_error(exc: BaseException) -> VislibError | None:
+    """The VislibError a worker raised, as a plain error of the same class with the worker's own
+    message, dug out of Ray's wrappers: a chained exception, or (an actor that died while it was
+    being built) the last ``vislib.<module>.<Class>: message`` line of the text. None if none."""
+    seen, stack = set(), [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
         if isinstance(e, VislibError):
-            return e
+            cls = next(c for c in type(e).__mro__
+                       if issubclass(c, VislibError) and c.__module__.startswith("vislib"))
+            text = (str(e.args[0]) if e.args else str(e)).strip()
+            return cls(text.splitlines()[0] if text else text)
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    for line in reversed(str(exc).splitlines()):
+        found = _RAISED.search(line)
+        if found:
+            module, name, message = found.groups()
+            cls = getattr(sys.modules.get(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, VislibError):
+                return cls(message.strip())
     return None
-
-
-def _plain(error: VislibError) -> VislibError:
-    """A fresh error of the same vislib class with the worker's message alone (Ray's wrapper
-    classes append the worker's traceback to the text)."""
-    cls = next(c for c in type(error).__mro__
-               if issubclass(c, VislibError) and c.__module__.startswith("vislib"))
-    message = str(error.args[0]) if error.args else str(error)
-    return cls(message.strip().splitlines()[0] if message.strip() else message)
 
 
 def run_ray(task: Task, bundle: ModelBundle, images: ImageSet, n: int, *, address: str | None = None,
@@ -193,7 +201,7 @@ def _run_pool(ray, task, model, recipe, n, *, workers, batch_size, progress, can
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     blocks = [np.arange(lo, min(n, lo + batch_size), dtype=np.int64) for lo in range(0, n, batch_size)]
     ds = ray.data.from_numpy(blocks).map_batches(
         _Worker, fn_constructor_kwargs=dict(model=model, recipe=recipe, task=task, threads=threads),
@@ -201,41 +209,50 @@ def _run_pool(ray, task, model, recipe, n, *, workers, batch_size, progress, can
         num_gpus=1 if gpus else 0, batch_format="numpy", zero_copy_batch=True,
     )
     out: queue.Queue = queue.Queue()
+    stopping = threading.Event()
 
     def pump() -> None:  # iterate in a helper thread, so that cancel and Ctrl-C are seen at once
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
         try:
-            for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for part in batches:
+                if stopping.is_set():
+                    break  # leaving the loop closes the iterator: Ray Data stops its executor
                 out.put(("rows", part))
             out.put(("done", None))
         except BaseException as exc:  # handed to the driver's thread
             out.put(("error", exc))
 
     start = time.perf_counter()
-    threading.Thread(target=pump, name="vislib-ray-pump", daemon=True).start()
+    thread = threading.Thread(target=pump, name="vislib-ray-pump", daemon=True)
+    thread.start()
     parts, got = [], np.zeros(n, bool)
-    while True:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled by the caller")
-        try:
-            kind, value = out.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if kind == "done":
-            break
-        if kind == "error":
-            found = _user_error(value)
-            if found is not None:
-                raise _plain(found) from None
-            last = (str(value).strip().splitlines() or [""])[-1]
-            raise EngineError(f"the Ray run failed: {type(value).__name__}: {last}")
-        if "first_s" not in info:
-            info["first_s"] = time.perf_counter() - start
-        got[np.asarray(value["index"], np.int64)] = True  # a retried batch may come twice: count once
-        if on_part is not None:
-            on_part(value)
-        else:
-            parts.append(value)
-        if progress is not None:
-            progress(int(got.sum()), n, unit)
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled by the caller")
+            try:
+                kind, value = out.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "done":
+                break
+            if kind == "error":
+                found = worker_error(value)
+                if found is not None:
+                    raise found from None
+                last = (str(value).strip().splitlines() or [""])[-1]
+                raise EngineError(f"the Ray run failed: {type(value).__name__}: {last}")
+            if "first_s" not in info:
+                info["first_s"] = time.perf_counter() - start
+            got[np.asarray(value["index"], np.int64)] = True  # a retried batch may come twice: count once
+            if on_part is not None:
+                on_part(value)
+            else:
+                parts.append(value)
+            if progress is not None:
+                progress(int(got.sum()), n, unit)
+    finally:
+        stopping.set()
+        thread.join(timeout=2.0)  # a pump waiting for a batch ends when Ray shuts down
     info["run_s"] = time.perf_counter() - start
     return parts
