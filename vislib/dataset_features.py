@@ -167,8 +167,8 @@ class TopIndex:
 
 def top_activations(bundle: ModelBundle, images: ImageSet, layer: str | None = None, *, top: int = 9,
                     batch_size: int = 64, engine: str = "local", address: str | None = None,
-                    workers: int | None = None, progress=None, cancel: threading.Event | None = None,
-                    ) -> TopIndex:
+                    workers: int | None = None, threads: int | None = None, progress=None,
+                    cancel: threading.Event | None = None) -> TopIndex:
     """The exact top-``top`` images of every channel of ``layer`` over ``images`` (no projections)."""
     from .evaluate.engine import run
 
@@ -183,7 +183,7 @@ def top_activations(bundle: ModelBundle, images: ImageSet, layer: str | None = N
     start = time.perf_counter()
     run(functools.partial(activation_rows, layer=name), bundle, images, len(images), engine=engine,
         address=address, workers=workers, batch_size=batch_size, progress=progress, cancel=cancel,
-        unit="images", info=info, on_part=reducer.update)
+        unit="images", info=info, on_part=reducer.update, threads=threads)
     keep = reducer.image != TopK.NONE
     channel, rank = np.nonzero(keep)  # row-major: by channel, then rank
     where = reducer.where[keep]
@@ -252,7 +252,8 @@ def _write_shard(folder: Path, rows: np.ndarray, projections: np.ndarray, patche
 
 def project_index(bundle: ModelBundle, images: ImageSet, index: TopIndex, folder: str | os.PathLike, *,
                   batch_size: int = 32, engine: str = "local", address: str | None = None,
-                  workers: int | None = None, progress=None, cancel: threading.Event | None = None) -> None:
+                  workers: int | None = None, threads: int | None = None, progress=None,
+                  cancel: threading.Event | None = None) -> None:
     """Compute the receptive fields of the index's units (on the driver, once per position) and their
     projections and patches (the per-batch step :func:`projection_rows` on the engine), written into
     ``folder/units``; sets ``index.boxes``."""
@@ -277,7 +278,8 @@ def project_index(bundle: ModelBundle, images: ImageSet, index: TopIndex, folder
         failed.extend(str(f) for f in np.asarray(part["failed"]).astype(str) if f)
 
     run(task, bundle, images, len(index), engine=engine, address=address, workers=workers,
-        batch_size=batch_size, progress=progress, cancel=cancel, unit="projections", on_part=collect)
+        batch_size=batch_size, progress=progress, cancel=cancel, unit="projections", on_part=collect,
+        threads=threads)
     if failed:  # an image that was read in the first pass and not in the second: the data changed
         raise InputError(f"{len(failed)} images could not be read again for their projections ({failed[0]})")
     index.seconds["projections"] = time.perf_counter() - start
@@ -289,8 +291,8 @@ def project_index(bundle: ModelBundle, images: ImageSet, index: TopIndex, folder
 
 def build_index(bundle: ModelBundle, images: ImageSet, out: str | os.PathLike, layer: str | None = None, *,
                 top: int = 9, batch_size: int = 64, engine: str = "local", address: str | None = None,
-                workers: int | None = None, parquet: bool = False, progress=None,
-                cancel: threading.Event | None = None) -> TopIndex:
+                workers: int | None = None, threads: int | None = None, parquet: bool = False,
+                progress=None, cancel: threading.Event | None = None) -> TopIndex:
     """Top-``top`` activations of every channel of ``layer`` over ``images``, their projections and
     patches, written to the folder ``out`` (see the module's docstring)."""
     out = Path(out)
@@ -304,9 +306,10 @@ def build_index(bundle: ModelBundle, images: ImageSet, out: str | os.PathLike, l
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc.strerror}") from None
     index = top_activations(bundle, images, layer, top=top, batch_size=batch_size, engine=engine,
-                            address=address, workers=workers, progress=progress, cancel=cancel)
+                            address=address, workers=workers, threads=threads, progress=progress,
+                            cancel=cancel)
     project_index(bundle, images, index, out, batch_size=max(1, min(batch_size, 32)), engine=engine,
-                  address=address, workers=workers, progress=progress, cancel=cancel)
+                  address=address, workers=workers, threads=threads, progress=progress, cancel=cancel)
     table = index.table()
     from .evaluate.report import write_csv_table, write_parquet_table
 

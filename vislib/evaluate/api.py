@@ -38,6 +38,7 @@ def evaluate(
     engine: str = "local",
     address: str | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     maps_dir: str | None = None,
     _on_batch: Callable[[torch.Tensor], float] | None = None,
 ) -> EvalResult:
@@ -53,9 +54,10 @@ def evaluate(
 
     ``engine``: ``"local"`` (this process) or ``"ray"`` (a Ray Data actor pool: ``address`` of a
     cluster, else ``RAY_ADDRESS``, else a local Ray started and stopped by this call; ``workers``
-    actors, default one per GPU or CPU). Both run the same per-batch step and merge the rows with the
-    same code: the results are equal up to floating-point noise. ``maps_dir``: also write every
-    image's maps there, in compressed shards (float16, ``maps-<first index>.npz``).
+    actors, default one per GPU or CPU, each with ``threads`` torch threads, default 1). Both run
+    the same per-batch step and merge the rows with the same code: the results are equal up to
+    floating-point noise. ``maps_dir``: also write every image's maps there, in compressed shards
+    (float16, ``maps-<first index>.npz``).
     """
     names = parse_methods(methods)
     if explained not in ("predicted", "true"):
@@ -85,7 +87,8 @@ def evaluate(
     info: dict = {}
     start = time.perf_counter()
     parts = run(task, bundle, images, n, engine=engine, address=address, workers=workers,
-                batch_size=batch_size, progress=progress, cancel=cancel, unit="images", info=info)
+                batch_size=batch_size, progress=progress, cancel=cancel, unit="images", info=info,
+                threads=threads)
     wall = time.perf_counter() - start - excluded[0]
     result = assemble(parts, ids=images.ids, targets=images.targets, model=bundle.name,
                       weights=bundle.weights, layer=layer_name, labels=list(bundle.labels),

@@ -28,25 +28,27 @@ class MissingDependency(VislibError, ImportError):
     """An optional package that this feature needs is not installed (the message says how)."""
 
 
-def check_engine(engine: str, address: str | None, workers: int | None) -> None:
+def check_engine(engine: str, address: str | None, workers: int | None, threads: int | None = None) -> None:
     if engine not in ENGINES:
         raise EngineError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "local" and (address or workers):
         raise EngineError("address and workers are options of engine='ray'")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise EngineError(f"workers must be a positive number, not {workers!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise EngineError(f"threads must be a positive number, not {threads!r}")
 
 
 def run(task: Task, bundle: ModelBundle, images: ImageSet, n: int, *, engine: str = "local",
         address: str | None = None, workers: int | None = None, batch_size: int = 64,
         progress: Progress | None = None, cancel: threading.Event | None = None,
-        unit: str = "images", info: dict | None = None,
-        on_part: Callable[[dict], None] | None = None) -> list[dict[str, np.ndarray]]:
+        unit: str = "images", info: dict | None = None, on_part: Callable[[dict], None] | None = None,
+        threads: int | None = None) -> list[dict[str, np.ndarray]]:
     """The rows of ``task`` over items 0..n−1 (in any order: the caller merges them by ``index``;
     every task returns one row per item, with its number in ``index``). With ``on_part`` each batch's
     rows go there as they arrive and nothing is kept. ``info`` receives what the engine did (e.g.
-    ``engine``: "ray (2 workers)")."""
-    check_engine(engine, address, workers)
+    ``engine``: "ray (2 workers)"). ``threads``: torch threads per Ray worker (default 1)."""
+    check_engine(engine, address, workers, threads)
     if batch_size < 1:
         raise EngineError(f"batch_size must be a positive number, not {batch_size}")
     if engine == "local":
@@ -57,4 +59,5 @@ def run(task: Task, bundle: ModelBundle, images: ImageSet, n: int, *, engine: st
     from .ray_engine import run_ray
 
     return run_ray(task, bundle, images, n, address=address, workers=workers, batch_size=batch_size,
-                   progress=progress, cancel=cancel, unit=unit, info=info, on_part=on_part)
+                   progress=progress, cancel=cancel, unit=unit, info=info, on_part=on_part,
+                   threads=threads or 1)

@@ -20,6 +20,15 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def format_bytes(count: float) -> str:
+    """``512 B``, ``3.4 MB``, ``1.2 GB`` (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
 class RateMeter:
     """Rate and time left from ``update(done, total)`` calls.
 
