@@ -113,3 +113,19 @@ def listening(pids: set[int]) -> list[tuple[int, str]]:
 def is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0]
     return host.startswith("127.") or host in ("::ffff:127.0.0.1", "0000:0000:0000:0000:0000:0000:0000:0001")
+
+
+def session_processes(sid: int) -> set[int]:
+    """Every process of the session ``sid`` (as ``start_new_session`` makes for a command)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == sid:
+            found.add(int(entry.name))
+    return found

@@ -77,6 +77,16 @@ class RateMeter:
             parts.append(f"{format_duration(self.eta)} left")
         return " · ".join(parts)
 
+    def rate_text(self, unit: str = "images") -> str:
+        """``images at 123/s, 12 s left`` (what is known so far) for a bar that shows done/total."""
+        rate = self.rate
+        if rate != rate:
+            return unit
+        text = f"{unit} at {rate:.3g}/s"
+        if self.eta == self.eta and self.done < self.total:
+            text += f", {format_duration(self.eta)} left"
+        return text
+
     def bar(self, width: int = 24, unit: str = "images") -> str:
         """A text bar: ``[██████······] 480/2000 images · 123 images/s · 12 s left``."""
         frac = min(1.0, self.done / self.total) if self.total else 0.0

@@ -81,6 +81,28 @@ def _loopback_only():
             os.environ[CLUSTER_ENV] = old_env
 
 
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> str | None:
+    """The host of a ``host:port`` address after checking that something listens there (Ray itself
+    retries a wrong address for minutes); None for other forms (``auto``, ``ray://…``)."""
+    import socket
+
+    if "://" in address or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"no Ray cluster answers at {address} ({exc}); check the address (the head "
+                          "node's host:port, as `ray start --head` prints it)") from None
+    return host
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     """Ray for the duration of a run. Already initialised in this process (e.g. by the caller): used
@@ -96,7 +118,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     start = time.perf_counter()
     try:
         if address:
-            ray.init(address=address, **common)
+            host = check_reachable(address)
+            with _loopback_only() if host is not None and _is_loopback(host) else contextlib.nullcontext():
+                ray.init(address=address, **common)  # a loopback address stays one (Ray would rewrite it)
         else:
             with _loopback_only():
                 ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, **common)
