@@ -212,7 +212,7 @@ def test_features_command_writes_the_index_figures_and_parquet(registered, tmp_p
     assert all(r["image"].startswith("test/") for r in rows)
     table = pq.read_table(out / "index.parquet").to_pydict()
     assert table["image"] == [r["image"] for r in rows]
-    np.testing.assert_allclose(table["activation"], [float(r["activation"]) for r in rows], rtol=1e-6)
+    np.testing.assert_allclose(table["activation"], [float(r["activation"]) for r in rows], rtol=1e-5)  # CSV: 6 digits
     assert len(list((out / "figures").glob("channel-*.png"))) == 6
     assert "top 3 of 6 channels over" in captured.out
 
