@@ -47,11 +47,11 @@ def cached_filters(model: str, weights: str, normalize: str, _bundle):
 
 
 @st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
-def _index_cache(key: str, _index: dataset_features.TopIndex | None = None) -> dataset_features.TopIndex:
-    """Dataset indexes by key (they live on disk; this keeps the loaded table); ``_index`` stores."""
-    if _index is None:
+def _index_cache(key: str, _result: dataset_features.TopIndex | None = None) -> dataset_features.TopIndex:
+    """Dataset indexes by key (they live on disk; this keeps the loaded table); ``_result`` stores."""
+    if _result is None:
         raise Miss
-    return _index
+    return _result
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
