@@ -67,9 +67,9 @@ def activation_rows(bundle: ModelBundle, images: ImageSet, rows, *, layer: str,
     keep = [i for i in range(len(rows)) if i not in batch.failed]
     if not keep:
         return out
-    _, module = resolve_layer(bundle, layer)
+    name, module = resolve_layer(bundle, layer)
     inputs, _ = to_inputs(bundle, batch, keep)
-    with bundle.lock, capture_layer(module, grad=False) as captured, torch.no_grad():
+    with bundle.lock, capture_layer(module, view=bundle.view(name)) as captured, torch.no_grad():
         bundle.logits(inputs)
     if captured.activation is None:
         raise LayerError(f"layer {layer!r} did not run during the forward pass")
@@ -215,26 +215,26 @@ def projection_rows(bundle: ModelBundle, images: ImageSet, rows, *, layer: str, 
     wanted = entries[rows]
     unique = sorted(set(wanted[:, 0].tolist()))
     batch = images.load(unique)
-    views = {}
-    for pos, i in enumerate(unique):
-        if pos in batch.failed:
-            continue
-        picture = Image.fromarray(batch.arrays[pos]) if batch.arrays is not None else batch.images[pos]
-        views[i] = bundle.input_view(picture)
+    loaded = [i for pos, i in enumerate(unique) if pos not in batch.failed]
+    pictures = [Image.fromarray(batch.arrays[unique.index(i)]) if batch.arrays is not None
+                else batch.images[unique.index(i)] for i in loaded]
+    tensors, views = bundle.prepare(pictures) if pictures else (None, [])
+    where = {i: k for k, i in enumerate(loaded)}  # image index → its row in the prepared batch
     for r, (i, *_rest) in enumerate(wanted):
-        if int(i) not in views:
+        if int(i) not in where:
             out["failed"][r] = batch.failed.get(unique.index(int(i)), "unreadable")
-    ok = [r for r in range(len(rows)) if int(wanted[r, 0]) in views]
+    ok = [r for r in range(len(rows)) if int(wanted[r, 0]) in where]
     h, w = crop
-    projections = np.zeros((len(rows), 3, h, w), np.float16)
+    channels = bundle.channels
+    projections = np.zeros((len(rows), channels, h, w), np.float16)
     patches = np.zeros((len(rows), h, w, 3), np.uint8)
     if ok:
-        x = bundle.to_input([views[int(wanted[r, 0])] for r in ok])
+        x = tensors[[where[int(wanted[r, 0])] for r in ok]]
         g = project_units(bundle, x, layer, [int(wanted[r, 1]) for r in ok],
                           [(int(wanted[r, 2]), int(wanted[r, 3])) for r in ok])
         for k, r in enumerate(ok):
             top, left, bottom, right = (int(v) for v in boxes[rows[r]])
-            view = np.asarray(views[int(wanted[r, 0])])
+            view = np.asarray(views[where[int(wanted[r, 0])]].convert("RGB"))
             projections[r, :, :bottom - top, :right - left] = g[k, :, top:bottom, left:right]
             patches[r, :bottom - top, :right - left] = view[top:bottom, left:right]
     _write_shard(Path(folder), rows, projections, patches)
@@ -260,8 +260,7 @@ def project_index(bundle: ModelBundle, images: ImageSet, index: TopIndex, folder
     from .evaluate.engine import run
 
     start = time.perf_counter()
-    size = bundle.input_size
-    blank = torch.zeros(1, 3, size, size, device=bundle.device)
+    blank = torch.zeros(1, *bundle.input_shape, device=bundle.device)
     positions = list(zip(index.y.tolist(), index.x.tolist(), strict=True))
     fields = receptive_fields(bundle, index.layer, positions, blank) if positions else {}
     index.boxes = np.array([fields[p] for p in positions], np.int64).reshape(-1, 4)

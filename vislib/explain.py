@@ -50,6 +50,7 @@ class Explanation:
     model: str
     weights: str
     batched: bool = False
+    contrast: int | list[int] | None = None  # the class B of S_A − S_B, when a contrast was asked for
     extras: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. an out-of-memory retry
 
@@ -85,6 +86,7 @@ def explain(
     target=None,
     score: str = "logit",
     *,
+    contrast=None,
     options: dict[str, dict] | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
@@ -95,7 +97,8 @@ def explain(
     ``image_or_batch``: a path, bytes, PIL image or array (one image), a list of those (a batch),
     or an already preprocessed tensor (3×H×W or N×3×H×W). ``target``: a class index, a label, or
     ``None`` for the top-1 class; a batch takes one target for all or a list with one per sample.
-    ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output).
+    ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output). ``contrast``: a class
+    B (same forms as ``target``) to explain S_A − S_B, "why A rather than B?" (gradient-based methods).
     ``options``: per-method settings, e.g. ``{"scorecam": {"batch_size": 64}}``. ``progress(done,
     total)`` is called by long methods; setting ``cancel`` stops them (raising ``Cancelled``);
     ``on_wait()`` is called if the explanation has to wait for a free GPU slot.
@@ -107,8 +110,10 @@ def explain(
     names = parse_methods(methods)
     batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
     layer_name, _ = resolve_layer(bundle, layer)
+    if contrast is not None:
+        check_contrastive(names)
     job = _Job(names=names, layer=layer_name, score=score, options=options or {}, progress=progress,
-               cancel=cancel)
+               cancel=cancel, contrast=contrast)
     with device_slot(bundle.device, on_wait):
         part = _compute_resilient(bundle, inputs, target, job)
     pick = (lambda a: a) if batched else (lambda a: a[0])
@@ -120,7 +125,7 @@ def explain(
         target=part.targets if batched else part.targets[0],
         input_image=views if batched else views[0], labels=bundle.labels, layer=layer_name,
         score=score, model=bundle.name, weights=bundle.weights, batched=batched, extras=part.extras,
-        notes=job.notes,
+        notes=job.notes, contrast=part.contrast if batched or part.contrast is None else part.contrast[0],
     )
 
 
@@ -154,6 +159,7 @@ class _Job:
     options: dict
     progress: Callable[[int, int], None] | None
     cancel: threading.Event | None
+    contrast: object = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -169,13 +175,14 @@ class _Part:
     probs: np.ndarray
     targets: list[int]
     extras: dict[str, dict]
+    contrast: list[int] | None = None
 
 
 def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _Part:
     ctx = ExplainContext(
         bundle=bundle, inputs=inputs, layer=job.layer, score=job.score, target_spec=target,
         resolve_targets=lambda logits, spec: resolve_targets(bundle.labels, logits, spec),
-        progress=job.progress, cancel=job.cancel,
+        contrast_spec=job.contrast, progress=job.progress, cancel=job.cancel,
     )
     results = {}
     for family in FAMILY_ORDER:
@@ -201,6 +208,9 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
             part.extras[name] = result.extra
     part.probs = F.softmax(ctx.logits.float(), dim=1).cpu().numpy()
     part.targets = ctx.targets.cpu().tolist()
+    job.notes += [n for n in ctx.notes if n not in job.notes]
+    if ctx.contrast is not None:
+        part.contrast = ctx.contrast.cpu().tolist()
     return part
 
 
@@ -219,8 +229,9 @@ def _compute_resilient(bundle: ModelBundle, inputs: torch.Tensor, target, job: _
             job.notes.append(f"out of GPU memory with a batch of {n}: retried in two halves")
             half = n // 2
             first, second = _split_target(target, half)
-            a = _compute_resilient(bundle, inputs[:half], first, job)
-            b = _compute_resilient(bundle, inputs[half:], second, job)
+            c_first, c_second = _split_target(job.contrast, half)
+            a = _compute_resilient(bundle, inputs[:half], first, replace(job, contrast=c_first))
+            b = _compute_resilient(bundle, inputs[half:], second, replace(job, contrast=c_second))
             return _merge(a, b)
         if not can_fall_back_to_cpu(bundle):
             raise
@@ -261,6 +272,7 @@ def _merge(a: _Part, b: _Part) -> _Part:
         pass_timings={k: a.pass_timings.get(k, 0.0) + b.pass_timings.get(k, 0.0)
                       for k in {**a.pass_timings, **b.pass_timings}},
         probs=cat(a.probs, b.probs), targets=a.targets + b.targets,
+        contrast=None if a.contrast is None else a.contrast + b.contrast,
         extras={m: _merge_extras(a.extras.get(m, {}), b.extras.get(m, {})) for m in {**a.extras, **b.extras}},
     )
 
@@ -272,6 +284,14 @@ def _merge_extras(a: dict, b: dict) -> dict:
         if isinstance(a[key], list) and isinstance(b[key], list):
             merged[key] = a[key] + b[key]
     return merged
+
+
+def check_contrastive(names: Sequence[str]) -> None:
+    """Refuse a contrast for methods that do not explain a differentiable score."""
+    refused = [n for n in names if not METHODS[n].contrastive]
+    if refused:
+        raise MethodError(f"a contrast class applies to gradient-based methods; {', '.join(refused)} "
+                          f"cannot explain S_A − S_B")
 
 
 def parse_methods(methods: Sequence[str] | str) -> list[str]:
@@ -359,8 +379,10 @@ def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image
     if isinstance(source, torch.Tensor):
         batched = source.dim() == 4
         tensor = source if batched else source.unsqueeze(0)
-        if tensor.dim() != 4 or tensor.shape[1] != 3:
-            raise InputError(f"an input tensor must be 3×H×W or N×3×H×W (got {tuple(source.shape)})")
+        c = bundle.channels
+        if tensor.dim() != 4 or tensor.shape[1] != c:
+            raise InputError(f"an input tensor must be {c}×H×W or N×{c}×H×W for this model "
+                             f"(got {tuple(source.shape)})")
         tensor = tensor.to(bundle.device, torch.float32)
         views = _tensor_views(bundle, tensor)
         return batched, views, tensor
@@ -368,20 +390,23 @@ def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image
     items = list(source) if batched else [source]
     if not items:
         raise InputError("the batch is empty")
-    views = [bundle.input_view(load_image(item)) for item in items]
-    return batched, views, bundle.to_input(views)
+    tensor, views = bundle.prepare([load_image(item) for item in items])
+    return batched, views, tensor
 
 
 def _tensor_views(bundle: ModelBundle, tensor: torch.Tensor) -> list[Image.Image]:
-    """Input views of an N×3×H×W batch, computed for the whole batch at once (per-image tensor ops
-    cost milliseconds each on a busy CPU): the inverse normalisation, or a per-image min-max."""
+    """RGB input views of an N×C×H×W batch, computed for the whole batch at once (per-image tensor
+    ops cost milliseconds each on a busy CPU): the inverse normalisation, or a per-image min-max;
+    a grey input is shown grey, a 4th channel is not shown."""
     tensor = tensor.detach()
+    c = tensor.shape[1]
     if isinstance(bundle.preprocess, Preprocess):
-        mean = torch.tensor(bundle.preprocess.mean, device=tensor.device).view(1, 3, 1, 1)
-        std = torch.tensor(bundle.preprocess.std, device=tensor.device).view(1, 3, 1, 1)
+        mean = torch.tensor(bundle.preprocess.mean, device=tensor.device).view(1, c, 1, 1)
+        std = torch.tensor(bundle.preprocess.std, device=tensor.device).view(1, c, 1, 1)
         arr = (tensor * std + mean).clamp_(0, 1).mul_(255).round_().byte()
     else:
         lo = tensor.amin(dim=(1, 2, 3), keepdim=True)
         hi = tensor.amax(dim=(1, 2, 3), keepdim=True)
         arr = ((tensor - lo) / (hi - lo).clamp_min(1e-12)).mul_(255).round_().byte()
+    arr = arr[:, :3] if c >= 3 else arr[:, :1].expand(-1, 3, -1, -1)
     return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]

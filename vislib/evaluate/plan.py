@@ -71,7 +71,8 @@ class ModelRef:
             weights = str(Path(bundle.weights).resolve())
         module = getattr(spec.build, "__module__", None)
         spec_file = getattr(spec, "spec_file", None) or getattr(spec, "path", None)
-        return cls(name=bundle.name, weights=weights, module=None if module == "vislib.models" else module,
+        own = module is None or module == "vislib" or module.startswith("vislib.")  # registered on import
+        return cls(name=bundle.name, weights=weights, module=None if own else module,
                    spec_file=str(spec_file) if spec_file else None, labels=tuple(bundle.labels),
                    fingerprint=weights_fingerprint(bundle.model))
 

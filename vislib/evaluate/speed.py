@@ -15,8 +15,8 @@ from ..models import ModelBundle
 def bare_gradcam(bundle: ModelBundle, inputs: torch.Tensor, layer: str | None = None) -> torch.Tensor:
     """The reference for :func:`throughput`: one batched forward with the layer captured, one
     backward of the predicted logits to it, Grad-CAM at feature resolution. Nothing else."""
-    _, module = resolve_layer(bundle, layer)
-    with bundle.lock, capture_layer(module, grad=True) as captured, torch.no_grad():
+    name, module = resolve_layer(bundle, layer)
+    with bundle.lock, capture_layer(module, grad=True, view=bundle.view(name)) as captured, torch.no_grad():
         logits = bundle.logits(inputs)
     A = captured.activation
     with torch.enable_grad():

@@ -42,7 +42,15 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import MethodError
 from ..hooks import Captured, capture_layer, resolve_layer
-from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
+from .base import (
+    ExplainContext,
+    Method,
+    MethodResult,
+    Stopwatch,
+    get_method,
+    register_method,
+    target_scores,
+)
 from .registry import register_family
 
 RULES = ("gradient", "deconvnet", "guided", "identity")
@@ -202,12 +210,6 @@ def check_rule_reached(model: nn.Module, state: ReluRule, rule: str) -> None:
 # Passes
 
 
-def target_scores(score: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample score of ``targets`` (which may repeat the batch's targets for noisy copies)."""
-    picked = logits if score == "logit" else F.softmax(logits, dim=1)
-    return picked.gather(1, targets.view(-1, 1)).squeeze(1)
-
-
 @dataclass
 class BackpropPass:
     """What :func:`backprop_pass` returns: one input-space signal per rule, and optionally the
@@ -229,6 +231,7 @@ def backprop_pass(
     rules: list[str],
     *,
     layer_module: nn.Module | None = None,
+    layer_view=None,
 ) -> BackpropPass:
     """One forward of ``x`` and one backward to the input per rule (no parameter gradients).
 
@@ -239,7 +242,7 @@ def backprop_pass(
     needs_mode = any(r != "gradient" for r in rules)
     mode = relu_rule("gradient") if needs_mode else nullcontext(ReluRule())
     if layer_module is not None:
-        capture = capture_layer(layer_module, keep_graph=True)
+        capture = capture_layer(layer_module, keep_graph=True, view=layer_view)
     else:
         capture = nullcontext(Captured())
     with bundle.lock, Stopwatch(bundle.device) as forward:
@@ -417,7 +420,7 @@ def make_baseline(bundle, x: torch.Tensor, baseline, blur_sigma: float | None = 
         return torch.zeros_like(x)
     if baseline == "black":
         h, w = x.shape[-2:]
-        black = bundle.to_input([Image.new("RGB", (w, h))]).to(x.device, torch.float32)
+        black = bundle.prepare([Image.new("RGB", (w, h))])[0].to(x.device, torch.float32)
         if black.shape[1:] != x.shape[1:]:
             raise MethodError("integrated_gradients: the model's preprocessing does not keep the size of a "
                               "black image; pass the baseline as a tensor")
@@ -442,10 +445,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def integrated_gradients(
-    ctx: ExplainContext, x: torch.Tensor, targets: torch.Tensor, *, baseline="zeros", steps: int = 32,
-    batch_size: int = 16, blur_sigma: float | None = None, report: Callable[[int], None] | None = None,
+    ctx: ExplainContext, x: torch.Tensor, targets: torch.Tensor, contrast: torch.Tensor | None = None, *,
+    baseline="zeros", steps: int = 32, batch_size: int = 16, blur_sigma: float | None = None,
+    report: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """IG of the batch ``x`` for ``targets``: (N×3×H×W attributions, completeness numbers)."""
+    """IG of the batch ``x`` for ``targets`` (minus ``contrast``'s scores when given): (N×3×H×W
+    attributions, completeness numbers)."""
     bundle = ctx.bundle
     x = x.detach()
     n = x.shape[0]
@@ -461,15 +466,17 @@ def integrated_gradients(
         idx = slice(start, min(start + batch_size, n * steps))
         s, a = sample[idx], alpha[idx]
         points = x0[s] + a.view(-1, 1, 1, 1) * delta[s]
-        result = backprop_pass(bundle, points, lambda lg, s=s: target_scores(ctx.score, lg, targets[s]),
+        rows = contrast[s] if contrast is not None else None
+        result = backprop_pass(bundle, points,
+                               lambda lg, s=s, rows=rows: target_scores(ctx.score, lg, targets[s], rows),
                                ["gradient"])
         total.index_add_(0, s, result.signals["gradient"] * weight[idx].view(-1, 1, 1, 1))
         if report is not None:
             report(idx.stop)
     attributions = delta * total
     with bundle.lock, torch.no_grad():
-        f_x = target_scores(ctx.score, bundle.logits(x), targets)
-        f_x0 = target_scores(ctx.score, bundle.logits(x0), targets)
+        f_x = target_scores(ctx.score, bundle.logits(x), targets, contrast)
+        f_x0 = target_scores(ctx.score, bundle.logits(x0), targets, contrast)
     gap = attributions.flatten(1).sum(dim=1) - (f_x - f_x0)
     numbers = {
         "sum_attributions": attributions.flatten(1).sum(dim=1),
@@ -522,7 +529,8 @@ def _run_direct(ctx: ExplainContext, names: list[str]) -> dict[str, MethodResult
     layer_module = None
     if "guided_gradcam" in names and reuse is None:
         layer_module = resolve_layer(ctx.bundle, ctx.layer)[1]
-    passed = backprop_pass(ctx.bundle, ctx.inputs, ctx.class_score, rules, layer_module=layer_module)
+    passed = backprop_pass(ctx.bundle, ctx.inputs, ctx.class_score, rules, layer_module=layer_module,
+                           layer_view=ctx.bundle.view(ctx.layer))
     key = "backprop_forward" if ctx.pass_timings.get("forward") is not None else "forward"
     ctx.pass_timings[key] = passed.forward_seconds
     for rule, seconds in passed.backward_seconds.items():
@@ -549,8 +557,8 @@ def _run_ig(ctx: ExplainContext, opts: dict) -> MethodResult:
     n = ctx.inputs.shape[0]
     with Stopwatch(ctx.bundle.device) as sw:
         ig, numbers = integrated_gradients(
-            ctx, ctx.inputs, ctx.targets, baseline=opts["baseline"], steps=steps, batch_size=batch,
-            blur_sigma=opts["blur_sigma"], report=lambda done: ctx.report(done, n * steps),
+            ctx, ctx.inputs, ctx.targets, ctx.contrast, baseline=opts["baseline"], steps=steps,
+            batch_size=batch, blur_sigma=opts["blur_sigma"], report=lambda done: ctx.report(done, n * steps),
         )
         extra = {k: v.tolist() for k, v in numbers.items()}
         extra["relative_gap"] = (numbers["completeness_gap"].abs()
@@ -572,7 +580,7 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
         raise MethodError(f"smoothgrad: level must be a non-negative number, not {opts['level']!r}")
     base_opts = {**get_method(base).defaults, **(all_options.get(base) or {}), **(opts["base_options"] or {})}
     get_method(base)(**base_opts)  # validates the base's options
-    x, targets = ctx.inputs.detach(), ctx.targets
+    x = ctx.inputs.detach()
     n = x.shape[0]
     sigma = level * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1))
     gen = torch.Generator(device=x.device).manual_seed(int(opts["seed"]))
@@ -584,7 +592,7 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
             s = sample[start:start + batch]
             noise = torch.randn((s.numel(), *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
             noisy = x[s] + sigma[s].view(-1, 1, 1, 1) * noise
-            total.index_add_(0, s, _base_signal(ctx, base, base_opts, noisy, targets[s]))
+            total.index_add_(0, s, _base_signal(ctx, base, base_opts, noisy, *ctx.rows(s)))
             ctx.report(min(start + batch, copies), copies)
         mean = total / n_samples
         extra = {"base": base, "n_samples": n_samples, "level": level, "sigma": sigma.tolist(),
@@ -592,19 +600,21 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
     return MethodResult(mean.detach(), sw.seconds, extra)
 
 
-def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, targets: torch.Tensor):
+def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, targets: torch.Tensor,
+                 contrast: torch.Tensor | None):
     """The base method's input-space signal for a batch of (noisy) inputs."""
     if base == "integrated_gradients":
         ig, _ = integrated_gradients(
-            ctx, x, targets, baseline=opts["baseline"], steps=_positive_int(base, "steps", opts["steps"]),
+            ctx, x, targets, contrast, baseline=opts["baseline"],
+            steps=_positive_int(base, "steps", opts["steps"]),
             batch_size=_positive_int(base, "batch_size", opts["batch_size"]), blur_sigma=opts["blur_sigma"],
             report=lambda done: ctx.check_cancel(),
         )
         return ig
     rule = _rule_of(base)
     layer_module = resolve_layer(ctx.bundle, ctx.layer)[1] if base == "guided_gradcam" else None
-    passed = backprop_pass(ctx.bundle, x, lambda lg: target_scores(ctx.score, lg, targets), [rule],
-                           layer_module=layer_module)
+    passed = backprop_pass(ctx.bundle, x, lambda lg: target_scores(ctx.score, lg, targets, contrast), [rule],
+                           layer_module=layer_module, layer_view=ctx.bundle.view(ctx.layer))
     signal = passed.signals[rule]
     if base == "guided_gradcam":
         cam = gradcam_map(passed.activation, passed.layer_gradient, tuple(x.shape[-2:]))

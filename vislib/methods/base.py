@@ -26,6 +26,7 @@ class Method:
     paper: ClassVar[str] = ""
     uses_layer: ClassVar[bool] = True  # False: the result does not depend on the target layer
     slow: ClassVar[bool] = False  # True: many forward passes (the UI marks it and shows progress)
+    contrastive: ClassVar[bool] = True  # False: cannot explain a contrastive score S_A − S_B
 
     def __init__(self, **options):
         self.options = options
@@ -69,25 +70,34 @@ class ExplainContext:
     score: str  # "logit" or "probability"
     target_spec: object  # None, int, str or a list of those, resolved against the first logits
     resolve_targets: Callable[[torch.Tensor, object], torch.Tensor]
+    contrast_spec: object = None  # the class B of "why A rather than B?" (same forms), or None
     progress: Callable[[int, int], None] | None = None
     cancel: threading.Event | None = None
     logits: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None  # N contrast classes when a contrast was asked for
     pass_timings: dict[str, float] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # results one family offers another (e.g. Grad-CAM)
+    notes: list[str] = field(default_factory=list)  # for the user, e.g. a layer the gradient misses
 
     def set_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Record the first forward's logits and resolve the targets from them."""
+        """Record the first forward's logits and resolve the targets (and contrast) from them."""
         if self.logits is None:
             self.logits = logits.detach()
             self.targets = self.resolve_targets(self.logits, self.target_spec)
+            if self.contrast_spec is not None:
+                self.contrast = self.resolve_targets(self.logits, self.contrast_spec)
         return self.targets
 
     def class_score(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-sample score of the target class: the logit, or the softmax probability."""
+        """Per-sample score explained: S_A (the target's logit or softmax probability), or S_A − S_B
+        with a contrast class B ("why A rather than B?")."""
         targets = self.set_logits(logits)
-        picked = logits if self.score == "logit" else F.softmax(logits, dim=1)
-        return picked.gather(1, targets.view(-1, 1)).squeeze(1)
+        return target_scores(self.score, logits, targets, self.contrast)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(targets, contrast) of the samples ``index`` (for copies of samples: noisy inputs, paths)."""
+        return self.targets[index], None if self.contrast is None else self.contrast[index]
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -97,6 +107,17 @@ class ExplainContext:
         if self.progress is not None:
             self.progress(done, total)
         self.check_cancel()
+
+
+def target_scores(score: str, logits: torch.Tensor, targets: torch.Tensor,
+                  contrast: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row score of ``targets``: the logit or the softmax probability (``score``), minus that of
+    ``contrast`` when given (S_A − S_B). Rows may repeat samples (noisy copies, path points)."""
+    picked = logits if score == "logit" else F.softmax(logits, dim=1)
+    out = picked.gather(1, targets.view(-1, 1)).squeeze(1)
+    if contrast is not None:
+        out = out - picked.gather(1, contrast.view(-1, 1)).squeeze(1)
+    return out
 
 
 class Stopwatch:

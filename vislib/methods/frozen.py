@@ -111,8 +111,9 @@ class BatchForward:
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, *, mode="auto",
                  channels_last: bool = True, rows: int = 0,
-                 run_locked: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda fn: fn()):
-        self.model, self.inputs, self.logits = model, inputs, logits
+                 run_locked: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda fn: fn(),
+                 select: Callable[[object], torch.Tensor] = lambda out: out):
+        self.model, self.inputs, self.logits, self.select = model, inputs, logits, select
         self.mode, self.channels_last, self.rows_left = mode, channels_last, rows
         self.run_locked = run_locked
         self.entry: _Entry | None = None
@@ -149,7 +150,7 @@ class BatchForward:
     def _check(self, frozen) -> tuple[bool, str]:
         try:
             with torch.inference_mode():
-                out = self.run_locked(lambda: frozen(self.inputs))
+                out = self.select(self.run_locked(lambda: frozen(self.inputs)))
         except Exception as exc:  # noqa: BLE001
             return False, f"the frozen copy failed ({type(exc).__name__})"
         if not isinstance(out, torch.Tensor) or out.shape != self.logits.shape:
@@ -208,7 +209,7 @@ class BatchForward:
             seconds[0] = time.perf_counter() - start
             return out
 
-        out = self.run_locked(run)
+        out = self.select(self.run_locked(run))
         if not self.decided:
             self._after_batch(path, len(batch), seconds[0], tuple(batch.shape))
         return out

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from ..errors import LayerError, MethodError
 from ..hooks import capture_layer, resolve_layer, this_thread_only
+from ..models.bundle import select_output
 from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
 from .frozen import BatchForward, memory_layout
 from .registry import register_family
@@ -83,7 +84,7 @@ class Session:
             return shared["activation"].detach().float()
         layer, module = resolve_layer(self.bundle, ctx.layer)
         with self.bundle.lock, Stopwatch(self.device) as sw:
-            with capture_layer(module, grad=False) as captured, torch.no_grad():
+            with capture_layer(module, view=self.bundle.view(layer)) as captured, torch.no_grad():
                 logits = self.bundle.logits(ctx.inputs)
         key = "forward" if "forward" not in ctx.pass_timings else "perturbation_forward"
         ctx.pass_timings[key] = sw.seconds
@@ -129,7 +130,8 @@ class Session:
         """
         if forward is None:
             runner = BatchForward(self.bundle.model, self.ctx.inputs, self.logits(), mode=fast_forward,
-                                  channels_last=channels_last, rows=rows, run_locked=self._locked)
+                                  channels_last=channels_last, rows=rows, run_locked=self._locked,
+                                  select=lambda out: select_output(out, self.bundle.output))
         else:
             def runner(batch):
                 return self._locked(lambda: forward(batch))
@@ -155,6 +157,7 @@ class PerturbationMethod(Method):
     """Template: ``plan(session)`` says how many forwards the method needs and returns its work."""
 
     family = "perturbation"
+    contrastive = False  # scores of perturbed inputs: S_A − S_B is not offered (yet)
     options_allowed: ClassVar[tuple[str, ...]] = ("batch_size", "channels_last")
     needs_activation: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 32
@@ -459,13 +462,18 @@ def cached_head(model: nn.Module, layer: str, *, refresh: bool = False) -> tuple
 
 
 @contextmanager
-def replaced_output(module: nn.Module, replacement: torch.Tensor) -> Iterator[None]:
-    """During a forward inside this context, ``module`` outputs ``replacement`` (same shape)."""
+def replaced_output(module: nn.Module, replacement: torch.Tensor, view=None) -> Iterator[None]:
+    """During a forward inside this context, ``module`` outputs ``replacement`` (same shape), or, with
+    a token / channels-last ``view``, the map ``replacement`` put back into the layer's layout (a
+    ViT's class token kept as the forward computed it)."""
 
     def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor) or output.shape != replacement.shape:
+        if not isinstance(output, torch.Tensor):
+            raise LayerError("the target layer's output is not a tensor")
+        mapped = view is not None and view.layout != "nchw"
+        if (view.to_map(output) if mapped else output).shape != replacement.shape:
             raise LayerError("the target layer's output does not match the ablated activation")
-        return replacement
+        return view.from_map(replacement, output) if mapped else replacement
 
     handle = module.register_forward_hook(this_thread_only(hook))
     try:
@@ -509,8 +517,11 @@ class AblationCAM(PerturbationMethod):
             raise MethodError(f"ablationcam: path must be one of {self.PATHS}, not {wanted!r}")
         active = A.flatten(2).abs().amax(dim=2) > 0
         owner, channel = active.nonzero(as_tuple=True)
+        view = session.bundle.view(ctx.layer)
         if wanted == "full-forward":
             head, reason = None, "full forward requested"
+        elif view.layout != "nchw":
+            head, reason = None, f"the layer is read as a map ({view.describe()}): the whole model runs"
         else:
             head, reason = self._head(session, A)
         if head is None and wanted == "fx-head":
@@ -529,7 +540,7 @@ class AblationCAM(PerturbationMethod):
 
         def full_forward(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             inputs, activation = batch
-            with replaced_output(module, activation):
+            with replaced_output(module, activation, view):
                 return session.bundle.logits(inputs)
 
         if head is not None:
