@@ -210,6 +210,7 @@ def run_ray(task: Task, bundle: ModelBundle, images: ImageSet, n: int, *, addres
 
 def _run_pool(ray, task, model, recipe, n, *, workers, batch_size, progress, cancel, unit, info, threads,
               on_part):
+    """Size the pool for the cluster (one GPU per worker when it has GPUs), then stream."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if workers is None:
@@ -222,10 +223,32 @@ def _run_pool(ray, task, model, recipe, n, *, workers, batch_size, progress, can
     info["engine"] = f"ray ({workers} worker{'s' if workers > 1 else ''}" + (", 1 GPU each)" if gpus else ")")
     if recipe["kind"] == "zip" and isinstance(recipe["data"], bytes):
         recipe = {**recipe, "data": ray.put(recipe["data"])}  # once into the object store, not per actor
+    with _quiet_ray_data(ray):
+        return _stream(ray, task, model, recipe, n, workers=workers, gpus=gpus, batch_size=batch_size,
+                       progress=progress, cancel=cancel, unit=unit, info=info, threads=threads,
+                       on_part=on_part)
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(ray):
+    """No Ray Data progress bars or execution logs on the user's terminal (vislib draws its own bar);
+    the settings are restored afterwards."""
     ctx = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, logger.level)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved[:2]
+        logger.setLevel(saved[2])
+
+
+def _stream(ray, task, model, recipe, n, *, workers, gpus, batch_size, progress, cancel, unit, info, threads,
+            on_part):
+    """The actor pool over the item numbers, its rows streamed back as batches finish."""
     blocks = [np.arange(lo, min(n, lo + batch_size), dtype=np.int64) for lo in range(0, n, batch_size)]
     ds = ray.data.from_numpy(blocks).map_batches(
         _Worker, fn_constructor_kwargs=dict(model=model, recipe=recipe, task=task, threads=threads),
@@ -268,7 +291,11 @@ def _run_pool(ray, task, model, recipe, n, *, workers, batch_size, progress, can
                 raise EngineError(f"the Ray run failed: {type(value).__name__}: {last}")
             if "first_s" not in info:
                 info["first_s"] = time.perf_counter() - start
-            got[np.asarray(value["index"], np.int64)] = True  # a retried batch may come twice: count once
+            index = np.asarray(value["index"], np.int64)
+            new = ~got[index]
+            if not new.all():  # a batch retried after a crash may come twice: keep each item once
+                value = {k: np.asarray(v)[new] for k, v in value.items()}
+            got[index] = True
             if on_part is not None:
                 on_part(value)
             else:

@@ -349,7 +349,7 @@ def html_report(result: EvalResult, *, bundle: ModelBundle | None = None, images
     parts = [f"<h1>Error analysis: {escape(result.model)}</h1>",
              f"<p class='muted'>{escape(result.dataset)} · {len(result)} images · weights "
              f"{escape(result.weights)} · layer {escape(result.layer)} · maps explain the "
-             f"{escape(result.explained)} class</p>",
+             f"{escape(result.explained)} class · run on {escape(result.engine)}</p>",
              f"<h2>Accuracy {result.accuracy:.1%}</h2>"
              f"<p>{int((~result.correct).sum())} misclassified"
              + (f"; {len(result.failed)} files could not be read" if result.failed else "") + "</p>"]
