@@ -121,5 +121,19 @@ def test_error_analysis_on_ray_workers_gives_the_local_numbers():
     assert not ray_procs.wait_gone(ray_procs.ray_processes() - before)
 
 
+def test_without_ray_the_page_offers_no_engine_choice(monkeypatch):
+    from vislib import evaluate
+
+    monkeypatch.setattr(evaluate, "ray_available", lambda: False)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = "tiny_ray"
+    at.run()
+    at.session_state["ea_limit"] = 100
+    at.switch_page(ERRORS).run()
+    assert_clean(at)
+    assert not [r for r in at.radio if r.key == "ea_engine"]
+    assert any("on local" in c.value for c in at.caption)
+
+
 def at_metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)

@@ -169,7 +169,7 @@ def _add_data_options(parser, default_model: str) -> None:
                         help="with --engine ray: actors (default: one per GPU of the cluster, else one "
                              "per CPU)")
     parser.add_argument("--parquet", action="store_true",
-                        help="also write the per-image tables as Parquet (needs pyarrow, installed with Ray)")
+                        help="also write the tables as Parquet (needs pyarrow, installed with Ray)")
     parser.add_argument("--out", required=True, help="output folder")
 
 
