@@ -619,3 +619,28 @@ def test_cli_warns_before_writing_more_than_a_gigabyte_of_maps(tiny_registered, 
     err = capsys.readouterr().err
     assert err.index("note: the maps take up to 3.0 GB") < err.index("evaluating [")
     assert list((tmp_path / "o" / "maps").glob("maps-*.npz"))
+
+
+def test_rows_merge_in_any_order_each_image_once(tiny, folder_zip):
+    """What the Ray engine hands back (batches in any order, a retried batch twice) merges into the
+    same result as the local engine's batches in order."""
+    import functools
+
+    from vislib.evaluate.step import EvalConfig, evaluate_rows
+
+    images = datasets.open_zip(folder_zip, LABELS)
+    config = EvalConfig(methods=("gradcam",), layer="features", curves=4, curve_steps=4, tolerance=1)
+    step = functools.partial(evaluate_rows, config=config)
+    parts = [step(tiny, images, np.arange(lo, min(len(images), lo + 6))) for lo in range(0, len(images), 6)]
+    meta = dict(ids=images.ids, targets=images.targets, model="tiny", weights="w", layer="features",
+                labels=LABELS, dataset="d", methods=["gradcam"], explained="predicted", tolerance=1,
+                has_masks=False)
+    ordered = evaluate.assemble(parts, **meta)
+    shuffled = evaluate.assemble([parts[4], parts[2], parts[0], parts[3], parts[2], parts[1]], **meta)
+    assert ordered.ids == shuffled.ids and len(ordered) == 24 and ordered.failed == shuffled.failed
+    np.testing.assert_array_equal(ordered.probs, shuffled.probs)
+    for key, values in ordered.metrics["gradcam"].items():
+        np.testing.assert_array_equal(values, shuffled.metrics["gradcam"][key])
+    np.testing.assert_array_equal(ordered.curves["gradcam"].deletion, shuffled.curves["gradcam"].deletion)
+    readable = sum(images.ids[i] != "circle/broken.png" for i in range(4))
+    assert ordered.curves["gradcam"].deletion.shape == (readable, 5)  # the readable ones of the first four

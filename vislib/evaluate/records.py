@@ -62,7 +62,6 @@ class EvalResult:
     reference_box: tuple[str, tuple[int, int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     engine: str = "local"  # "local" or "ray (N workers)"
-    curve_index: np.ndarray | None = None  # rows (of this result) that the curves belong to
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -182,10 +181,9 @@ def assemble(parts: list[dict[str, np.ndarray]], *, ids: list[str], targets: np.
     rows = index[ok]
     values = {m: {k: _get(table, column(m, k), ok, np.nan) for k in KEYS} for m in [*methods, CENTRE]}
     peaks = {m: _get(table, column(m, "peak"), ok, -1, shape=(2,)).astype(np.int64) for m in methods}
-    curves, curve_index = {}, None
+    curves = {}
     if "curve" in table and table["curve"][ok].any():
         has = table["curve"][ok].astype(bool)
-        curve_index = np.flatnonzero(has)
         fractions = table["curve_fractions"][ok][has][0]
         for m in [*methods, CENTRE]:
             curves[m] = metrics.Curves(fractions, table[column(m, "deletion")][ok][has],
@@ -204,7 +202,7 @@ def assemble(parts: list[dict[str, np.ndarray]], *, ids: list[str], targets: np.
         metrics=values, peaks=peaks, curves=curves,
         failed=[(ids[i], str(why)) for i, why in zip(index[~ok], failed_why[~ok], strict=True)],
         timings=timings, tolerance=tolerance, has_masks=has_masks, reference_box=reference_box,
-        notes=found, engine=engine, curve_index=curve_index,
+        notes=found, engine=engine,
     )
 
 
