@@ -24,7 +24,7 @@ import types
 from ..explain import explain  # noqa: F401  (importable from here, as before the package)
 from .api import evaluate
 from .engine import ENGINES, EngineError, MissingDependency, run
-from .error_view import ErrorView, contrast_map, explain_error
+from .error_view import ErrorView, contrast_map, explain_error, why_rather_than
 from .local import Progress
 from .plan import ModelRef, weights_fingerprint
 from .progress import RateMeter
@@ -67,7 +67,8 @@ def ray_available() -> bool:
 
 __all__ = [
     "explain", "evaluate", "ENGINES", "EngineError", "MissingDependency", "run", "ErrorView",
-    "contrast_map", "explain_error", "Progress", "ModelRef", "weights_fingerprint", "RateMeter",
+    "contrast_map", "explain_error", "why_rather_than", "Progress", "ModelRef", "weights_fingerprint",
+    "RateMeter",
     "CENTRE", "KEYS", "METRIC_COLUMNS", "EvalResult", "assemble", "shortcut_class", "shortcut_summary",
     "cell_from_selection", "class_names", "confusion_figure", "contrast_image", "curves_figure",
     "html_report", "image_metrics_table", "image_table", "method_label", "per_class_figure",
