@@ -289,3 +289,16 @@ def test_missing_pretrained_weights_of_a_spec_model_name_the_file(spec, tmp_path
         message = str(info.value)
         assert f"{path} [models.{name}]:" in message and missing in message and "not cached" in message
         assert "\n" not in message
+
+
+def test_the_ray_engines_model_ref_finds_the_spec_file(tmp_path, spec):
+    from vislib.evaluate import ModelRef as EngineRef
+
+    path = spec('[models.far]\nsource = "specnets:build"\nkwargs = { num_classes = 2 }\n')
+    register_models(path)
+    bundle = vislib.load_model("far", device="cpu")
+    ref = pickle.loads(pickle.dumps(EngineRef.of(bundle)))
+    assert ref.spec_file == str(path.resolve())
+    unregister_models(path)
+    again = ref.build(device="cpu")  # checks the weights' fingerprint against the driver's
+    assert again.labels == bundle.labels

@@ -53,6 +53,11 @@ class ModelSpec:
     origin: str | None = None
     available: Callable[[], bool] | None = field(default=None, repr=False)
 
+    @property
+    def spec_file(self) -> str | None:
+        """The spec file this model comes from (``origin``), for code that asks by that name."""
+        return self.origin
+
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _LOCK = threading.RLock()
