@@ -525,7 +525,7 @@ def test_without_ray_the_ray_engine_says_how_to_install_it(tiny, monkeypatch, tm
 def test_a_bare_module_cannot_go_to_ray_workers(tiny):
     pytest.importorskip("ray")
     images = datasets.open_dataset("shapes", LABELS, limit=8)
-    with pytest.raises(vislib.ModelError, match="not registered"):
+    with pytest.raises(vislib.ModelError, match="cannot be rebuilt in another process.*spec file"):
         evaluate.evaluate(tiny, images, engine="ray")
 
 

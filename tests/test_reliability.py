@@ -130,6 +130,8 @@ def test_threads_get_their_single_thread_results_and_leave_the_model_clean(gap):
                     mismatches.append(("no error", request))
                 except vislib.VislibError:
                     pass
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(repr(exc))
                 continue
             i = rng.randrange(len(REQUESTS))
             try:

@@ -61,6 +61,19 @@ def test_the_default_view_runs_one_forward_and_equals_separate_passes(counted, x
     assert_untouched(bundle.model, before)
 
 
+@pytest.mark.parametrize("target", [99, -1, "no such class"])
+def test_a_bad_target_in_the_shared_pass_is_a_clear_error_and_leaves_the_model_clean(counted, x, target):
+    # The shared forward resolves the targets; when that fails, the runners must see the same clear
+    # error (not a half-filled context with logits and no targets).
+    bundle, _ = counted
+    before = snapshot(bundle.model)
+    with pytest.raises(vislib.VislibError):
+        vislib.explain(bundle, x, ["gradcam", "deconvnet"], target=target)
+    assert_untouched(bundle.model, before)
+    ok = vislib.explain(bundle, x, ["gradcam", "deconvnet"], target=1)
+    assert ok.target == [1, 1, 1]
+
+
 def test_sharing_holds_on_a_torchvision_resnet_with_inplace_relus():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=5)

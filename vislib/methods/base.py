@@ -84,10 +84,14 @@ class ExplainContext:
     def set_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Record the first forward's logits and resolve the targets (and contrast) from them."""
         if self.logits is None:
-            self.logits = logits.detach()
-            self.targets = self.resolve_targets(self.logits, self.target_spec)
-            if self.contrast_spec is not None:
-                self.contrast = self.resolve_targets(self.logits, self.contrast_spec)
+            # Resolve first, assign after: a bad target (an index past the classes) raises here and
+            # leaves the context as it was, so a caller that catches the error cannot go on with
+            # logits but no targets.
+            detached = logits.detach()
+            targets = self.resolve_targets(detached, self.target_spec)
+            contrast = (None if self.contrast_spec is None
+                        else self.resolve_targets(detached, self.contrast_spec))
+            self.logits, self.targets, self.contrast = detached, targets, contrast
         return self.targets
 
     def class_score(self, logits: torch.Tensor) -> torch.Tensor:
