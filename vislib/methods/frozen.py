@@ -99,6 +99,12 @@ def cached_frozen(model: nn.Module, example: torch.Tensor, *, build: bool = True
     return entry
 
 
+def clear_cache() -> None:
+    """Forget every frozen copy (the next call builds again: what a benchmark of a first call needs)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
 class BatchForward:
     """Runs perturbed input batches through the model: eager (optionally channels-last) or a frozen
     copy, whichever the mode and (in ``"auto"``) timing two batches each way choose.
