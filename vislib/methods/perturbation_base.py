@@ -138,20 +138,24 @@ class Session:
             def runner(batch):
                 return self._locked(lambda: forward(batch))
         parts, start, size, halvings = [], 0, batch_size, 0
-        while start < rows:
-            stop = min(start + size, rows)
-            try:
-                with torch.inference_mode(), autocast(self.device, precision):
-                    logits = runner(make_batch(start, stop))
-                    parts.append(class_scores(logits, targets[start:stop], score))
-            except torch.cuda.OutOfMemoryError:
-                if self.device.type != "cuda" or size == 1:
-                    raise
-                torch.cuda.empty_cache()
-                size, halvings = max(1, size // 2), halvings + 1
-                continue
-            self.advance(stop - start)
-            start = stop
+        try:
+            while start < rows:
+                stop = min(start + size, rows)
+                try:
+                    with torch.inference_mode(), autocast(self.device, precision):
+                        logits = runner(make_batch(start, stop))
+                        parts.append(class_scores(logits, targets[start:stop], score))
+                except torch.cuda.OutOfMemoryError:
+                    if self.device.type != "cuda" or size == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    size, halvings = max(1, size // 2), halvings + 1
+                    continue
+                self.advance(stop - start)
+                start = stop
+        finally:
+            if isinstance(runner, BatchForward):
+                runner.finish()  # a frozen copy still being built: wait, so nothing runs on after the call
         info = dict(runner.summary) if isinstance(runner, BatchForward) else {}
         if reduced:
             info["precision"] = precision
