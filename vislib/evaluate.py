@@ -162,7 +162,8 @@ def to_inputs(bundle: ModelBundle, batch: Batch, keep: list[int]) -> tuple[torch
     if batch.arrays is not None:
         arrays = batch.arrays[keep]
         side = arrays.shape[1]
-        fast = (isinstance(pre, Preprocess) and pre.crop == pre.resize == side == arrays.shape[2])
+        fast = (isinstance(pre, Preprocess) and pre.crop == pre.resize == side == arrays.shape[2]
+                and pre.channels == 3)
         if fast:  # the preprocessing is a plain normalisation: x / (255 std) − mean / std, in place
             x = torch.from_numpy(arrays).to(bundle.device).permute(0, 3, 1, 2)
             x = x.to(torch.float32, memory_format=torch.contiguous_format)
@@ -173,11 +174,11 @@ def to_inputs(bundle: ModelBundle, batch: Batch, keep: list[int]) -> tuple[torch
         images = [Image.fromarray(a) for a in arrays]
     else:
         images = [batch.images[i] for i in keep]
-    views = [bundle.input_view(img) for img in images]
+    tensor, _ = bundle.prepare(images)
     masks = None
     if batch.masks is not None:
         masks = np.stack([mask_view(bundle, batch.masks[i]) for i in keep])
-    return bundle.to_input(views), masks
+    return tensor, masks
 
 
 def mask_view(bundle: ModelBundle, mask: np.ndarray) -> np.ndarray:
@@ -186,12 +187,10 @@ def mask_view(bundle: ModelBundle, mask: np.ndarray) -> np.ndarray:
     pre = bundle.preprocess
     if isinstance(pre, Preprocess):
         from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
 
-        img = TF.resize(img, pre.resize, interpolation=InterpolationMode.NEAREST)
-        img = TF.center_crop(img, [pre.crop, pre.crop])
+        img = pre.geometry(img, InterpolationMode.NEAREST)
     else:
-        img = img.resize((bundle.input_size, bundle.input_size), Image.NEAREST)
+        img = img.resize(bundle.input_hw[::-1], Image.NEAREST)
     return np.asarray(img) > 127
 
 
@@ -480,8 +479,8 @@ def explain_error(bundle: ModelBundle, images: ImageSet, index: int,
 def bare_gradcam(bundle: ModelBundle, inputs: torch.Tensor, layer: str | None = None) -> torch.Tensor:
     """The reference for :func:`throughput`: one batched forward with the layer captured, one
     backward of the predicted logits to it, Grad-CAM at feature resolution. Nothing else."""
-    _, module = resolve_layer(bundle, layer)
-    with bundle.lock, capture_layer(module, grad=True) as captured, torch.no_grad():
+    name, module = resolve_layer(bundle, layer)
+    with bundle.lock, capture_layer(module, grad=True, view=bundle.view(name)) as captured, torch.no_grad():
         logits = bundle.logits(inputs)
     A = captured.activation
     with torch.enable_grad():

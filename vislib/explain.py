@@ -208,6 +208,7 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
             part.extras[name] = result.extra
     part.probs = F.softmax(ctx.logits.float(), dim=1).cpu().numpy()
     part.targets = ctx.targets.cpu().tolist()
+    job.notes += [n for n in ctx.notes if n not in job.notes]
     if ctx.contrast is not None:
         part.contrast = ctx.contrast.cpu().tolist()
     return part
@@ -378,8 +379,10 @@ def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image
     if isinstance(source, torch.Tensor):
         batched = source.dim() == 4
         tensor = source if batched else source.unsqueeze(0)
-        if tensor.dim() != 4 or tensor.shape[1] != 3:
-            raise InputError(f"an input tensor must be 3×H×W or N×3×H×W (got {tuple(source.shape)})")
+        c = bundle.channels
+        if tensor.dim() != 4 or tensor.shape[1] != c:
+            raise InputError(f"an input tensor must be {c}×H×W or N×{c}×H×W for this model "
+                             f"(got {tuple(source.shape)})")
         tensor = tensor.to(bundle.device, torch.float32)
         views = _tensor_views(bundle, tensor)
         return batched, views, tensor
@@ -387,20 +390,23 @@ def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image
     items = list(source) if batched else [source]
     if not items:
         raise InputError("the batch is empty")
-    views = [bundle.input_view(load_image(item)) for item in items]
-    return batched, views, bundle.to_input(views)
+    tensor, views = bundle.prepare([load_image(item) for item in items])
+    return batched, views, tensor
 
 
 def _tensor_views(bundle: ModelBundle, tensor: torch.Tensor) -> list[Image.Image]:
-    """Input views of an N×3×H×W batch, computed for the whole batch at once (per-image tensor ops
-    cost milliseconds each on a busy CPU): the inverse normalisation, or a per-image min-max."""
+    """RGB input views of an N×C×H×W batch, computed for the whole batch at once (per-image tensor
+    ops cost milliseconds each on a busy CPU): the inverse normalisation, or a per-image min-max;
+    a grey input is shown grey, a 4th channel is not shown."""
     tensor = tensor.detach()
+    c = tensor.shape[1]
     if isinstance(bundle.preprocess, Preprocess):
-        mean = torch.tensor(bundle.preprocess.mean, device=tensor.device).view(1, 3, 1, 1)
-        std = torch.tensor(bundle.preprocess.std, device=tensor.device).view(1, 3, 1, 1)
+        mean = torch.tensor(bundle.preprocess.mean, device=tensor.device).view(1, c, 1, 1)
+        std = torch.tensor(bundle.preprocess.std, device=tensor.device).view(1, c, 1, 1)
         arr = (tensor * std + mean).clamp_(0, 1).mul_(255).round_().byte()
     else:
         lo = tensor.amin(dim=(1, 2, 3), keepdim=True)
         hi = tensor.amax(dim=(1, 2, 3), keepdim=True)
         arr = ((tensor - lo) / (hi - lo).clamp_min(1e-12)).mul_(255).round_().byte()
+    arr = arr[:, :3] if c >= 3 else arr[:, :1].expand(-1, 3, -1, -1)
     return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]

@@ -45,9 +45,9 @@ def _single_input(bundle, image) -> tuple[Image.Image, torch.Tensor]:
 
 def feature_maps(bundle, image, layer: str | None = None) -> np.ndarray:
     """The activation maps of ``layer`` (default: the bundle's default layer) for one image: C×h×w."""
-    _, module = resolve_layer(bundle, layer)
+    name, module = resolve_layer(bundle, layer)
     _, x = _single_input(bundle, image)
-    with bundle.lock, capture_layer(module, grad=False) as captured, torch.no_grad():
+    with bundle.lock, capture_layer(module, view=bundle.view(name)) as captured, torch.no_grad():
         bundle.logits(x)
     if captured.activation is None:
         raise LayerError(f"layer {layer!r} did not run during the forward pass")
@@ -132,10 +132,11 @@ class ChannelProjection:
         return signed_rgb(self.reconstruction_patch, percentile=percentile)
 
 
-def _deconv_forward(bundle, module: nn.Module, x: torch.Tensor, *, rule="deconvnet", linearize=False):
-    """Forward with a ReLU rule, recording the layer's output with its graph: (x leaf, A, state)."""
+def _deconv_forward(bundle, layer: str | None, x: torch.Tensor, *, rule="deconvnet", linearize=False):
+    """Forward with a ReLU rule, recording the layer's map with its graph: (x leaf, A, state)."""
+    name, module = resolve_layer(bundle, layer)
     x = x.detach().requires_grad_(True)
-    capture = capture_layer(module, keep_graph=True)
+    capture = capture_layer(module, keep_graph=True, view=bundle.view(name))
     rules = relu_rule(rule, linearize_pools=linearize, frozen_norms=True)
     with bundle.lock, capture as captured, rules as state:
         with torch.enable_grad():
@@ -152,9 +153,9 @@ def top_channels(bundle, image, layer: str | None = None, n: int = 9) -> list[Ch
     Channels whose strongest activation is not positive are left out (they project to nothing)."""
     if n < 1:
         raise InputError(f"n must be at least 1, not {n}")
-    name, module = resolve_layer(bundle, layer)
+    name, _ = resolve_layer(bundle, layer)
     view, x = _single_input(bundle, image)
-    x, A, _ = _deconv_forward(bundle, module, x)
+    x, A, _ = _deconv_forward(bundle, name, x)
     peak, where = A[0].detach().flatten(1).max(dim=1)
     order = [c for c in torch.argsort(peak, descending=True).tolist() if peak[c] > 0][:n]
     width = A.shape[-1]
@@ -178,9 +179,8 @@ def project_layer(
 ) -> np.ndarray:
     """The whole activation of ``layer`` (or only ``channels``) projected to pixel space with the
     Deconvnet rule: a signed 3×H×W array."""
-    _, module = resolve_layer(bundle, layer)
     _, x = _single_input(bundle, image)
-    x, A, _ = _deconv_forward(bundle, module, x)
+    x, A, _ = _deconv_forward(bundle, layer, x)
     signal = A.detach()
     if channels is not None:
         keep = torch.zeros(A.shape[1], dtype=torch.bool, device=A.device)
@@ -198,11 +198,10 @@ def receptive_fields(bundle, layer: str, positions: Sequence[tuple[int, int]], x
 
     The box bounds the support of ∂(Σ_c A_c[row, col])/∂x through the linearised network (ReLUs
     pass their signal, max-pools average their window), clipped to the image."""
-    _, module = resolve_layer(bundle, layer)
     unique = list(dict.fromkeys((int(i), int(j)) for i, j in positions))
     if not unique:
         return {}
-    x, A, _ = _deconv_forward(bundle, module, x, rule="identity", linearize=True)
+    x, A, _ = _deconv_forward(bundle, layer, x, rule="identity", linearize=True)
     boxes = {}
     for k, (i, j) in enumerate(unique):
         signal = torch.zeros_like(A)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import LayerError
+from .layers import LayerView
 
 
 def resolve_layer(bundle, layer: str | None) -> tuple[str, nn.Module]:
@@ -61,40 +62,50 @@ def this_thread_only(hook):
 
 
 @contextmanager
-def capture_layer(module: nn.Module, *, grad: bool = False, keep_graph: bool = False) -> Iterator[Captured]:
-    """Record ``module``'s output during a forward pass run inside this context.
+def capture_layer(module: nn.Module, *, grad: bool = False, keep_graph: bool = False,
+                  view: LayerView | None = None) -> Iterator[Captured]:
+    """Record ``module``'s output, as an N×C×h×w map, during a forward pass run inside this context.
 
     Three ways, for three kinds of passes:
 
-    - default: the output is recorded detached (no gradients needed);
-    - ``grad=True``: the forward must be called under ``torch.no_grad()``; the recorded output is a
+    - default: the map is recorded detached (a copy: no gradients needed);
+    - ``grad=True``: the forward must be called under ``torch.no_grad()``; the recorded map is a
       fresh leaf and the hook turns grad mode on from the target layer upwards, so a backward from
       the score stops at the layer and nothing below it builds a graph;
-    - ``keep_graph=True``: the output is recorded with its graph, so gradients of it still flow
-      back to the input (for passes that also need input gradients).
+    - ``keep_graph=True``: the map is recorded with its graph, so gradients of it still flow back
+      to the input (for passes that also need input gradients).
 
-    With ``grad`` or ``keep_graph`` the rest of the network runs on a copy, so in-place operations
-    above the layer cannot change what was recorded. The hook acts on this thread's forward passes
-    only and is removed (and the caller's grad mode restored) in ``finally``.
+    ``view`` (``bundle.view(layer)``) reads token and channels-last outputs as maps; with ``grad`` or
+    ``keep_graph`` the rest of the network then runs on a tensor made from the recorded map (its
+    gradient is ∂S/∂A, and in-place operations above the layer cannot change it). The hook acts on
+    this thread's forward passes only and is removed (and the caller's grad mode restored) in
+    ``finally``.
     """
     captured = Captured()
     grad_was = torch.is_grad_enabled()
+    reshaped = view is not None and view.layout != "nchw"
 
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor):
             raise LayerError("the target layer's output is not a tensor")
         if captured.activation is not None:
             raise LayerError("the target layer runs more than once per forward pass")
+        if reshaped:
+            view.check(output)
         if keep_graph:
-            captured.activation = output
-            return output.clone()
+            captured.activation = view.to_map(output) if reshaped else output
+            return view.from_map(captured.activation, output) if reshaped else output.clone()
         if not grad:
-            captured.activation = output.detach()
+            captured.activation = (view.to_map(output) if reshaped else output).detach().clone()
             return None
-        leaf = output.detach().requires_grad_(True)
+        if reshaped:
+            leaf = view.to_map(output.detach()).clone(memory_format=torch.contiguous_format)
+            leaf.requires_grad_(True)
+        else:
+            leaf = output.detach().requires_grad_(True)
         captured.activation = leaf
         torch.set_grad_enabled(True)
-        return leaf.clone()
+        return view.from_map(leaf, output.detach()) if reshaped else leaf.clone()
 
     handle = module.register_forward_hook(this_thread_only(hook))
     try:

@@ -58,8 +58,8 @@ class CamPass:
 
 def model_input(bundle, image) -> tuple[Image.Image, torch.Tensor]:
     """(the image as the model sees it, the 1×3×H×W input tensor on the model's device)."""
-    view = bundle.input_view(load_image(image))
-    return view, bundle.to_input([view])
+    tensor, views = bundle.prepare([load_image(image)])
+    return views[0], tensor
 
 
 def cam_pass(bundle, image, layer: str | None = None, target=None, methods: Sequence[str] = ("gradcam",),

@@ -437,13 +437,13 @@ def compute_view(
         rows.append(row)
     if first is None:  # every method failed: still show the prediction
         with bundle.lock, torch.no_grad():
-            tensor = bundle.to_input([bundle.input_view(image)])
+            tensor, views = bundle.prepare([image])
             logits = bundle.logits(tensor)
         probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
         from .explain import resolve_targets
 
         tgt = int(resolve_targets(bundle.labels, logits, target)[0])
-        view = bundle.input_view(image)
+        view = views[0]
     else:
         probs, tgt, view = first.probs, int(first.target), first.input_image
     timings: dict[str, float] = {}

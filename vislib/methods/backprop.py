@@ -231,6 +231,7 @@ def backprop_pass(
     rules: list[str],
     *,
     layer_module: nn.Module | None = None,
+    layer_view=None,
 ) -> BackpropPass:
     """One forward of ``x`` and one backward to the input per rule (no parameter gradients).
 
@@ -241,7 +242,7 @@ def backprop_pass(
     needs_mode = any(r != "gradient" for r in rules)
     mode = relu_rule("gradient") if needs_mode else nullcontext(ReluRule())
     if layer_module is not None:
-        capture = capture_layer(layer_module, keep_graph=True)
+        capture = capture_layer(layer_module, keep_graph=True, view=layer_view)
     else:
         capture = nullcontext(Captured())
     with bundle.lock, Stopwatch(bundle.device) as forward:
@@ -419,7 +420,7 @@ def make_baseline(bundle, x: torch.Tensor, baseline, blur_sigma: float | None = 
         return torch.zeros_like(x)
     if baseline == "black":
         h, w = x.shape[-2:]
-        black = bundle.to_input([Image.new("RGB", (w, h))]).to(x.device, torch.float32)
+        black = bundle.prepare([Image.new("RGB", (w, h))])[0].to(x.device, torch.float32)
         if black.shape[1:] != x.shape[1:]:
             raise MethodError("integrated_gradients: the model's preprocessing does not keep the size of a "
                               "black image; pass the baseline as a tensor")
@@ -528,7 +529,8 @@ def _run_direct(ctx: ExplainContext, names: list[str]) -> dict[str, MethodResult
     layer_module = None
     if "guided_gradcam" in names and reuse is None:
         layer_module = resolve_layer(ctx.bundle, ctx.layer)[1]
-    passed = backprop_pass(ctx.bundle, ctx.inputs, ctx.class_score, rules, layer_module=layer_module)
+    passed = backprop_pass(ctx.bundle, ctx.inputs, ctx.class_score, rules, layer_module=layer_module,
+                           layer_view=ctx.bundle.view(ctx.layer))
     key = "backprop_forward" if ctx.pass_timings.get("forward") is not None else "forward"
     ctx.pass_timings[key] = passed.forward_seconds
     for rule, seconds in passed.backward_seconds.items():
@@ -612,7 +614,7 @@ def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, ta
     rule = _rule_of(base)
     layer_module = resolve_layer(ctx.bundle, ctx.layer)[1] if base == "guided_gradcam" else None
     passed = backprop_pass(ctx.bundle, x, lambda lg: target_scores(ctx.score, lg, targets, contrast), [rule],
-                           layer_module=layer_module)
+                           layer_module=layer_module, layer_view=ctx.bundle.view(ctx.layer))
     signal = passed.signals[rule]
     if base == "guided_gradcam":
         cam = gradcam_map(passed.activation, passed.layer_gradient, tuple(x.shape[-2:]))

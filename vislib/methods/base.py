@@ -78,6 +78,7 @@ class ExplainContext:
     contrast: torch.Tensor | None = None  # N contrast classes when a contrast was asked for
     pass_timings: dict[str, float] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # results one family offers another (e.g. Grad-CAM)
+    notes: list[str] = field(default_factory=list)  # for the user, e.g. a layer the gradient misses
 
     def set_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Record the first forward's logits and resolve the targets (and contrast) from them."""

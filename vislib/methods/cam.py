@@ -161,7 +161,7 @@ def run_cam_family(ctx: ExplainContext, names: list[str], options: dict) -> dict
     layer, module = resolve_layer(bundle, ctx.layer)
     with bundle.lock:
         with Stopwatch(bundle.device) as forward:
-            with capture_layer(module, grad=need_grad) as captured, torch.no_grad():
+            with capture_layer(module, grad=need_grad, view=bundle.view(layer)) as captured, torch.no_grad():
                 logits = bundle.logits(ctx.inputs)
     ctx.pass_timings["forward"] = forward.seconds
     A = captured.activation
@@ -174,6 +174,10 @@ def run_cam_family(ctx: ExplainContext, names: list[str], options: dict) -> dict
             with Stopwatch(bundle.device) as backward:
                 (g,) = torch.autograd.grad(ctx.class_score(logits).sum(), A)
             ctx.pass_timings["backward"] = backward.seconds
+            if not bool(g.abs().amax() > 0):
+                ctx.notes.append(f"the class score's gradient is zero at every position of layer {layer!r}: "
+                                 f"its gradient-based maps are flat (a layer the score does not depend on, "
+                                 f"e.g. a ViT's patch tokens after its last attention)")
     A = A.detach()
     extra_kw = {}
     if "cam" in names:

@@ -188,13 +188,15 @@ class BatchForward:
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, *, mode="auto",
                  channels_last: bool = True, rows: int = 0,
-                 run_locked: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda fn: fn()):
-        self.model, self.inputs, self.logits = model, inputs, logits
+                 run_locked: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda fn: fn(),
+                 select: Callable[[object], torch.Tensor] = lambda out: out):
+        self.model, self.inputs, self.logits, self.select = model, inputs, logits, select
         self.mode, self.channels_last, self.rows_left = mode, channels_last, rows
         self.run_locked = run_locked
         self.entry: _Entry | None = None
         self.build: _Build | None = None
         self.path = "eager"  # the path of the next batch: "eager", "frozen" or "trial"
+        self.last_path: str | None = None  # the path the last batch took
         self.reason = "fast_forward=False" if mode is False else ""
         self.decided = mode is False or inputs.device.type != "cpu"
         if inputs.device.type != "cpu" and mode is not False:
@@ -261,6 +263,7 @@ class BatchForward:
         try:
             with torch.inference_mode():
                 out = self.run_locked(lambda: frozen(self.inputs)) if locked else frozen(self.inputs)
+                out = self.select(out)
         except Exception as exc:  # noqa: BLE001
             return False, f"the frozen copy failed ({type(exc).__name__})"
         if not isinstance(out, torch.Tensor) or out.shape != self.logits.shape:
@@ -324,9 +327,10 @@ class BatchForward:
                      f"{built}timed: the frozen copy takes {ratio:.2f}× eager's time per input")
 
     def finish(self) -> None:
-        """Wait for a copy still being built (it is cached for the next call)."""
-        if self.build is not None and self.build.is_alive():
+        """Wait for a copy still being built (it is cached for the next call, its cost learnt)."""
+        if self.build is not None:
             self.build.join()
+            self._built()
 
     # ------------------------------------------------------------------ running
 
@@ -343,16 +347,16 @@ class BatchForward:
             seconds[0] = time.perf_counter() - start
             return out
 
-        out = self.run_locked(run)
+        out = self.select(self.run_locked(run))
+        self.last_path = path
         if not self.decided:
             self._after_batch(path, len(batch), seconds[0], tuple(batch.shape))
         return out
 
     @property
     def summary(self) -> dict:
-        used = "eager" if self.path == "eager" else "frozen TorchScript copy"
+        used = "frozen TorchScript copy" if self.last_path in ("trial", "frozen") else "eager"
         why = self.reason
-        if not why:
-            why = "the copy was still being built" if self.build is not None else \
-                "too few batches to time both paths"
-        return {"forward": used, "forward_why": why}
+        if not why and self.build_why:
+            why = f"built as {self.build_why}; too few forwards were left to time the copy"
+        return {"forward": used, "forward_why": why or "too few batches to time both paths"}

@@ -156,13 +156,18 @@ def cached_head(model: nn.Module, layer: str, *, refresh: bool = False) -> tuple
 
 
 @contextmanager
-def replaced_output(module: nn.Module, replacement: torch.Tensor) -> Iterator[None]:
-    """During a forward inside this context, ``module`` outputs ``replacement`` (same shape)."""
+def replaced_output(module: nn.Module, replacement: torch.Tensor, view=None) -> Iterator[None]:
+    """During a forward inside this context, ``module`` outputs ``replacement`` (same shape), or, with
+    a token / channels-last ``view``, the map ``replacement`` put back into the layer's layout (a
+    ViT's class token kept as the forward computed it)."""
 
     def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor) or output.shape != replacement.shape:
+        if not isinstance(output, torch.Tensor):
+            raise LayerError("the target layer's output is not a tensor")
+        mapped = view is not None and view.layout != "nchw"
+        if (view.to_map(output) if mapped else output).shape != replacement.shape:
             raise LayerError("the target layer's output does not match the ablated activation")
-        return replacement
+        return view.from_map(replacement, output) if mapped else replacement
 
     handle = module.register_forward_hook(this_thread_only(hook))
     try:
@@ -206,8 +211,11 @@ class AblationCAM(PerturbationMethod):
             raise MethodError(f"ablationcam: path must be one of {self.PATHS}, not {wanted!r}")
         active = A.flatten(2).abs().amax(dim=2) > 0
         owner, channel = active.nonzero(as_tuple=True)
+        view = session.bundle.view(ctx.layer)
         if wanted == "full-forward":
             head, reason = None, "full forward requested"
+        elif view.layout != "nchw":
+            head, reason = None, f"the layer is read as a map ({view.describe()}): the whole model runs"
         else:
             head, reason = self._head(session, A)
         if head is None and wanted == "fx-head":
@@ -226,7 +234,7 @@ class AblationCAM(PerturbationMethod):
 
         def full_forward(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             inputs, activation = batch
-            with replaced_output(module, activation):
+            with replaced_output(module, activation, view):
                 return session.bundle.logits(inputs)
 
         if head is not None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import LayerError, MethodError
 from ..hooks import capture_layer, resolve_layer
+from ..models.bundle import select_output
 from .base import ExplainContext, Method, Stopwatch
 from .frozen import BatchForward
 
@@ -79,7 +80,7 @@ class Session:
             return shared["activation"].detach().float()
         layer, module = resolve_layer(self.bundle, ctx.layer)
         with self.bundle.lock, Stopwatch(self.device) as sw:
-            with capture_layer(module, grad=False) as captured, torch.no_grad():
+            with capture_layer(module, view=self.bundle.view(layer)) as captured, torch.no_grad():
                 logits = self.bundle.logits(ctx.inputs)
         key = "forward" if "forward" not in ctx.pass_timings else "perturbation_forward"
         ctx.pass_timings[key] = sw.seconds
@@ -131,7 +132,8 @@ class Session:
         if forward is None:
             runner = BatchForward(self.bundle.model, self.ctx.inputs, self.logits(),
                                   mode=False if reduced else fast_forward, channels_last=channels_last,
-                                  rows=rows, run_locked=self._locked)
+                                  rows=rows, run_locked=self._locked,
+                                  select=lambda out: select_output(out, self.bundle.output))
             if reduced:
                 runner.reason = f"precision={precision}: autocast runs eager forwards"
         else:
