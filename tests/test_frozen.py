@@ -3,6 +3,8 @@ the eager model, never stale, never used when it cannot be trusted, the shared m
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from helpers import Counter, assert_untouched, snapshot
@@ -137,11 +139,20 @@ def test_a_copy_that_disagrees_with_the_model_is_refused(monkeypatch):
         torch.testing.assert_close(runner(x), net(x))
 
 
-def test_auto_times_both_paths_then_keeps_one(monkeypatch):
+@pytest.fixture
+def fresh(monkeypatch):
+    """An empty cache and no learnt costs: every test starts as a new process would."""
+    monkeypatch.setattr(frozen, "_CACHE", frozen.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(frozen, "_BUILD_RATE", [])
+    monkeypatch.setattr(frozen, "_RATIOS", {})
+    return monkeypatch
+
+
+def test_auto_times_both_paths_then_keeps_one(fresh):
     torch.manual_seed(5)
     net = BnNet().eval()
-    monkeypatch.setattr(frozen, "BUILD_WORTH_S", 0.0)  # build whatever the eager time
-    monkeypatch.setattr(frozen, "_CACHE", frozen.weakref.WeakKeyDictionary())
+    fresh.setattr(frozen, "BUILD_S_PER_LAYER", 0.0)  # building looks free: build whatever the eager time
+    fresh.setattr(frozen, "BACKGROUND_BUILD", False)  # in this thread, so the sequence is fixed
     x = inputs(2)
     batches = [inputs(4, seed) for seed in range(10, 18)]
     with torch.no_grad():
@@ -154,8 +165,9 @@ def test_auto_times_both_paths_then_keeps_one(monkeypatch):
             torch.testing.assert_close(runner(batch), want, rtol=1e-4, atol=1e-5)
     # eager timed twice, the copy built and warmed up, the copy timed twice, then one path kept
     assert paths[:5] == ["eager", "eager", "trial", "frozen", "frozen"]
-    assert runner.decided and "timed" in runner.reason
+    assert runner.decided and "timed" in runner.reason and "built as" in runner.reason
     assert set(paths[5:]) == {runner.path}
+    assert len(frozen._BUILD_RATE) == 1 and frozen.architecture(net, x) in frozen._RATIOS  # costs learnt
     # a second call finds the copy and the eager timing in the cache: it times only the copy
     with torch.no_grad():
         again = BatchForward(net, x, net(x), mode="auto", rows=4 * len(batches))
@@ -167,7 +179,7 @@ def test_auto_times_both_paths_then_keeps_one(monkeypatch):
     assert paths[:3] == ["trial", "frozen", "frozen"] and again.decided
 
 
-def test_auto_keeps_eager_when_a_copy_cannot_pay_off():
+def test_auto_keeps_eager_when_a_copy_cannot_pay_off(fresh):
     net = BnNet().eval()
     x = inputs(2)
     with torch.no_grad():
@@ -175,7 +187,80 @@ def test_auto_keeps_eager_when_a_copy_cannot_pay_off():
     with torch.inference_mode():
         runner(inputs(4))
         runner(inputs(4))
-    assert runner.decided and runner.path == "eager" and "take <" in runner.reason
+    assert runner.decided and runner.path == "eager" and "would not pay" in runner.reason
+    assert cached_frozen(net, x, build=False) is None  # nothing was built
+
+
+def test_the_build_pays_when_the_saving_on_the_forwards_left_exceeds_its_cost(fresh):
+    """saving = rows_left · t_eager · (1 − ratio) against build = rate · leaf modules; the prior rate and
+    ratio until this process has measured them."""
+    net = BnNet().eval()
+    x = inputs(1)
+    layers = frozen.leaf_modules(net)
+    assert layers == 9  # Counter; conv, bn, ReLU, max-pool; conv, ReLU; GAP; linear
+    fresh.setattr(frozen, "BUILD_S_PER_LAYER", 0.1)  # build estimated at 0.9 s
+    fresh.setattr(frozen, "EXPECTED_RATIO", 0.75)
+    with torch.no_grad():
+        runner = BatchForward(net, x, net(x), mode=False, rows=0)
+    runner.signature = frozen.architecture(net, x)
+    runner.rows_left = 360  # saving 360 · 10 ms · 0.25 = 0.9 s: not more than the build
+    assert runner._worth_building(0.010)[0] is False
+    runner.rows_left = 361
+    worth, why = runner._worth_building(0.010)
+    assert worth and "expected at 0.75×" in why and "(estimated)" in why
+    frozen._BUILD_RATE.append(0.2)  # a build measured in this process: 1.8 s for this model
+    assert runner._worth_building(0.010)[0] is False
+    frozen._BUILD_RATE.append(0.01)
+    frozen._RATIOS[runner.signature] = 1.1  # this architecture was timed slower frozen: never worth it
+    worth, why = runner._worth_building(0.010)
+    assert not worth and "measured at 1.10×" in why
+
+
+def test_a_background_build_lets_eager_batches_go_on(fresh):
+    """While the copy is built in a thread, eager batches go on; then the copy is warmed up and timed."""
+    torch.manual_seed(6)
+    net = BnNet().eval()
+    fresh.setattr(frozen, "BUILD_S_PER_LAYER", 0.0)
+    real = frozen.build_frozen
+
+    def slow_build(model, example):
+        time.sleep(0.3)
+        return real(model, example)
+
+    fresh.setattr(frozen, "build_frozen", slow_build)
+    x = inputs(2)
+    batches = [inputs(4, seed) for seed in range(20, 40)]
+    with torch.no_grad():
+        runner = BatchForward(net, x, net(x), mode="auto", rows=4 * len(batches))
+        expected = [net(b) for b in batches]
+    paths = []
+    with torch.inference_mode():
+        for batch, want in zip(batches, expected, strict=True):
+            paths.append(runner.path)
+            torch.testing.assert_close(runner(batch), want, rtol=1e-4, atol=1e-5)
+            if runner.build is not None:
+                time.sleep(0.05)  # eager batches while the copy builds
+    first_trial = paths.index("trial")
+    assert first_trial > 2 and set(paths[:first_trial]) == {"eager"}  # at least one batch during the build
+    assert paths[first_trial + 1 : first_trial + 3] == ["frozen", "frozen"] and runner.decided
+
+
+def test_the_call_waits_for_a_build_still_running(fresh):
+    net = BnNet().eval()
+    fresh.setattr(frozen, "BUILD_S_PER_LAYER", 0.0)
+    real = frozen.build_frozen
+    fresh.setattr(frozen, "build_frozen", lambda m, e: (time.sleep(0.5), real(m, e))[1])
+    x = inputs(2)
+    with torch.no_grad():
+        runner = BatchForward(net, x, net(x), mode="auto", rows=12)
+    with torch.inference_mode():
+        for _ in range(3):
+            runner(inputs(4))
+    assert runner.build is not None and runner.build.is_alive()
+    runner.finish()
+    assert runner.build is None and cached_frozen(net, x, build=False).frozen is not None
+    assert runner.summary["forward"] == "eager" and "too few forwards were left" in runner.summary["forward_why"]
+    assert len(frozen._BUILD_RATE) == 1
 
 
 def test_fast_forward_option_is_checked():
