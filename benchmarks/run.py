@@ -46,6 +46,8 @@ QUICK = {
         "integrated_gradients": {"steps": 4, "batch_size": 4},
         "occlusion": {"patch": 56, "stride": 56},
         "scorecam": {"batch_size": 64},
+        "sscam": {"batch_size": 64, "n_samples": 2},
+        "iscam": {"batch_size": 64, "n_samples": 2},
         "ablationcam": {"batch_size": 64},
     },
 }
