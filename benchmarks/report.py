@@ -41,6 +41,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _mark(row: dict) -> str:
+    if row.get("status") == "skipped" and row.get("per_image_s") is None:
+        return " (not run)"  # e.g. past the run's deadline: nothing measured, nothing estimated
     return {"estimated": " (est.)", "skipped": " (est.)", "error": ""}.get(row.get("status"), "")
 
 

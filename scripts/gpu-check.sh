@@ -148,8 +148,11 @@ REPORT="$OUT/report.md"
   echo
   echo "## CUDA tests"
   echo
-  grep -E '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed|skipped)|^Score-CAM ' "$OUT/tests.txt" \
-    | sed 's/^/    /' || echo "    (no test summary: see tests.txt)"
+  if [ "$TESTS_RC" = 124 ]; then echo "**Timed out after ${TESTS_S} s** (GPU_CHECK_TESTS_S); the end of tests.txt:"; echo; fi
+  if ! grep -E '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed|skipped|errors?)|no tests ran|^Score-CAM ' \
+      "$OUT/tests.txt" | sed 's/^/    /'; then
+    tail -n 15 "$OUT/tests.txt" | sed 's/^/    /'
+  fi
   echo
   if [ -f "$OUT/bench/results.md" ]; then
     sed -e 's/^# /## /' "$OUT/bench/results.md"
