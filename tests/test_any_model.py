@@ -330,3 +330,40 @@ def test_ablationcam_on_tokens_zeroes_one_channel_of_the_patch_tokens(image):
     expected = F.relu(torch.einsum("c,chw->hw", weights, A))
     np.testing.assert_allclose(result.raw["ablationcam"], expected.numpy(), rtol=1e-4, atol=1e-6)
     assert result.extras["ablationcam"]["path"] == "full-forward"
+
+
+def test_the_registered_torchvision_defaults_come_from_the_rule():
+    from vislib.models import TORCHVISION_DEFAULT_LAYERS
+
+    for name in ("alexnet", "resnet18", "mobilenet_v3_large"):
+        bundle = vislib.load_model(name, weights=None, device="cpu")
+        assert bundle.default_layer == TORCHVISION_DEFAULT_LAYERS[name]
+        assert bundle.default_reason.startswith("the last layer with a spatial map")
+
+
+def test_cli_layers_prints_the_table_and_the_reason(capsys):
+    from vislib.cli import main
+
+    assert main(["layers", "--model", "shapes_zf"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("default layer: relu6 — the model card's choice")
+    row = next(line for line in out if line.startswith("relu6 "))
+    assert "96×8×8" in row and "← default" in row
+    assert main(["layers", "--model", "shapes_zf", "--all"]) == 0
+    assert any("no spatial map" in line or "—" in line for line in capsys.readouterr().out.splitlines())
+    assert main(["layers", "--model", "no_such_model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_metrics_use_the_selected_scores():
+    from vislib import metrics
+
+    torch.manual_seed(0)
+    bundle = vislib.load_model(DictNet(), preprocess=PLAIN, device="cpu")
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = torch.softmax(bundle.model(x)["logits"], 1)[torch.arange(3), torch.tensor([0, 1, 2])]
+    got = metrics.target_probabilities(bundle, x, [0, 1, 2])
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+    curves = metrics.deletion_insertion(bundle, x, torch.rand(3, 16, 16), [0, 1, 2], steps=4)
+    np.testing.assert_allclose(curves.deletion[:, 0], expected.numpy(), atol=1e-6)

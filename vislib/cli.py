@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
+    add_layers_parser(sub, DEFAULT_MODEL)
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the methods")
     return parser
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             return _explain(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "layers":
+            return _layers(args)
         if args.command == "models":
             return _list_models()
         if args.command == "methods":
@@ -206,4 +209,27 @@ def _evaluate(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"{result.model} on {result.dataset}: accuracy {result.accuracy:.1%} on {len(result)} images, "
           f"{summary['misclassified']} misclassified → {out / 'report.html'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# layers: the layer table of a model (shapes as the methods see them) and the default's reason
+
+
+def add_layers_parser(sub, default_model: str) -> None:
+    ly = sub.add_parser("layers", help="a model's layers as the methods see them, and its default layer")
+    ly.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
+    ly.add_argument("--weights", default="none",
+                    help="'none' (random: shapes do not depend on weights; the default), 'default' or a path")
+    ly.add_argument("--all", action="store_true", help="also the modules that give no map")
+
+
+def _layers(args) -> int:
+    from .layers import layer_table_lines
+    from .models import load_model
+
+    weights = None if args.weights == "none" else args.weights
+    bundle = load_model(args.model, weights=weights, device="cpu")
+    for line in layer_table_lines(bundle, everything=args.all):
+        print(line)
     return 0

@@ -179,3 +179,24 @@ def classify_outputs(shapes: dict[str, tuple[int, ...]], order: list[str], first
         if view is not None:
             views[name] = view
     return views
+
+
+def layer_table_lines(bundle, *, everything: bool = False) -> list[str]:
+    """The layer table as text: name, module type, raw output, the map the methods see (C×h×w, or
+    why there is none), the default layer marked and its reason at the end."""
+    rows = [r for r in bundle.layer_table if everything or r.view is not None]
+    width = max([len(r.name) for r in rows] + [5])
+    kinds = max([len(r.kind) for r in rows] + [6])
+    lines = [f"{'layer':{width}s}  {'module':{kinds}s}  {'output':>14s}  map (as the methods see it)"]
+    for r in rows:
+        if r.view is None:
+            seen = f"—  ({r.note})"
+        else:
+            c, h, w = r.view.shape
+            seen = f"{c}×{h}×{w}" + ("" if r.view.layout == "nchw" else f"  ({r.view.describe()})")
+            if not r.view.spatial:
+                seen += "  (1×1: no spatial map)"
+        mark = "  ← default" if r.name == bundle.default_layer else ""
+        lines.append(f"{r.name:{width}s}  {r.kind:{kinds}s}  {r.output:>14s}  {seen}{mark}")
+    lines.append(f"default layer: {bundle.default_layer} — {bundle.default_reason}")
+    return lines

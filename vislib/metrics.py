@@ -291,6 +291,11 @@ def _module(model) -> torch.nn.Module:
     return getattr(model, "model", model)  # a ModelBundle or an nn.Module
 
 
+def _scores(model):
+    """The forward giving class scores: a bundle's (its output selection applied), or the module's."""
+    return model.logits if hasattr(model, "logits") and hasattr(model, "model") else model
+
+
 def _device(module: torch.nn.Module) -> torch.device:
     first = next(module.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -299,14 +304,14 @@ def _device(module: torch.nn.Module) -> torch.device:
 def target_probabilities(model, inputs: torch.Tensor, targets, *, batch_size: int = 128,
                          cancel=None) -> torch.Tensor:
     """Softmax probability of ``targets[i]`` on ``inputs[i]`` (N,), in batches, on the model's device."""
-    module = _module(model)
-    device = _device(module)
+    forward = _scores(model)
+    device = _device(_module(model))
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.long).view(-1)
     out = []
     with torch.no_grad():
         for lo in range(0, inputs.shape[0], batch_size):
             _check(cancel)
-            logits = module(inputs[lo:lo + batch_size].to(device, torch.float32)).float()
+            logits = forward(inputs[lo:lo + batch_size].to(device, torch.float32)).float()
             probs = F.softmax(logits, dim=1)
             out.append(probs.gather(1, targets[lo:lo + batch_size].to(device).view(-1, 1)).squeeze(1).cpu())
     return torch.cat(out) if out else torch.empty(0)
@@ -389,8 +394,8 @@ def deletion_insertion(model, inputs: torch.Tensor, maps, targets, *, steps: int
     insertion. All 2K + 1 perturbed inputs of an image (deletion at k = 0 and insertion at k = K are
     the image itself) are batched.
     """
-    module = _module(model)
-    device = _device(module)
+    forward = _scores(model)
+    device = _device(_module(model))
     inputs = inputs.to(device, torch.float32)
     n, _, h, w = inputs.shape
     pixels = h * w
@@ -414,7 +419,7 @@ def deletion_insertion(model, inputs: torch.Tensor, maps, targets, *, steps: int
             batch = torch.cat([removed, inserted], dim=1).flatten(0, 1)
             probs = []
             for start in range(0, batch.shape[0], batch_size):
-                logits = module(batch[start:start + batch_size]).float()
+                logits = forward(batch[start:start + batch_size]).float()
                 probs.append(F.softmax(logits, dim=1))
             p = torch.cat(probs).view(hi - lo, per_image, -1)
             t = targets[lo:hi].to(device).view(-1, 1, 1).expand(-1, per_image, 1)

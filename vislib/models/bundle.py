@@ -335,6 +335,7 @@ def make_bundle(
     source: str = "module",
     labels_from: str | None = None,
     notes: Sequence[str] = (),
+    default_reason: str | None = None,
 ) -> ModelBundle:
     """Put a model in eval mode on ``device`` and work out its input, layers, labels and default layer.
 
@@ -365,7 +366,7 @@ def make_bundle(
     if default_layer is None:
         default_layer, bundle.default_reason = choose_default_layer(model, probe)
     else:
-        bundle.default_reason = "given"
+        bundle.default_reason = default_reason or "given"
     _check_layer_name(bundle, default_layer)
     bundle.default_layer = default_layer
     return bundle

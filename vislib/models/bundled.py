@@ -46,7 +46,8 @@ def _register_bundled(name: str) -> None:
         preprocess = Preprocess(resize=size, crop=size, mean=tuple(card["mean"]), std=tuple(card["std"]))
         return make_bundle(
             name, model, preprocess=preprocess, labels=card["labels"],
-            default_layer=card.get("default_layer"), weights=weights_id, card=card,
+            default_layer=card.get("default_layer"), default_reason="the model card's choice",
+            weights=weights_id, card=card,
         )
 
 

@@ -84,7 +84,7 @@ def _register_torchvision(name: str) -> None:
                 weights_id = str(weights)
         return make_bundle(
             name, model, preprocess=preprocess, labels=labels,
-            default_layer=TORCHVISION_DEFAULT_LAYERS.get(name), weights=weights_id,
+            weights=weights_id,  # the default layer by the rule (it gives the peers' choices: tested)
         )
 
 
