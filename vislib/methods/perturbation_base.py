@@ -144,8 +144,10 @@ class Session:
             while start < rows:
                 stop = min(start + size, rows)
                 try:
-                    with torch.inference_mode(), autocast(self.device, precision):
-                        logits = runner(make_batch(start, stop))
+                    with torch.inference_mode():
+                        batch = make_batch(start, stop)  # built in float32, outside autocast
+                        with autocast(self.device, precision):
+                            logits = runner(batch)
                         parts.append(class_scores(logits, targets[start:stop], score))
                 except torch.cuda.OutOfMemoryError:
                     if self.device.type != "cuda" or size == 1:
