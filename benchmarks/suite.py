@@ -60,6 +60,7 @@ class BenchConfig:
     pairs: int = 0  # > 0: head to head, that many (ours, peer) call pairs, ours from a cold start
     variants: Sequence[tuple[str, str, dict]] = ()  # (label, method, options): rows compared to the method's
     deadline: float | None = None  # time.perf_counter() after which rows are skipped (results still written)
+    peer_budget_s: float | None = None  # a peer's row budget (None: budget_s); its calls are not interrupted
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
 
@@ -230,10 +231,11 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
     setup = peer_lib.peer_setup(bundle.model, _layer_of(bundle), inputs, targets, options)
     passes, kind = peer.passes(setup)
     predicted = passes * refs[kind]["per_image_s"] * len(inputs)
-    if predicted > config.budget_s:
+    budget = config.peer_budget_s or config.budget_s
+    if predicted > budget:
         row.update(status="skipped", per_image_s=predicted / len(inputs),
                    message=f"predicted {predicted:.0f} s per call ({passes} passes per image) "
-                           f"> the {config.budget_s:g} s row budget")
+                           f"> the {budget:g} s row budget")
         return row
     target_list = targets.tolist()
     ours_call = partial(vislib.explain, bundle, inputs, methods=[peer.ours], target=target_list,
@@ -255,14 +257,14 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
             out = run()
             sync(bundle.device)
             first = time.perf_counter() - start
-        if (first > config.budget_s / 2 or config.peer_single_call) and ours_row.get("runs_s"):
+        if (first > budget / 2 or config.peer_single_call) and ours_row.get("runs_s"):
             n = len(inputs)
             why = "single call" if config.peer_single_call else "single call: over half the budget"
             timing = Timing(batch=n, runs=[first], warmup=0, note=why)
             mine = Timing(batch=n, runs=ours_row["runs_s"], warmup=0, note="from our row (unpaired)")
         else:
             mine, timing, out = time_paired(ours_call, run, device=bundle.device, batch=len(inputs),
-                                            repeats=config.repeats, warmup=0, budget_s=config.budget_s)
+                                            repeats=config.repeats, warmup=0, budget_s=budget)
     except Exception as exc:  # a peer failing is a result, not a benchmark crash
         row.update(status="error", message=f"{type(exc).__name__}: {exc}"[:300])
         return row

@@ -4,7 +4,7 @@
 # Score-CAM's batches and autocast), then the benchmark on CUDA (python -m benchmarks.run --gpu: resnet50,
 # every method at batch 1, 16 and 64, the peers side by side, Score-CAM under bf16 / fp16 autocast against
 # fp32) and writes one markdown report. Tests and benchmark have their own time limits, 7.5 minutes
-# together; setting up a Python that sees the GPU comes first and is timed apart (on a fresh machine it
+# together (the benchmark gets what the tests leave, at least GPU_CHECK_BENCH_S); setting up a Python that sees the GPU comes first and is timed apart (on a fresh machine it
 # downloads torch, a few GB, from the package registries: nothing else is reached).
 #
 #   bash scripts/gpu-check.sh              # on the GPU machine; prints where the report is
@@ -18,7 +18,7 @@
 # and the peers (requirements-bench.txt, optional).
 #
 # Environment: GPU_CHECK_OUT (report folder, default results/gpu-check-<time>), GPU_CHECK_TESTS_S (180),
-# GPU_CHECK_BENCH_S (270), GPU_CHECK_PYTHON (a Python to use as it is, no set-up), PYTHON (python3, for
+# GPU_CHECK_BENCH_S (270), GPU_CHECK_TOTAL_S (450: tests + benchmark), GPU_CHECK_PYTHON (a Python to use as it is, no set-up), PYTHON (python3, for
 # a new venv).
 # Exit status: 0 all passed; 1 a CUDA test failed or timed out; 2 the benchmark failed; 3 no Python here
 # sees a CUDA GPU (the reason is printed).
@@ -33,6 +33,7 @@ STAMP="$(date +%Y%m%d-%H%M%S)"
 OUT="${GPU_CHECK_OUT:-results/gpu-check-$STAMP}"
 TESTS_S="${GPU_CHECK_TESTS_S:-180}"
 BENCH_S="${GPU_CHECK_BENCH_S:-270}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-450}"
 TORCH_PAIR=(torch==2.15.0 torchvision==0.29.2)  # keep in step with requirements.txt
 PYPI_TORCH_CUDA=13.2                             # the CUDA of that pair's PyPI wheel
 mkdir -p "$OUT"
@@ -119,6 +120,8 @@ log "tests: exit $TESTS_RC after ${TESTS_TOOK} s"
 # --------------------------------------------------------------------------------------------------
 # 3. The benchmark on CUDA (its deadline leaves time to write the results before the limit)
 
+LEFT=$((TOTAL_S - TESTS_TOOK))
+if [ "$LEFT" -gt "$BENCH_S" ]; then BENCH_S=$LEFT; fi
 SECONDS=0
 BENCH_ARGS=(--gpu)
 if [ "$DRY" = 1 ]; then
