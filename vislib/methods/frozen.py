@@ -140,9 +140,13 @@ def cached_frozen(model: nn.Module, example: torch.Tensor, *, build: bool = True
 
 
 def clear_cache() -> None:
-    """Forget every frozen copy (the next call builds again: what a benchmark of a first call needs)."""
+    """Forget every frozen copy and every learnt cost, as in a new process (what a benchmark of a
+    first call needs)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+    with _COSTS_LOCK:
+        _BUILD_RATE.clear()
+        _RATIOS.clear()
 
 
 class _Build(threading.Thread):
