@@ -8,7 +8,13 @@ prepacked weights. It computes the same function up to float rounding (batch-nor
 some models it is much faster than eager PyTorch, on others slower (measured on 2 CPU cores, per
 image, against eager channels-last: ResNet-50 1.2-1.3× faster, MobileNet-V3 2.5×; DenseNet-121,
 EfficientNet-B0 and ConvNeXt-T slower). So :class:`BatchForward` does not guess: in ``"auto"`` mode
-it times one batch each way and keeps the faster.
+it builds a copy only when it should pay for itself on the forwards left, then times both paths and
+keeps the faster.
+
+A copy is built (and checked) with one intra-op thread: with two, the idle OpenMP worker spins
+through the thousands of tiny operations of tracing and freezing, which costs about 5× the CPU time
+(ResNet-18 on 2 cores: 0.6 s instead of 3 s) and, on a busy machine, far more wall-clock time. The
+thread count is per thread (``omp_set_num_threads``): other threads' forwards keep theirs.
 
 Safety:
 
@@ -29,6 +35,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,12 +45,23 @@ TIMED_BATCHES = 2  # batches timed on each path before "auto" settles
 TOLERANCE = 1e-4  # relative gap allowed between frozen and eager logits (batch-norm folding rounds)
 # "auto" builds a copy when the time it should save on the forwards left exceeds the time to build it.
 # Until this process has built one (then the measured rate is used), building and checking a copy is
-# estimated at BUILD_S_PER_LAYER per leaf module (measured on 2 CPU cores: ResNet-18 2.9 s for 52 leaf
-# modules, ResNet-50 8.7 s for 126), and until a copy of the architecture has been timed its time per
-# input is expected at EXPECTED_RATIO of eager channels-last (ResNet-18/50 measured 0.6-0.8).
-BUILD_S_PER_LAYER = 0.055
-EXPECTED_RATIO = 0.7
-BACKGROUND_BUILD = True  # build in a thread while eager forwards go on (joined before the call returns)
+# estimated at BUILD_S_PER_LAYER per leaf module (CPU time measured with one thread: ResNet-18 0.6 s for
+# 52 leaf modules, ResNet-50 1.1 s for 126, DenseNet-121 2.2 s for 366, MobileNet-V3 0.9 s for 168), and
+# until a copy of the architecture has been timed its time per input is expected at EXPECTED_RATIO of
+# eager channels-last (ResNet-18 and ResNet-50 measured 0.7-0.85).
+BUILD_S_PER_LAYER = 0.012
+EXPECTED_RATIO = 0.8
+
+
+@contextmanager
+def one_thread():
+    """This thread's intra-op parallelism set to 1 inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def memory_layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -67,7 +85,7 @@ def build_frozen(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.Scr
         return None, "the model is in training mode"
     clone = shallow_clone(model)
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad(), one_thread():
             warnings.simplefilter("always")
             traced = torch.jit.trace(clone, example, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
@@ -149,30 +167,6 @@ def clear_cache() -> None:
         _RATIOS.clear()
 
 
-class _Build(threading.Thread):
-    """Builds and checks a copy (:func:`cached_frozen`, then the logits on the clean input) off the
-    calling thread; :attr:`entry`, :attr:`ok`, :attr:`why` and :attr:`seconds` once it is done."""
-
-    def __init__(self, model: nn.Module, inputs: torch.Tensor,
-                 check: Callable[[object, bool], tuple[bool, str]]):
-        super().__init__(name="vislib-frozen-build", daemon=True)
-        self.model, self.inputs, self.check = model, inputs, check
-        self.entry: _Entry | None = None
-        self.ok, self.why, self.seconds = False, "", 0.0
-
-    def run(self) -> None:
-        start = time.perf_counter()
-        try:
-            self.entry = cached_frozen(self.model, self.inputs)
-            if self.entry.frozen is None:
-                self.why = self.entry.reason
-            else:
-                self.ok, self.why = self.check(self.entry.frozen, False)  # the copy is private: no lock
-        except Exception as exc:  # noqa: BLE001  (a build never breaks the explanation)
-            self.why = f"building the frozen copy failed ({type(exc).__name__})"
-        self.seconds = time.perf_counter() - start
-
-
 class BatchForward:
     """Runs perturbed input batches through the model: eager (optionally channels-last) or a frozen
     copy, whichever the mode and, in ``"auto"``, the costs choose.
@@ -180,14 +174,15 @@ class BatchForward:
     ``"auto"``: a copy already built for these weights is timed against eager (two batches each) and
     the faster kept. Without one, two eager batches are timed, and a copy is built only if the time
     it should save on the forwards left, rows_left · t_eager · (1 − ratio), exceeds the time to build
-    and check it (:func:`build_estimate`, :func:`ratio_estimate`); the build runs in a thread while
-    eager batches go on, then the copy is timed and kept only if faster. ``True`` builds at once and
-    uses the copy; ``False`` stays eager.
+    and check it (:func:`build_estimate`, :func:`ratio_estimate`); the copy is then timed and kept only
+    if faster, and both costs are learnt for the next call. ``True`` builds at once and uses the
+    copy; ``False`` stays eager.
 
     ``inputs`` and ``logits``: the unperturbed batch and the eager model's logits on it, against
     which a frozen copy is checked before it is used. ``rows``: how many perturbed inputs will be
-    run. ``run_locked(fn)`` runs ``fn`` while holding whatever lock guards the shared model.
-    :meth:`finish` waits for a build still running; :attr:`summary` says which path ran and why.
+    run. ``run_locked(fn)`` runs ``fn`` while holding whatever lock guards the shared model;
+    ``select(out)`` picks the logits from the model's output. :attr:`summary` says which path ran
+    and why, with the figures behind the choice.
     """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, *, mode="auto",
@@ -198,7 +193,6 @@ class BatchForward:
         self.mode, self.channels_last, self.rows_left = mode, channels_last, rows
         self.run_locked = run_locked
         self.entry: _Entry | None = None
-        self.build: _Build | None = None
         self.path = "eager"  # the path of the next batch: "eager", "frozen" or "trial"
         self.last_path: str | None = None  # the path the last batch took
         self.reason = "fast_forward=False" if mode is False else ""
@@ -206,7 +200,6 @@ class BatchForward:
         if inputs.device.type != "cpu" and mode is not False:
             self.reason = "the frozen copy is used on the CPU only"
         self.timed: dict[str, list[float]] = {}
-        self.eager_timed: tuple[tuple, float] | None = None  # (batch shape, s per input) before a build
         self.build_why = ""
         self.signature = architecture(model, inputs)
         if not self.decided:
@@ -219,55 +212,37 @@ class BatchForward:
         if cached is not None:
             self._adopt(cached)
         elif self.mode is True:
-            self._build_now(background=False)
+            self._build()
 
-    def _build_now(self, background: bool) -> None:
-        self.build = _Build(self.model, self.inputs, self._check)
-        if background:
-            self.build.start()
-        else:
-            self.build.run()
-            self._built()
-
-    def _built(self) -> None:
-        """The build is done: learn its cost, then use the copy (checked in the build) or settle eager."""
-        build, self.build = self.build, None
-        if build.entry is not None and build.entry.frozen is not None:
+    def _build(self) -> None:
+        """Build and check a copy (one thread), learn what that cost, then use or refuse the copy."""
+        start = time.perf_counter()
+        with one_thread():
+            entry = cached_frozen(self.model, self.inputs)
+            checked = self._check(entry.frozen) if entry.frozen is not None else (False, entry.reason)
+        if entry.frozen is not None:
             with _COSTS_LOCK:
-                _BUILD_RATE.append(build.seconds / max(1, leaf_modules(self.model)))
-        self.entry = build.entry
-        if self.entry is not None and self.eager_timed is not None:
-            shape, eager_s = self.eager_timed
-            known = self.entry.per_row_s.setdefault(shape, {})
-            known["eager"] = min(eager_s, known.get("eager", eager_s))
-        if not build.ok:
-            self._settle("eager", build.why)
-        else:
-            self._use()
+                _BUILD_RATE.append((time.perf_counter() - start) / max(1, leaf_modules(self.model)))
+        self._adopt(entry, checked)
 
-    def _adopt(self, entry: _Entry) -> None:
-        """Use a cached ``entry`` if its copy reproduces the eager logits; else settle on eager."""
+    def _adopt(self, entry: _Entry, checked: tuple[bool, str] | None = None) -> None:
+        """Use ``entry`` if its copy reproduces the eager logits; else settle on eager."""
         self.entry = entry
         if entry.frozen is None:
             self._settle("eager", entry.reason)
             return
-        ok, why = self._check(entry.frozen)
+        ok, why = checked or self._check(entry.frozen)
         if not ok:
             self._settle("eager", why)
-        else:
-            self._use()
-
-    def _use(self) -> None:
-        if self.mode is True:
+        elif self.mode is True:
             self._settle("frozen", "fast_forward=True")
         else:
             self.path = "trial"  # "auto": time it against eager before settling
 
-    def _check(self, frozen, locked: bool = True) -> tuple[bool, str]:
+    def _check(self, frozen) -> tuple[bool, str]:
         try:
             with torch.inference_mode():
-                out = self.run_locked(lambda: frozen(self.inputs)) if locked else frozen(self.inputs)
-                out = self.select(out)
+                out = self.select(self.run_locked(lambda: frozen(self.inputs)))
         except Exception as exc:  # noqa: BLE001
             return False, f"the frozen copy failed ({type(exc).__name__})"
         if not isinstance(out, torch.Tensor) or out.shape != self.logits.shape:
@@ -291,10 +266,6 @@ class BatchForward:
 
     def _after_batch(self, path: str, rows: int, seconds: float, shape: tuple) -> None:
         self.rows_left -= rows
-        if self.build is not None:  # a copy is being built: eager goes on meanwhile
-            if not self.build.is_alive():
-                self._built()
-            return
         if self.decided or self.rows_left <= 0:
             return
         if path == "trial":  # the copy's first batch at this shape warms up: time the next ones
@@ -310,8 +281,9 @@ class BatchForward:
             if not worth:
                 self._settle("eager", f"a frozen copy would not pay: {why}")
                 return
-            self.build_why, self.eager_timed = why, (shape, best)
-            self._build_now(background=BACKGROUND_BUILD)
+            self.build_why = why
+            self._build()
+        if self.entry is None:
             return
         known = self.entry.per_row_s.setdefault(shape, {})
         known[path] = min(best, known.get(path, best))
@@ -329,12 +301,6 @@ class BatchForward:
         built = f"built as {self.build_why}; " if self.build_why else ""
         self._settle("frozen" if ratio < 1 else "eager",
                      f"{built}timed: the frozen copy takes {ratio:.2f}× eager's time per input")
-
-    def finish(self) -> None:
-        """Wait for a copy still being built (it is cached for the next call, its cost learnt)."""
-        if self.build is not None:
-            self.build.join()
-            self._built()
 
     # ------------------------------------------------------------------ running
 

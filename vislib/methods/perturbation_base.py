@@ -140,26 +140,22 @@ class Session:
             def runner(batch):
                 return self._locked(lambda: forward(batch))
         parts, start, size, halvings = [], 0, batch_size, 0
-        try:
-            while start < rows:
-                stop = min(start + size, rows)
-                try:
-                    with torch.inference_mode():
-                        batch = make_batch(start, stop)  # built in float32, outside autocast
-                        with autocast(self.device, precision):
-                            logits = runner(batch)
-                        parts.append(class_scores(logits, targets[start:stop], score))
-                except torch.cuda.OutOfMemoryError:
-                    if self.device.type != "cuda" or size == 1:
-                        raise
-                    torch.cuda.empty_cache()
-                    size, halvings = max(1, size // 2), halvings + 1
-                    continue
-                self.advance(stop - start)
-                start = stop
-        finally:
-            if isinstance(runner, BatchForward):
-                runner.finish()  # a frozen copy still being built: wait, so nothing runs on after the call
+        while start < rows:
+            stop = min(start + size, rows)
+            try:
+                with torch.inference_mode():
+                    batch = make_batch(start, stop)  # built in float32, outside autocast
+                    with autocast(self.device, precision):
+                        logits = runner(batch)
+                    parts.append(class_scores(logits, targets[start:stop], score))
+            except torch.cuda.OutOfMemoryError:
+                if self.device.type != "cuda" or size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                size, halvings = max(1, size // 2), halvings + 1
+                continue
+            self.advance(stop - start)
+            start = stop
         info = dict(runner.summary) if isinstance(runner, BatchForward) else {}
         if reduced:
             info["precision"] = precision
