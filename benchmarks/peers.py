@@ -169,6 +169,44 @@ def _torchcam(class_name: str, *, gradient: bool = True, **kwargs) -> Adapter:
     return make
 
 
+def _torchcam_smoothed(class_name: str) -> Adapter:
+    """torch-cam's SSCAM / ISCAM with our options mirrored (n_samples, sigma, batch_size); SS-CAM draws
+    its noise from the global generator, seeded with our ``seed`` right before the call: the same
+    noise as ours when H·W is a multiple of 16 (see vislib.methods.scorecam.NoiseRows)."""
+
+    def make(s: PeerSetup):
+        from torchcam import methods
+
+        kwargs = {"batch_size": int(s.options.get("batch_size", 32))}
+        if class_name == "SSCAM":
+            kwargs["num_samples"] = int(s.options.get("n_samples", 35))
+            kwargs["std"] = float(s.options.get("sigma", 2.0))
+        else:
+            kwargs["num_samples"] = int(s.options.get("n_samples", 10))
+        extractor = getattr(methods, class_name)(s.model, target_layer=s.layer,
+                                                 input_shape=tuple(s.inputs.shape[1:]), **kwargs)
+        class_idx = [int(t) for t in s.targets]
+        seed = int(s.options.get("seed", 0))
+
+        def run():
+            with torch.no_grad():
+                scores = s.model(s.inputs)
+            torch.manual_seed(seed)
+            return extractor(class_idx=class_idx, scores=scores)[0].detach()
+
+        return run, extractor.remove_hooks
+
+    return make
+
+
+def _smoothed_passes(default_n: int) -> Callable[[PeerSetup], tuple[int, str]]:
+    def passes(s: PeerSetup) -> tuple[int, str]:
+        channels, kind = _channel_passes(s)
+        return channels * int(s.options.get("n_samples", default_n)), kind
+
+    return passes
+
+
 # --------------------------------------------------------------------------------------------------
 # Captum
 
@@ -269,6 +307,11 @@ SCORECAM_NOTE = (
     "False; vislib with the option align_corners=True reproduces pytorch-grad-cam's map (ρ = 1.0000 measured "
     "on resnet18 at 64 px)."
 )
+SMOOTHED_NOTE = (
+    "torch-cam min-maxes A^k at feature resolution before upsampling (ours: after, as our Score-CAM) and "
+    "subtracts the clean score before averaging (the channel softmax does not see it); SS-CAM runs with "
+    "our seed, so both draw the same noise."
+)
 EIGENCAM_PGC = (
     "centres the activations before the SVD (the paper projects A itself) and does not fix the SVD's "
     "arbitrary sign, so its map can be the negative of the principal direction (then its ReLU keeps "
@@ -309,6 +352,10 @@ PEER_METHODS: list[PeerMethod] = [
     PeerMethod("torchcam", "LayerCAM", "layercam", _torchcam("LayerCAM")),
     PeerMethod("torchcam", "ScoreCAM", "scorecam", _torchcam("ScoreCAM", gradient=False), SCORECAM_NOTE,
                _channel_passes),
+    PeerMethod("torchcam", "SSCAM", "sscam", _torchcam_smoothed("SSCAM"), SMOOTHED_NOTE,
+               _smoothed_passes(35)),
+    PeerMethod("torchcam", "ISCAM", "iscam", _torchcam_smoothed("ISCAM"), SMOOTHED_NOTE,
+               _smoothed_passes(10)),
     # Captum
     PeerMethod("captum", "LayerGradCam", "gradcam",
                _captum("LayerGradCam", layer=True, kwargs_from=lambda s: {"relu_attributions": True})),

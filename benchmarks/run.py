@@ -47,15 +47,32 @@ QUICK = {
         "integrated_gradients": {"steps": 4, "batch_size": 4},
         "occlusion": {"patch": 56, "stride": 56},
         "scorecam": {"batch_size": 64},
+        "sscam": {"batch_size": 64, "n_samples": 2},
+        "iscam": {"batch_size": 64, "n_samples": 2},
         "ablationcam": {"batch_size": 64},
     },
 }
-# --scorecam: Score-CAM on resnet50 layer4 (2048 channels), batch 1, against the peers; one call each
-# (the first, so our time includes building the frozen copy), no row budget to stop it. shapes_resnet
-# adds the agreement on a trained model, whose channel softmax is far from uniform.
+# --scorecam: Score-CAM head to head on resnet18 layer4 (512 channels) and resnet50 layer4 (2048), batch 1:
+# our call and each peer's alternately (--pairs, default 3 on resnet18, 1 on resnet50: 15 minutes), each
+# of ours from a cold start (building the frozen copy included), no row budget to stop them.
+# shapes_resnet adds the agreement on a trained model, whose channel softmax is far from uniform.
 SCORECAM = {
-    "models": ["resnet50", "shapes_resnet"], "methods": ["scorecam"], "batches": [1], "repeats": 1,
-    "warmup": 0, "budget": 3600.0, "no_scaling": True, "peer_single_call": True, "options": {},
+    "models": ["resnet18", "resnet50", "shapes_resnet"], "methods": ["scorecam"], "batches": [1],
+    "repeats": 1, "warmup": 0, "budget": 3600.0, "no_scaling": True, "options": {},
+    "pairs": {"resnet18": 3, "resnet50": 1, "shapes_resnet": 1},
+}
+# --gpu: what scripts/gpu-check.sh runs on a CUDA machine: every method at batch 1, 16 and 64 on resnet50
+# with the peers side by side, Score-CAM also under bf16 / fp16 autocast (agreement with fp32 reported),
+# a short scaling sweep; row budget 8 s (peers 30 s), Score-CAM's family first, the run stopped by
+# --deadline. `--devices cpu` with small sizes (--models resnet18@64 --batches 1,2) is its dry run.
+GPU = {
+    "models": ["resnet50"], "batches": [1, 16, 64], "repeats": 3, "warmup": 1, "budget": 8.0,
+    "peer_budget": 30.0,  # the peers batch their many forwards: their predicted time is an upper bound
+    "first": ["scorecam", "sscam", "iscam"],  # the rows the check is for come before the deadline can bite
+    "peer_batches": None, "devices": ["cuda"], "scaling_model": "resnet50", "scaling_batches": [1, 16, 64],
+    "scaling_sizes": [224, 448], "options": {},
+    "variants": [("scorecam[bf16]", "scorecam", {"precision": "bf16"}),
+                 ("scorecam[fp16]", "scorecam", {"precision": "fp16"})],
 }
 FULL = {
     "scaling_model": "resnet50", "options": {},
@@ -77,7 +94,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke settings (< 2 minutes on 2 CPU cores)")
     p.add_argument("--scorecam", action="store_true",
-                   help="Score-CAM head to head: resnet50 layer4, batch 1 (about 15 minutes on 2 CPU cores)")
+                   help="Score-CAM head to head: resnet18 and resnet50 layer4, batch 1 (about 20 minutes "
+                        "on 2 CPU cores)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the CUDA preset of scripts/gpu-check.sh (resnet50, batches 1, 16, 64, peers, "
+                        "autocast)")
+    p.add_argument("--pairs", type=int,
+                   help="head to head: (ours, peer) call pairs per model, ours from a cold start")
+    p.add_argument("--deadline", type=float,
+                   help="seconds after which the remaining rows are skipped and the results written")
     p.add_argument("--models", type=_names,
                    help="comma-separated models, NAME or NAME@SIDE (default resnet50,shapes_resnet)")
     p.add_argument("--methods", type=_names, help="comma-separated vislib methods (default: all registered)")
@@ -89,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam, torchcam and Captum")
     p.add_argument("--no-agreement", action="store_true",
                    help="skip the CAM-family agreement with pytorch-grad-cam (benchmarks.agreement_cam)")
+    p.add_argument("--peer-budget", type=float, help="seconds a peer's row may take (default: --budget)")
     p.add_argument("--peer-batches", type=_ints, help="batch sizes at which the peers run (default: all)")
     p.add_argument("--devices", type=_names, help="cpu and/or cuda (default: cpu, plus cuda when present)")
     p.add_argument("--no-scaling", action="store_true", help="skip the batch-size / input-size sweep")
@@ -102,13 +128,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--options", type=json.loads,
                    help='per-method options as JSON, e.g. \'{"smoothgrad": {"n_samples": 10}}\'')
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else SCORECAM if args.scorecam else FULL
+    preset = QUICK if args.quick else SCORECAM if args.scorecam else GPU if args.gpu else FULL
     for key, value in preset.items():
         current = getattr(args, key, None)
         if current is None or current is False:  # not given (a flag left off); an explicit 0 stays
             setattr(args, key, value)
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if getattr(args, "first", None) and args.methods is None:  # every method, these first
+        args.methods = [m for m in args.first if m in vislib.METHODS]
+        args.methods += [m for m in vislib.METHODS if m not in args.methods]
     return args
 
 
@@ -141,13 +170,29 @@ def environment(args) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"torch threads {torch.get_num_threads()}",
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "cuda": cuda_description(),
         "peers": ", ".join(f"{k} {v}" for k, v in libs.items()) or "none installed",
         "methods": ", ".join(vislib.METHODS),
         "settings": f"batches {args.batches}, {args.repeats} run(s) after {args.warmup} warm-up, "
                     f"row budget {args.budget:g} s" + (" (--quick)" if args.quick else ""),
         "method options": json.dumps(args.options) if args.options else "defaults",
     }
+
+
+def cuda_description() -> str:
+    """The GPU, torch's CUDA and cuDNN versions and the TF32 settings (they change float32 results)."""
+    if not torch.cuda.is_available():
+        return "not available"
+    return (f"{torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda}, cuDNN "
+            f"{torch.backends.cudnn.version()}, TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
+            f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
+
+
+def pairs_for(args, model: str) -> int:
+    """Head-to-head pairs for ``model``: --pairs, else the preset's per-model count (0: no head to head)."""
+    if isinstance(args.pairs, int):
+        return args.pairs
+    return (args.pairs or {}).get(model, 0)
 
 
 def main(argv=None) -> int:
@@ -158,18 +203,23 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    started = time.perf_counter()
     config = BenchConfig(
         batches=args.batches, repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
         methods=args.methods, peers=not args.no_peers, peer_batches=args.peer_batches, size=args.size,
-        options=args.options, log=log, peer_single_call=getattr(args, "peer_single_call", False),
+        options=args.options, log=log, variants=tuple(getattr(args, "variants", None) or ()),
+        deadline=started + args.deadline if args.deadline else None, peer_budget_s=args.peer_budget,
     )
     try:
         config.method_names()
     except VislibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "cuda" in args.devices and not torch.cuda.is_available():
+        print("error: --devices cuda (or --gpu) needs a CUDA device that torch can see; "
+              "`--devices cpu` runs the same preset on the CPU", file=sys.stderr)
+        return 2
     results = {"meta": environment(args), "runs": [], "scaling": [], "skipped": []}
-    started = time.perf_counter()
     for device in args.devices:
         for entry in args.models:
             name, _, side = entry.partition("@")  # "resnet18@112": a model at its own input size
@@ -178,9 +228,11 @@ def main(argv=None) -> int:
                 log(f"skipping {name} on {device}: {why}")
                 results["skipped"].append(f"{name} on {device}: {why}")
                 continue
-            run_config = replace(config, size=int(side)) if side else config
+            run_config = replace(config, size=int(side) if side else config.size, pairs=pairs_for(args, name))
             results["runs"].append(bench_bundle(bundle, run_config, device_label=device))
-        if not args.no_scaling:
+        if not args.no_scaling and config.out_of_time():
+            results["skipped"].append(f"scaling on {device}: past the run's deadline")
+        elif not args.no_scaling:
             bundle, why = load_bundle(args.scaling_model, device, args.pretrained, log)
             if bundle is None:
                 results["skipped"].append(f"scaling on {device}: {why}")

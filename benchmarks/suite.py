@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -34,7 +34,9 @@ from .measure import (
 )
 from .reference import PAPER_FORMULAS, paper_maps
 
-ROW_EXTRAS = ("channels", "channels_skipped", "forwards", "forward", "forward_why", "path", "approximate")
+ROW_EXTRAS = ("channels", "channels_skipped", "forwards", "forward", "forward_why", "path", "approximate",
+              "batch_size", "precision", "out_of_memory")
+PAST_DEADLINE = "skipped: past the run's deadline (--deadline)"
 SIX_CAMS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 ALL_CAMS_ROW = "all six CAMs"
 PROMISE_RATIO = 1.3  # the six CAMs together cost at most this many forward passes
@@ -55,8 +57,15 @@ class BenchConfig:
     size: int | None = None  # input side; None: the model's own input size
     options: dict[str, dict] = field(default_factory=dict)  # per-method options, mirrored by the peers
     peer_single_call: bool = False  # True: a peer's first call is its only sample (long methods)
+    pairs: int = 0  # > 0: head to head, that many (ours, peer) call pairs, ours from a cold start
+    variants: Sequence[tuple[str, str, dict]] = ()  # (label, method, options): rows compared to the method's
+    deadline: float | None = None  # time.perf_counter() after which rows are skipped (results still written)
+    peer_budget_s: float | None = None  # a peer's row budget (None: budget_s); its calls are not interrupted
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
     def method_names(self) -> list[str]:
         names = list(vislib.METHODS) if self.methods is None else list(self.methods)
@@ -222,10 +231,11 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
     setup = peer_lib.peer_setup(bundle.model, _layer_of(bundle), inputs, targets, options)
     passes, kind = peer.passes(setup)
     predicted = passes * refs[kind]["per_image_s"] * len(inputs)
-    if predicted > config.budget_s:
+    budget = config.peer_budget_s or config.budget_s
+    if predicted > budget:
         row.update(status="skipped", per_image_s=predicted / len(inputs),
                    message=f"predicted {predicted:.0f} s per call ({passes} passes per image) "
-                           f"> the {config.budget_s:g} s row budget")
+                           f"> the {budget:g} s row budget")
         return row
     target_list = targets.tolist()
     ours_call = partial(vislib.explain, bundle, inputs, methods=[peer.ours], target=target_list,
@@ -233,20 +243,28 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
     close = None
     try:
         run, close = peer.make(setup)
+        if config.pairs:
+            mine, timing, out, memory = head_to_head(ours_call, run, bundle.device, len(inputs), config.pairs)
+            row.update(per_image_s=timing.per_image, runs_s=timing.runs, memory=vars(memory),
+                       ours_paired_per_image_s=mine.per_image, ours_runs_s=mine.runs, timing_note=timing.note,
+                       x_ours=pair_ratio(mine, timing),
+                       x_ours_runs=[t / m for m, t in zip(mine.runs, timing.runs, strict=True)])
+            _peer_agreement(row, peer, ours_out, out, paper, tuple(inputs.shape[-2:]))
+            return row
         with MemoryProbe(bundle.device) as probe:
             sync(bundle.device)
             start = time.perf_counter()
             out = run()
             sync(bundle.device)
             first = time.perf_counter() - start
-        if (first > config.budget_s / 2 or config.peer_single_call) and ours_row.get("runs_s"):
+        if (first > budget / 2 or config.peer_single_call) and ours_row.get("runs_s"):
             n = len(inputs)
             why = "single call" if config.peer_single_call else "single call: over half the budget"
             timing = Timing(batch=n, runs=[first], warmup=0, note=why)
             mine = Timing(batch=n, runs=ours_row["runs_s"], warmup=0, note="from our row (unpaired)")
         else:
             mine, timing, out = time_paired(ours_call, run, device=bundle.device, batch=len(inputs),
-                                            repeats=config.repeats, warmup=0, budget_s=config.budget_s)
+                                            repeats=config.repeats, warmup=0, budget_s=budget)
     except Exception as exc:  # a peer failing is a result, not a benchmark crash
         row.update(status="error", message=f"{type(exc).__name__}: {exc}"[:300])
         return row
@@ -256,13 +274,42 @@ def run_peer(peer, bundle, inputs, targets, ours_row: dict, ours_out, paper: dic
     row.update(per_image_s=timing.per_image, runs_s=timing.runs, memory=vars(probe.result),
                ours_paired_per_image_s=mine.per_image, ours_runs_s=mine.runs, timing_note=timing.note,
                x_ours=timing.median / mine.median)
-    size = tuple(inputs.shape[-2:])
+    _peer_agreement(row, peer, ours_out, out, paper, tuple(inputs.shape[-2:]))
+    return row
+
+
+def _peer_agreement(row: dict, peer, ours_out, out, paper: dict, size) -> None:
     if ours_out is not None:
         rho, compared = agreement(ours_out.raw[peer.ours], ours_out.maps[peer.ours], out, size)
         row.update(rho_ours=rho, compared=compared)
     if peer.ours in paper:
         row["rho_paper"] = pearson(as_maps(out, size), as_maps(paper[peer.ours], size))
-    return row
+
+
+def head_to_head(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, batch: int,
+                 pairs: int) -> tuple[Timing, Timing, object, Memory]:
+    """``pairs`` × (our call, their call), alternately, each of ours from a cold start (no frozen copy
+    cached: the first call a user makes); the peer's first call gives its peak memory."""
+    from vislib.methods.frozen import clear_cache
+
+    mine, theirs_runs, out, memory = [], [], None, None
+    for _ in range(pairs):
+        clear_cache()
+        sync(device)
+        start = time.perf_counter()
+        ours()
+        sync(device)
+        mine.append(time.perf_counter() - start)
+        with MemoryProbe(device) as probe:
+            sync(device)
+            start = time.perf_counter()
+            out = theirs()
+            sync(device)
+            theirs_runs.append(time.perf_counter() - start)
+        memory = memory or probe.result
+    note = f"head to head: {pairs} pair(s) (ours, theirs), ours from a cold start"
+    return (Timing(batch=batch, runs=mine, warmup=0, note=note),
+            Timing(batch=batch, runs=theirs_runs, warmup=0, note=note), out, memory)
 
 
 def _layer_of(bundle) -> str:
@@ -277,9 +324,14 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
     result = {
         "model": bundle.name, "weights": bundle.weights, "device": device_label or str(bundle.device),
         "layer": bundle.default_layer, "references": {}, "rows": [], "peers": [], "all_cams": [],
+        "input": [3, config.size or bundle.input_size, config.size or bundle.input_size],
     }
     over_budget: dict[str, float] = {}  # method -> per-image estimate at an earlier batch size
     for batch in config.batches:
+        if config.out_of_time():
+            result["rows"] += [_row_base(method=name, family=vislib.METHODS[name].family, batch=batch,
+                                         status="skipped", message=PAST_DEADLINE) for name in methods]
+            continue
         inputs = make_inputs(bundle, batch, config.size, config.seed)
         result["input"] = list(inputs.shape[1:])
         targets = top1_targets(bundle.model, inputs)
@@ -293,7 +345,12 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
         except Exception as exc:  # no arbiter for this layer; the rows still run
             config.log(f"  no paper-formula reference: {type(exc).__name__}: {exc}")
             paper = {}
+        outputs = {}
         for name in methods:
+            if config.out_of_time():
+                result["rows"].append(_row_base(method=name, family=vislib.METHODS[name].family, batch=batch,
+                                                status="skipped", message=PAST_DEADLINE))
+                continue
             if name in over_budget:
                 est = over_budget[name]
                 result["rows"].append(_row_base(
@@ -309,14 +366,38 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
             if out is not None:
                 _add_paper_agreement(row, out, name, paper, gradient, tuple(inputs.shape[-2:]))
             result["rows"].append(row)
+            outputs[name] = out
             if batch in peer_batches:
                 for peer in peer_lib.peers_for(name, libraries):
+                    if config.out_of_time():
+                        break
                     config.log(f"    vs {peer.library} {peer.peer_name}")
                     result["peers"].append(
                         run_peer(peer, bundle, inputs, targets, row, out, paper, refs, config))
-        config.log(f"  {ALL_CAMS_ROW}")
-        result["all_cams"].append(all_cams_row(bundle, inputs, targets, refs, config))
+        for label, name, options in config.variants:
+            if outputs.get(name) is not None and not config.out_of_time():
+                config.log(f"  {label}")
+                result["rows"].append(variant_row(bundle, inputs, targets, refs, config, label, name, options,
+                                                  outputs[name]))
+        if not config.out_of_time():
+            config.log(f"  {ALL_CAMS_ROW}")
+            result["all_cams"].append(all_cams_row(bundle, inputs, targets, refs, config))
     return result
+
+
+def variant_row(bundle, inputs, targets, refs: dict, config: BenchConfig, label: str, name: str,
+                options: dict, base) -> dict:
+    """``name`` with extra ``options`` (e.g. reduced precision), timed like any row, and its agreement with
+    the row of ``name`` at the same batch: Pearson r of the raw maps, largest difference of the normalised
+    maps (both also in the row's extras)."""
+    merged = {**config.options, name: {**config.options.get(name, {}), **options}}
+    row, out = run_ours(bundle, inputs, targets, [name], refs, replace(config, options=merged), label)
+    row["options"] = dict(options)
+    if out is not None:
+        rho = pearson(torch.as_tensor(out.raw[name]), torch.as_tensor(base.raw[name]))
+        diff = float(abs(torch.as_tensor(out.maps[name]) - torch.as_tensor(base.maps[name])).max())
+        row.setdefault("extras", {}).update(agreement_with=name, agreement_r=rho, agreement_max_abs_diff=diff)
+    return row
 
 
 def all_cams_row(bundle, inputs, targets, refs: dict, config: BenchConfig) -> dict:

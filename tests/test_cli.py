@@ -78,8 +78,11 @@ def test_models_and_methods_listings():
     proc = run_cli("methods")
     assert proc.returncode == 0 and "gradcam++" in proc.stdout
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()}
-    for name in ("gradcam_elementwise", "eigengradcam", "kpcacam", "shapleycam", "finercam"):
-        cls = vislib.METHODS[name]
+    assert set(rows) == set(vislib.METHODS) | {"name"}
+    paper_column = {line.index(vislib.METHODS[name].paper) for name, line in rows.items() if name != "name"}
+    assert paper_column == {rows["name"].index("paper")}  # one column, however long a cost
+    for name, cls in vislib.METHODS.items():
+        assert cls.passes, name  # every method says what one call costs
         assert cls.family in rows[name] and cls.passes in rows[name] and cls.paper in rows[name]
     proc = run_cli("models")
     assert proc.returncode == 0 and "resnet50" in proc.stdout

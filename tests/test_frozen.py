@@ -137,11 +137,19 @@ def test_a_copy_that_disagrees_with_the_model_is_refused(monkeypatch):
         torch.testing.assert_close(runner(x), net(x))
 
 
-def test_auto_times_both_paths_then_keeps_one(monkeypatch):
+@pytest.fixture
+def fresh(monkeypatch):
+    """An empty cache and no learnt costs: every test starts as a new process would."""
+    monkeypatch.setattr(frozen, "_CACHE", frozen.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(frozen, "_BUILD_RATE", [])
+    monkeypatch.setattr(frozen, "_RATIOS", {})
+    return monkeypatch
+
+
+def test_auto_times_both_paths_then_keeps_one(fresh):
     torch.manual_seed(5)
     net = BnNet().eval()
-    monkeypatch.setattr(frozen, "BUILD_WORTH_S", 0.0)  # build whatever the eager time
-    monkeypatch.setattr(frozen, "_CACHE", frozen.weakref.WeakKeyDictionary())
+    fresh.setattr(frozen, "BUILD_S_PER_LAYER", 0.0)  # building looks free: build whatever the eager time
     x = inputs(2)
     batches = [inputs(4, seed) for seed in range(10, 18)]
     with torch.no_grad():
@@ -154,8 +162,9 @@ def test_auto_times_both_paths_then_keeps_one(monkeypatch):
             torch.testing.assert_close(runner(batch), want, rtol=1e-4, atol=1e-5)
     # eager timed twice, the copy built and warmed up, the copy timed twice, then one path kept
     assert paths[:5] == ["eager", "eager", "trial", "frozen", "frozen"]
-    assert runner.decided and "timed" in runner.reason
+    assert runner.decided and "timed" in runner.reason and "built as" in runner.reason
     assert set(paths[5:]) == {runner.path}
+    assert len(frozen._BUILD_RATE) == 1 and frozen.architecture(net, x) in frozen._RATIOS  # costs learnt
     # a second call finds the copy and the eager timing in the cache: it times only the copy
     with torch.no_grad():
         again = BatchForward(net, x, net(x), mode="auto", rows=4 * len(batches))
@@ -167,7 +176,7 @@ def test_auto_times_both_paths_then_keeps_one(monkeypatch):
     assert paths[:3] == ["trial", "frozen", "frozen"] and again.decided
 
 
-def test_auto_keeps_eager_when_a_copy_cannot_pay_off():
+def test_auto_keeps_eager_when_a_copy_cannot_pay_off(fresh):
     net = BnNet().eval()
     x = inputs(2)
     with torch.no_grad():
@@ -175,7 +184,52 @@ def test_auto_keeps_eager_when_a_copy_cannot_pay_off():
     with torch.inference_mode():
         runner(inputs(4))
         runner(inputs(4))
-    assert runner.decided and runner.path == "eager" and "take <" in runner.reason
+    assert runner.decided and runner.path == "eager" and "would not pay" in runner.reason
+    assert cached_frozen(net, x, build=False) is None  # nothing was built
+
+
+def test_the_build_pays_when_the_saving_on_the_forwards_left_exceeds_its_cost(fresh):
+    """saving = rows_left · t_eager · (1 − ratio) against build = rate · leaf modules; the prior rate and
+    ratio until this process has measured them."""
+    net = BnNet().eval()
+    x = inputs(1)
+    layers = frozen.leaf_modules(net)
+    assert layers == 9  # Counter; conv, bn, ReLU, max-pool; conv, ReLU; GAP; linear
+    fresh.setattr(frozen, "BUILD_S_PER_LAYER", 0.1)  # build estimated at 0.9 s
+    fresh.setattr(frozen, "EXPECTED_RATIO", 0.75)
+    with torch.no_grad():
+        runner = BatchForward(net, x, net(x), mode=False, rows=0)
+    runner.signature = frozen.architecture(net, x)
+    runner.rows_left = 360  # saving 360 · 10 ms · 0.25 = 0.9 s: not more than the build
+    assert runner._worth_building(0.010)[0] is False
+    runner.rows_left = 361
+    worth, why = runner._worth_building(0.010)
+    assert worth and "expected at 0.75×" in why and "(estimated)" in why
+    frozen._BUILD_RATE.append(0.2)  # a build measured in this process: 1.8 s for this model
+    assert runner._worth_building(0.010)[0] is False
+    frozen._BUILD_RATE.append(0.01)
+    frozen._RATIOS[runner.signature] = 1.1  # this architecture was timed slower frozen: never worth it
+    worth, why = runner._worth_building(0.010)
+    assert not worth and "measured at 1.10×" in why
+
+
+def test_a_copy_is_built_with_one_thread_and_the_count_restored(fresh):
+    """Two intra-op threads make tracing and freezing ~5× dearer (the idle worker spins): one is used."""
+    net = BnNet().eval()
+    x = inputs(2)
+    seen = []
+    real = frozen.build_frozen
+
+    def build(model, example):
+        seen.append(torch.get_num_threads())
+        return real(model, example)
+
+    fresh.setattr(frozen, "build_frozen", build)
+    before = torch.get_num_threads()
+    with torch.no_grad():
+        runner = BatchForward(net, x, net(x), mode=True, rows=8)
+    assert seen == [1] and torch.get_num_threads() == before
+    assert runner.path == "frozen" and len(frozen._BUILD_RATE) == 1  # the build's cost was learnt
 
 
 def test_fast_forward_option_is_checked():

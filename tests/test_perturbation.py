@@ -13,6 +13,7 @@ from torch import nn
 
 import vislib
 from vislib.methods.perturbation import eigen_cam, trace_head, upsampled_masks, window_starts
+from vislib.methods.scorecam import NoiseRows, integration_coefficients
 
 SIZE = 8
 PLAIN = vislib.Preprocess(resize=SIZE, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -204,6 +205,246 @@ def test_upsampled_masks_are_min_max_normalised():
     assert torch.all(masks[1] == 0)  # constant map: 0/0 → mask 0 (the masked input is the zero image)
     # invariant to a positive affine change of the feature map
     torch.testing.assert_close(upsampled_masks(5 * feats[:1] + 2, (6, 6)), masks[:1])
+
+
+# --------------------------------------------------------------------------------------------------
+# SS-CAM and IS-CAM (the Score-CAM template with n draws per mask)
+
+
+def masks_of(model, x, align_corners=False):
+    """N×C×H×W masks norm(up(A^k)) written out channel by channel (constant map → 0)."""
+    A = features_of(model, x)
+    up = F.interpolate(A, x.shape[-2:], mode="bilinear", align_corners=align_corners)
+    lo = up.amin(dim=(2, 3), keepdim=True)
+    hi = up.amax(dim=(2, 3), keepdim=True)
+    return torch.where(hi > lo, (up - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), 0.0), A
+
+
+def smoothed_reference(model, x, targets, masked_inputs, n):
+    """softmax_k of the mean over draws i of S^c(masked_inputs(i, sample, k)); map ReLU(Σ_k w_k A^k).
+    One forward per draw, sample and channel, in the order draw → sample → channel."""
+    masks, A = masks_of(model, x)
+    total = torch.zeros(A.shape[:2])
+    for i in range(n):
+        for s in range(len(x)):
+            for k in range(A.shape[1]):
+                inp = masked_inputs(i, x[s : s + 1], masks[s, k])
+                total[s, k] += target_scores(model, inp, targets[s : s + 1])[0]
+    weights = torch.softmax(total / n, dim=1)
+    return F.relu(torch.einsum("nc,nchw->nhw", weights, A)), weights
+
+
+def test_iscam_coefficients_by_hand():
+    # c_i = Σ_{j≤i} j/n for n = 4: 1/4, 3/4, 6/4, 10/4; their mean (n+1)(n+2)/(6n) = 30/24
+    torch.testing.assert_close(integration_coefficients(4), torch.tensor([0.25, 0.75, 1.5, 2.5]))
+    assert float(integration_coefficients(4).mean()) == pytest.approx(1.25)
+    assert integration_coefficients(1).tolist() == [1.0]
+
+
+def test_iscam_equals_reference_loop():
+    torch.manual_seed(0)
+    bundle = bundle_of(DeepNet())
+    x, n = inputs(2), 3
+    c = [i * (i + 1) / (2 * n) for i in range(1, n + 1)]
+    result = vislib.explain(bundle, x, methods=["iscam"], target=[0, 2],
+                            options={"iscam": {"n_samples": n, "batch_size": 4}})
+    expected, _ = smoothed_reference(bundle.model, x, torch.tensor([0, 2]),
+                                     lambda i, xs, mask: xs * (c[i] * mask), n)
+    torch.testing.assert_close(raw(result, "iscam"), expected, rtol=1e-4, atol=1e-6)
+    extra = result.extras["iscam"]
+    flat = features_of(bundle.model, x).flatten(2)
+    constant = bool((flat.amax(dim=2) == flat.amin(dim=2)).any())  # then one zero-image forward
+    assert extra["n_samples"] == n and extra["forwards"] == n * extra["channels_evaluated"] + int(constant)
+
+
+def test_iscam_with_one_sample_is_scorecam():
+    """c_1 = 1/1: the one masked input per channel is Score-CAM's."""
+    torch.manual_seed(0)
+    bundle = bundle_of(ChannelNet())
+    x = inputs(2)
+    options = {"return_weights": True, "batch_size": 3}
+    a = vislib.explain(bundle, x, ["scorecam", "iscam"], target=[1, 3],
+                       options={"scorecam": options, "iscam": {**options, "n_samples": 1}})
+    torch.testing.assert_close(torch.tensor(a.extras["iscam"]["weights"]), torch.tensor(a.extras["scorecam"]["weights"]))
+    torch.testing.assert_close(raw(a, "iscam"), raw(a, "scorecam"))
+
+
+def test_iscam_on_a_linear_net_scales_every_score_by_the_mean_coefficient():
+    """logits = W·x + b and A = x (an identity layer): S(c·m_k ⊙ x) = c·W_t(m_k ⊙ x) + b_t, so the mean
+    over the draws is c̄·s_k + b_t with c̄ = (n+1)(n+2)/(6n), and b_t leaves the softmax."""
+    torch.manual_seed(9)
+    net = LinearNet()
+    x, n, t = inputs(1), 4, 2
+    result = vislib.explain(bundle_of(net), x, ["iscam"], target=t,
+                            options={"iscam": {"n_samples": n, "return_weights": True}})
+    masks, _ = masks_of(net, x)  # 3 channels: the colour planes of x
+    W = net.fc.weight.detach()[t].view(3, SIZE, SIZE)
+    s = torch.stack([(W * masks[0, k] * x[0]).sum() for k in range(3)])
+    expected = torch.softmax(1.25 * s, dim=0)  # c̄ = 5·6/24
+    torch.testing.assert_close(torch.tensor(result.extras["iscam"]["weights"][0]), expected, rtol=1e-4, atol=1e-6)
+    assert result.extras["iscam"]["mean_scale"] == pytest.approx(1.25)
+
+
+def test_iscam_skips_constant_and_duplicate_channels_exactly():
+    torch.manual_seed(0)
+    net = ChannelNet()
+    bundle = bundle_of(net)
+    x, n = inputs(1), 3
+    net.count.images = 0
+    skipped = vislib.explain(bundle, x, ["iscam"], target=1, options={"iscam": {"n_samples": n}})
+    images = net.count.images
+    full = vislib.explain(bundle, x, ["iscam"], target=1, options={"iscam": {"n_samples": n, "skip": False}})
+    extra = skipped.extras["iscam"]
+    # 4 distinct masks (channels 0, 5, 6, 7) at 3 scales, and one zero image for channels 1 and 2
+    assert extra["channels_evaluated"] == 4 and extra["forwards"] == 4 * n + 1 and images == 1 + 4 * n + 1
+    assert full.extras["iscam"]["forwards"] == 8 * n
+    torch.testing.assert_close(raw(skipped, "iscam"), raw(full, "iscam"), rtol=1e-5, atol=1e-7)
+
+
+def documented_noise(seed, n, rows, size, sigma):
+    """SS-CAM's noise as documented: σ·randn(H, W) per row from a CPU generator, rows in the order
+    draw → sample → channel."""
+    gen = torch.Generator().manual_seed(seed)
+    return sigma * torch.stack([torch.randn(size, size, generator=gen) for _ in range(n * rows)]).view(n, rows, size, size)
+
+
+def test_sscam_equals_reference_loop_with_the_documented_noise():
+    torch.manual_seed(0)
+    bundle = bundle_of(DeepNet())
+    x, n, sigma, seed = inputs(2), 3, 0.5, 7
+    channels = 5
+    noise = documented_noise(seed, n, 2 * channels, SIZE, sigma).view(n, 2, channels, SIZE, SIZE)
+    result = vislib.explain(bundle, x, ["sscam"], target=[1, 0],
+                            options={"sscam": {"n_samples": n, "sigma": sigma, "seed": seed, "batch_size": 4}})
+    calls = iter(range(n * 2 * channels))
+
+    def noisy(i, xs, mask):
+        r = next(calls)  # the reference loop runs draw → sample → channel as well
+        return xs * (mask + noise[i, (r // channels) % 2, r % channels])
+
+    expected, _ = smoothed_reference(bundle.model, x, torch.tensor([1, 0]), noisy, n)
+    torch.testing.assert_close(raw(result, "sscam"), expected, rtol=1e-4, atol=1e-6)
+    extra = result.extras["sscam"]
+    assert extra["forwards"] == n * 2 * channels and extra["channels_skipped"] == 0
+    assert (extra["n_samples"], extra["sigma"], extra["seed"]) == (n, sigma, seed)
+
+
+def test_sscam_on_a_linear_net_adds_the_mean_noise_to_each_score():
+    """S((m_k + σε_ik) ⊙ x) = W_t((m_k + σε_ik) ⊙ x) + b_t: the mean over draws is s_k + W_t(ε̄_k ⊙ x)."""
+    torch.manual_seed(10)
+    net = LinearNet()
+    x, n, sigma, t = inputs(1), 4, 0.3, 1
+    result = vislib.explain(bundle_of(net), x, ["sscam"], target=t,
+                            options={"sscam": {"n_samples": n, "sigma": sigma, "return_weights": True}})
+    masks, _ = masks_of(net, x)
+    mean_noise = documented_noise(0, n, 3, SIZE, sigma).mean(dim=0)
+    W = net.fc.weight.detach()[t].view(3, SIZE, SIZE)
+    s = torch.stack([(W * (masks[0, k] + mean_noise[k]) * x[0]).sum() for k in range(3)])
+    torch.testing.assert_close(torch.tensor(result.extras["sscam"]["weights"][0]), torch.softmax(s, dim=0),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_sscam_with_zero_sigma_is_scorecam():
+    torch.manual_seed(0)
+    net = ChannelNet()
+    bundle = bundle_of(net)
+    x = inputs(2)
+    result = vislib.explain(bundle, x, ["scorecam", "sscam"], target=[0, 2],
+                            options={"sscam": {"sigma": 0.0, "n_samples": 5}})
+    torch.testing.assert_close(raw(result, "sscam"), raw(result, "scorecam"))
+    # the draws coincide: one per distinct mask, with Score-CAM's exact skipping
+    assert result.extras["sscam"]["forwards"] == result.extras["scorecam"]["forwards"]
+
+
+def test_sscam_is_reproducible_whatever_the_batch_size():
+    torch.manual_seed(0)
+    bundle = bundle_of(DeepNet())
+    x = inputs(1)
+
+    def run(**options):
+        opts = {"n_samples": 4, "sigma": 1.0, **options}
+        return raw(vislib.explain(bundle, x, ["sscam"], target=1, options={"sscam": opts}), "sscam")
+
+    first = run(seed=3, batch_size=3)
+    torch.testing.assert_close(run(seed=3, batch_size=3), first, rtol=0, atol=0)
+    torch.testing.assert_close(run(seed=3, batch_size=20), first, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(run(seed=4, batch_size=3), first)
+
+
+def test_noise_rows_are_one_stream_and_torch_cams_after_manual_seed():
+    rows = NoiseRows(seed=5, shape=(4, 8), sigma=2.0, device=torch.device("cpu"))
+    a, b = rows.rows(0, 3), rows.rows(3, 7)
+    torch.testing.assert_close(rows.rows(3, 5), b[:2], rtol=0, atol=0)  # a retried batch: the same rows
+    torch.testing.assert_close(rows.rows(5, 7), b[2:], rtol=0, atol=0)
+    torch.manual_seed(5)  # torch-cam: Normal(0, σ).sample((rows, H, W)) from the global generator
+    torch_cam = torch.distributions.normal.Normal(0, 2.0).sample((7, 4, 8))
+    torch.testing.assert_close(torch.cat([a, b]), torch_cam, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_is_labelled_and_compared_with_fp32(precision):
+    torch.manual_seed(0)
+    bundle = bundle_of(DeepNet())
+    x = inputs(1)
+    options = {"scorecam": {"precision": precision, "compare_fp32": True, "fast_forward": True}}
+    result = vislib.explain(bundle, x, ["scorecam"], target=0, options=options)
+    extra = result.extras["scorecam"]
+    assert extra["approximate"] is True and precision in extra["title"] and extra["precision"] == precision
+    assert extra["forward"] == "eager"  # autocast does not reach a frozen graph
+    assert extra["fp32_pearson"] > 0.99 and 0 <= extra["fp32_max_abs_diff"] < 0.1
+    exact = vislib.explain(bundle, x, ["scorecam"], target=0)
+    expected = raw(exact, "scorecam")
+    got = raw(result, "scorecam")
+    # the reported agreement is the one between this map and the fp32 map
+    a, b = (m.flatten() - m.mean() for m in (got, expected))
+    assert float((a @ b) / (a.norm() * b.norm())) == pytest.approx(extra["fp32_pearson"], abs=1e-6)
+    plain = vislib.explain(bundle, x, ["scorecam"], target=0, options={"scorecam": {"precision": precision}})
+    assert plain.extras["scorecam"]["fp32_pearson"] is None  # not measured unless asked
+
+
+def test_masked_batches_are_halved_after_a_cuda_out_of_memory_error():
+    """The loop's retry logic, on the CPU: the session believes it runs on CUDA, the forward fails
+    above 2 rows; rows are rebuilt from the same start and every score arrives once, in order."""
+    from vislib.methods.base import ExplainContext
+    from vislib.methods.perturbation import Session
+
+    torch.manual_seed(0)
+    bundle = bundle_of(DeepNet())
+    x = inputs(1)
+    ctx = ExplainContext(bundle=bundle, inputs=x, layer="features", score="logit", target_spec=None,
+                         resolve_targets=lambda logits, spec: logits.argmax(dim=1))
+    session = Session(ctx)
+    session.device = torch.device("cuda")
+    session.total = 7
+    starts = []
+
+    def make_batch(start, stop):
+        starts.append((start, stop))
+        return torch.arange(start, stop, dtype=torch.float32).view(-1, 1)
+
+    def forward(batch):
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.cat([batch, -batch], dim=1)
+
+    scores = session.scores(7, make_batch, torch.zeros(7, dtype=torch.long), "logit", 8, forward)
+    assert scores.tolist() == list(range(7))
+    assert starts[:3] == [(0, 7), (0, 4), (0, 2)] and starts[3:] == [(2, 4), (4, 6), (6, 7)]
+    assert "halved 2×" in session.forward_info["out_of_memory"]
+    session.device = torch.device("cpu")  # on the CPU there is nothing to halve: the error is the user's
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        session.scores(7, make_batch, torch.zeros(7, dtype=torch.long), "logit", 8, forward)
+
+
+def test_smoothed_options_are_checked():
+    bundle = bundle_of(DeepNet())
+    bad = [("sscam", {"sigma": -1.0}, "sigma"), ("sscam", {"n_samples": 0}, "n_samples"),
+           ("sscam", {"seed": -2}, "seed"), ("sscam", {"skip": False}, "unknown option"),
+           ("iscam", {"n_samples": 1.5}, "n_samples"), ("scorecam", {"precision": "fp8"}, "precision"),
+           ("iscam", {"compare_fp32": True}, "compare_fp32"), ("sscam", {"sigma": "big"}, "sigma")]
+    for method, options, match in bad:
+        with pytest.raises(vislib.MethodError, match=match):
+            vislib.explain(bundle, inputs(1), [method], options={method: options})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,6 +668,8 @@ def test_occlusion_probability_score_and_gray_fill():
 
 @pytest.mark.parametrize("method, options", [
     ("scorecam", {"batch_size": 2}),
+    ("sscam", {"batch_size": 2, "n_samples": 2}),
+    ("iscam", {"batch_size": 2, "n_samples": 2}),
     ("ablationcam", {"batch_size": 2}),
     ("ablationcam", {"batch_size": 2, "path": "full-forward"}),
     ("occlusion", {"batch_size": 4, "patch": 2, "stride": 2}),
@@ -489,6 +732,6 @@ def test_unknown_or_bad_options_are_user_errors():
 
 
 def test_registered_metadata():
-    for name in ("scorecam", "ablationcam", "eigencam", "occlusion"):
+    for name in ("scorecam", "sscam", "iscam", "ablationcam", "eigencam", "occlusion"):
         cls = vislib.METHODS[name]
         assert cls.family == "perturbation" and cls.title and cls.paper and cls.__doc__

@@ -175,9 +175,10 @@ def _tags_text(tags: list[str]) -> str:
 def _list_methods() -> int:
     from .methods import METHODS
 
-    print(f"{'name':22s} {'family':13s} {'passes':22s} paper")
-    for name, cls in METHODS.items():
-        print(f"{name:22s} {cls.family:13s} {cls.passes or '–':22s} {cls.paper or cls.title}")
+    rows = [(name, cls.family, cls.passes or "–", cls.paper or cls.title) for name, cls in METHODS.items()]
+    widths = [max(len(r[i]) for r in rows + [("name", "family", "passes", "")]) for i in range(3)]
+    for row in [("name", "family", "passes", "paper")] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
     return 0
 
 

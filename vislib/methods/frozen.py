@@ -8,7 +8,13 @@ prepacked weights. It computes the same function up to float rounding (batch-nor
 some models it is much faster than eager PyTorch, on others slower (measured on 2 CPU cores, per
 image, against eager channels-last: ResNet-50 1.2-1.3× faster, MobileNet-V3 2.5×; DenseNet-121,
 EfficientNet-B0 and ConvNeXt-T slower). So :class:`BatchForward` does not guess: in ``"auto"`` mode
-it times one batch each way and keeps the faster.
+it builds a copy only when it should pay for itself on the forwards left, then times both paths and
+keeps the faster.
+
+A copy is built (and checked) with one intra-op thread: with two, the idle OpenMP worker spins
+through the thousands of tiny operations of tracing and freezing, which costs about 5× the CPU time
+(ResNet-18 on 2 cores: 0.6 s instead of 3 s) and, on a busy machine, far more wall-clock time. The
+thread count is per thread (``omp_set_num_threads``): other threads' forwards keep theirs.
 
 Safety:
 
@@ -29,14 +35,33 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-BUILD_WORTH_S = 10.0  # "auto" builds a frozen copy only when the eager forwards still ahead take longer
 TIMED_BATCHES = 2  # batches timed on each path before "auto" settles
 TOLERANCE = 1e-4  # relative gap allowed between frozen and eager logits (batch-norm folding rounds)
+# "auto" builds a copy when the time it should save on the forwards left exceeds the time to build it.
+# Until this process has built one (then the measured rate is used), building and checking a copy is
+# estimated at BUILD_S_PER_LAYER per leaf module (CPU time measured with one thread: ResNet-18 0.6 s for
+# 52 leaf modules, ResNet-50 1.1 s for 126, DenseNet-121 2.2 s for 366, MobileNet-V3 0.9 s for 168), and
+# until a copy of the architecture has been timed its time per input is expected at EXPECTED_RATIO of
+# eager channels-last (ResNet-18 and ResNet-50 measured 0.7-0.85).
+BUILD_S_PER_LAYER = 0.012
+EXPECTED_RATIO = 0.8
+
+
+@contextmanager
+def one_thread():
+    """This thread's intra-op parallelism set to 1 inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def memory_layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -60,7 +85,7 @@ def build_frozen(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.Scr
         return None, "the model is in training mode"
     clone = shallow_clone(model)
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad(), one_thread():
             warnings.simplefilter("always")
             traced = torch.jit.trace(clone, example, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
@@ -83,6 +108,39 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
 
 
+def leaf_modules(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if next(m.children(), None) is None)
+
+
+def architecture(model: nn.Module, example: torch.Tensor) -> tuple:
+    """What a copy's speed depends on: the model's class and size, the input's shape (not the weights)."""
+    return (type(model).__qualname__, leaf_modules(model), sum(p.numel() for p in model.parameters()),
+            tuple(example.shape[1:]))
+
+
+_COSTS_LOCK = threading.Lock()
+_BUILD_RATE: list[float] = []  # seconds per leaf module of the builds in this process (last one counts)
+_RATIOS: dict[tuple, float] = {}  # architecture -> measured frozen / eager time per input
+
+
+def build_estimate(model: nn.Module) -> tuple[float, str]:
+    """Seconds to build and check a copy of ``model``: measured rate of this process's last build, or
+    the prior, times its leaf modules."""
+    with _COSTS_LOCK:
+        rate = _BUILD_RATE[-1] if _BUILD_RATE else None
+    layers = leaf_modules(model)
+    if rate is None:
+        return BUILD_S_PER_LAYER * layers, "estimated"
+    return rate * layers, "measured rate"
+
+
+def ratio_estimate(signature: tuple) -> tuple[float, str]:
+    """The copy's time per input as a share of eager's: measured for this architecture, or the prior."""
+    with _COSTS_LOCK:
+        ratio = _RATIOS.get(signature)
+    return (EXPECTED_RATIO, "expected") if ratio is None else (ratio, "measured")
+
+
 def cached_frozen(model: nn.Module, example: torch.Tensor, *, build: bool = True) -> _Entry | None:
     """The cache entry for the model's current weights (built now if ``build``), else None."""
     key = fingerprint(model) + (tuple(example.shape[1:]),)
@@ -99,14 +157,32 @@ def cached_frozen(model: nn.Module, example: torch.Tensor, *, build: bool = True
     return entry
 
 
+def clear_cache() -> None:
+    """Forget every frozen copy and every learnt cost, as in a new process (what a benchmark of a
+    first call needs)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+    with _COSTS_LOCK:
+        _BUILD_RATE.clear()
+        _RATIOS.clear()
+
+
 class BatchForward:
     """Runs perturbed input batches through the model: eager (optionally channels-last) or a frozen
-    copy, whichever the mode and (in ``"auto"``) timing two batches each way choose.
+    copy, whichever the mode and, in ``"auto"``, the costs choose.
+
+    ``"auto"``: a copy already built for these weights is timed against eager (two batches each) and
+    the faster kept. Without one, two eager batches are timed, and a copy is built only if the time
+    it should save on the forwards left, rows_left · t_eager · (1 − ratio), exceeds the time to build
+    and check it (:func:`build_estimate`, :func:`ratio_estimate`); the copy is then timed and kept only
+    if faster, and both costs are learnt for the next call. ``True`` builds at once and uses the
+    copy; ``False`` stays eager.
 
     ``inputs`` and ``logits``: the unperturbed batch and the eager model's logits on it, against
     which a frozen copy is checked before it is used. ``rows``: how many perturbed inputs will be
-    run (to judge whether building a copy pays off). ``run_locked(fn)`` runs ``fn`` while holding
-    whatever lock guards the shared model. :attr:`summary` says which path ran and why.
+    run. ``run_locked(fn)`` runs ``fn`` while holding whatever lock guards the shared model;
+    ``select(out)`` picks the logits from the model's output. :attr:`summary` says which path ran
+    and why, with the figures behind the choice.
     """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, *, mode="auto",
@@ -118,28 +194,44 @@ class BatchForward:
         self.run_locked = run_locked
         self.entry: _Entry | None = None
         self.path = "eager"  # the path of the next batch: "eager", "frozen" or "trial"
+        self.last_path: str | None = None  # the path the last batch took
         self.reason = "fast_forward=False" if mode is False else ""
         self.decided = mode is False or inputs.device.type != "cpu"
         if inputs.device.type != "cpu" and mode is not False:
             self.reason = "the frozen copy is used on the CPU only"
         self.timed: dict[str, list[float]] = {}
+        self.build_why = ""
+        self.signature = architecture(model, inputs)
         if not self.decided:
             self._start()
 
     # ------------------------------------------------------------------ choosing the path
 
     def _start(self) -> None:
-        cached = cached_frozen(self.model, self.inputs, build=self.mode is True)
+        cached = cached_frozen(self.model, self.inputs, build=False)
         if cached is not None:
             self._adopt(cached)
+        elif self.mode is True:
+            self._build()
 
-    def _adopt(self, entry: _Entry) -> None:
+    def _build(self) -> None:
+        """Build and check a copy (one thread), learn what that cost, then use or refuse the copy."""
+        start = time.perf_counter()
+        with one_thread():
+            entry = cached_frozen(self.model, self.inputs)
+            checked = self._check(entry.frozen) if entry.frozen is not None else (False, entry.reason)
+        if entry.frozen is not None:
+            with _COSTS_LOCK:
+                _BUILD_RATE.append((time.perf_counter() - start) / max(1, leaf_modules(self.model)))
+        self._adopt(entry, checked)
+
+    def _adopt(self, entry: _Entry, checked: tuple[bool, str] | None = None) -> None:
         """Use ``entry`` if its copy reproduces the eager logits; else settle on eager."""
         self.entry = entry
         if entry.frozen is None:
             self._settle("eager", entry.reason)
             return
-        ok, why = self._check(entry.frozen)
+        ok, why = checked or self._check(entry.frozen)
         if not ok:
             self._settle("eager", why)
         elif self.mode is True:
@@ -163,11 +255,20 @@ class BatchForward:
     def _settle(self, path: str, reason: str) -> None:
         self.path, self.reason, self.decided = path, reason, True
 
+    def _worth_building(self, eager_s: float) -> tuple[bool, str]:
+        """Whether a copy should save more on the forwards left than building it costs."""
+        build_s, build_how = build_estimate(self.model)
+        ratio, ratio_how = ratio_estimate(self.signature)
+        saving = self.rows_left * eager_s * (1 - ratio)
+        why = (f"{self.rows_left} forwards left at {eager_s * 1000:.0f} ms eager, copy {ratio_how} at "
+               f"{ratio:.2f}× that: saving {saving:.1f} s vs building {build_s:.1f} s ({build_how})")
+        return saving > build_s, why
+
     def _after_batch(self, path: str, rows: int, seconds: float, shape: tuple) -> None:
         self.rows_left -= rows
         if self.decided or self.rows_left <= 0:
             return
-        if path == "trial":  # the copy's first batch runs TorchScript's optimisation: time the next
+        if path == "trial":  # the copy's first batch at this shape warms up: time the next ones
             self.path = "frozen"
             return
         runs = self.timed.setdefault(path, [])
@@ -176,11 +277,15 @@ class BatchForward:
             return
         best = min(runs)
         if self.entry is None:  # eager timed; build a copy only if it can pay off
-            if best * self.rows_left < BUILD_WORTH_S:
-                self._settle("eager", f"eager forwards left take < {BUILD_WORTH_S:g} s")
+            worth, why = self._worth_building(best)
+            if not worth:
+                self._settle("eager", f"a frozen copy would not pay: {why}")
                 return
-            self._adopt(cached_frozen(self.model, self.inputs))
-        known = self.entry.per_row_s.setdefault(shape, {}) if self.entry is not None else {}
+            self.build_why = why
+            self._build()
+        if self.entry is None:
+            return
+        known = self.entry.per_row_s.setdefault(shape, {})
         known[path] = min(best, known.get(path, best))
         if self.decided or self.path == "trial":
             return
@@ -191,8 +296,11 @@ class BatchForward:
             self.path = "frozen"
             return
         ratio = known["frozen"] / known["eager"]
+        with _COSTS_LOCK:
+            _RATIOS[self.signature] = ratio
+        built = f"built as {self.build_why}; " if self.build_why else ""
         self._settle("frozen" if ratio < 1 else "eager",
-                     f"timed: the frozen copy takes {ratio:.2f}× eager's time per input")
+                     f"{built}timed: the frozen copy takes {ratio:.2f}× eager's time per input")
 
     # ------------------------------------------------------------------ running
 
@@ -210,12 +318,15 @@ class BatchForward:
             return out
 
         out = self.select(self.run_locked(run))
+        self.last_path = path
         if not self.decided:
             self._after_batch(path, len(batch), seconds[0], tuple(batch.shape))
         return out
 
     @property
     def summary(self) -> dict:
-        used = "eager" if self.path == "eager" else "frozen TorchScript copy"
-        why = self.reason or "too few batches to time both paths"
-        return {"forward": used, "forward_why": why}
+        used = "frozen TorchScript copy" if self.last_path in ("trial", "frozen") else "eager"
+        why = self.reason
+        if not why and self.build_why:
+            why = f"built as {self.build_why}; too few forwards were left to time the copy"
+        return {"forward": used, "forward_why": why or "too few batches to time both paths"}

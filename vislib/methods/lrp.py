@@ -391,7 +391,7 @@ class LRP(BackpropMethod):
     norm merged, ResNet sums by a Norm rule. ReLU nets only (VGG, ResNet); runs on a private copy."""
 
     name = "lrp"
-    passes = "1 fwd + 1 modified bwd on a private copy (γ, z^B: a few fwd per layer in the bwd)"
+    passes = "1 fwd + 1 modified bwd, on a private copy"
     uses_layer = False
     title = "LRP"
     paper = "Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions by LRP"

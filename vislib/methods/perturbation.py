@@ -1,9 +1,11 @@
-"""The perturbation family: Score-CAM, Ablation-CAM, Eigen-CAM and occlusion.
+"""The perturbation family: Score-CAM, SS-CAM, IS-CAM, Ablation-CAM, Eigen-CAM and occlusion.
 
 These methods explain by changing what the network sees (an input masked by one channel, an
 ablated channel, an occluded patch) and measuring the class score, or (Eigen-CAM) by a closed form
 on the activation. All requested methods share one captured activation of the target layer, reused
-from the CAM family's pass when it ran on the same layer.
+from the CAM family's pass when it ran on the same layer. The shared machinery (the session, the
+batched forward loop, the method template) is in :mod:`vislib.methods.perturbation_base`; Score-CAM
+and its smoothed variants share one masked-forward template in :mod:`vislib.methods.scorecam`.
 
 Every batch of perturbed forwards runs under ``torch.inference_mode`` with ``bundle.lock`` held
 for that batch only (other explanations can interleave), then reports progress through
@@ -22,7 +24,6 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -30,326 +31,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import LayerError, MethodError
-from ..hooks import capture_layer, resolve_layer, this_thread_only
-from ..models.bundle import select_output
-from .base import ExplainContext, Method, MethodResult, Stopwatch, get_method, register_method
-from .frozen import BatchForward, memory_layout
+from ..hooks import resolve_layer, this_thread_only
+from .base import ExplainContext, MethodResult, Stopwatch, get_method, register_method
+from .frozen import memory_layout
+from .perturbation_base import (  # noqa: F401  (re-exported: the family's public names)
+    PRECISIONS,
+    SCORES,
+    PerturbationMethod,
+    Plan,
+    Session,
+    class_scores,
+)
 from .registry import register_family
-
-SCORES = ("logit", "probability")
-
-
-def class_scores(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    """Per-row score of the row's target class: the logit, or the softmax probability."""
-    picked = logits.float() if score == "logit" else F.softmax(logits.float(), dim=1)
-    return picked.gather(1, targets.view(-1, 1)).squeeze(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared state of one family run
-
-
-@dataclass
-class Plan:
-    """What one method will do: how many forwards it needs, and the work itself."""
-
-    forwards: int
-    run: Callable[[], tuple[torch.Tensor, dict]]
-    seconds: float = 0.0
-
-
-class Session:
-    """State the perturbation methods of one explanation share: the activation, the logits,
-    progress over all of the family's forwards, and the batched forward loop."""
-
-    def __init__(self, ctx: ExplainContext):
-        self.ctx = ctx
-        self.bundle = ctx.bundle
-        self.device = ctx.bundle.device
-        self.done = 0
-        self.total = 0
-        self._activation: torch.Tensor | None = None
-        self.forward_info: dict = {}  # how the last batch of model forwards ran (BatchForward.summary)
-
-    def activation(self) -> torch.Tensor:
-        """The target layer's activation N×C×h×w (float32, no graph)."""
-        if self._activation is None:
-            self._activation = self._capture()
-        return self._activation
-
-    def _capture(self) -> torch.Tensor:
-        ctx = self.ctx
-        shared = ctx.shared.get("cam_pass")
-        if shared and shared["layer"] == ctx.layer and shared["activation"].shape[0] == ctx.inputs.shape[0]:
-            return shared["activation"].detach().float()
-        layer, module = resolve_layer(self.bundle, ctx.layer)
-        with self.bundle.lock, Stopwatch(self.device) as sw:
-            with capture_layer(module, view=self.bundle.view(layer)) as captured, torch.no_grad():
-                logits = self.bundle.logits(ctx.inputs)
-        key = "forward" if "forward" not in ctx.pass_timings else "perturbation_forward"
-        ctx.pass_timings[key] = sw.seconds
-        ctx.set_logits(logits)
-        if captured.activation is None:
-            raise MethodError(f"layer {layer!r} did not run during the forward pass")
-        if captured.activation.dim() != 4:
-            raise LayerError(f"layer {layer!r} does not output an N×C×H×W activation")
-        return captured.activation.float()
-
-    def logits(self) -> torch.Tensor:
-        """The unperturbed logits (one forward if no earlier family ran one)."""
-        if self.ctx.logits is None:
-            with self.bundle.lock, torch.no_grad(), Stopwatch(self.device) as sw:
-                self.ctx.set_logits(self.bundle.logits(self.ctx.inputs))
-            self.ctx.pass_timings["forward"] = sw.seconds
-        return self.ctx.logits
-
-    def advance(self, count: int) -> None:
-        """Count finished forwards, report progress, raise Cancelled if the caller asked."""
-        self.done += count
-        self.ctx.report(self.done, self.total)
-
-    def scores(
-        self,
-        rows: int,
-        make_batch: Callable[[int, int], object],
-        targets: torch.Tensor,
-        score: str,
-        batch_size: int,
-        forward: Callable[[object], torch.Tensor] | None = None,
-        *,
-        fast_forward: object = "auto",
-        channels_last: bool = True,
-    ) -> torch.Tensor:
-        """Target scores of ``rows`` perturbed inputs, built and run ``batch_size`` at a time.
-
-        ``make_batch(start, stop)`` builds rows [start, stop): by default input batches for the
-        model, run by a :class:`~vislib.methods.frozen.BatchForward` (eager, channels-last if asked,
-        or a frozen copy: ``fast_forward``), whose choice lands in :attr:`forward_info`; with
-        ``forward``, anything that callable takes. ``targets``: one class per row. The model's lock
-        is held for each batch's forward only.
-        """
-        if forward is None:
-            runner = BatchForward(self.bundle.model, self.ctx.inputs, self.logits(), mode=fast_forward,
-                                  channels_last=channels_last, rows=rows, run_locked=self._locked,
-                                  select=lambda out: select_output(out, self.bundle.output))
-        else:
-            def runner(batch):
-                return self._locked(lambda: forward(batch))
-        parts = []
-        for start in range(0, rows, batch_size):
-            stop = min(start + batch_size, rows)
-            with torch.inference_mode():
-                logits = runner(make_batch(start, stop))
-                parts.append(class_scores(logits, targets[start:stop], score))
-            self.advance(stop - start)
-        if isinstance(runner, BatchForward):
-            self.forward_info = runner.summary
-        if not parts:
-            return torch.zeros(0, device=self.device)
-        return torch.cat(parts)
-
-    def _locked(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        with self.bundle.lock:
-            return fn()
-
-
-class PerturbationMethod(Method):
-    """Template: ``plan(session)`` says how many forwards the method needs and returns its work."""
-
-    family = "perturbation"
-    contrastive = False  # scores of perturbed inputs: S_A − S_B is not offered (yet)
-    options_allowed: ClassVar[tuple[str, ...]] = ("batch_size", "channels_last")
-    needs_activation: ClassVar[bool] = True
-    default_batch_size: ClassVar[int] = 32
-
-    def __init__(self, **options):
-        unknown = sorted(set(options) - set(self.options_allowed))
-        if unknown:
-            allowed = ", ".join(self.options_allowed)
-            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
-        super().__init__(**options)
-
-    def plan(self, session: Session) -> Plan:
-        raise NotImplementedError
-
-    def int_option(self, key: str, default: int | None, low: int = 1) -> int | None:
-        value = self.options.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise MethodError(f"{self.name}: option {key!r} must be an integer ≥ {low}, not {value!r}")
-        return value
-
-    def bool_option(self, key: str, default: bool) -> bool:
-        value = self.options.get(key, default)
-        if not isinstance(value, bool):
-            raise MethodError(f"{self.name}: option {key!r} must be True or False, not {value!r}")
-        return value
-
-    @property
-    def batch_size(self) -> int:
-        return self.int_option("batch_size", self.default_batch_size)
-
-    @property
-    def channels_last(self) -> bool:
-        return self.bool_option("channels_last", True)
-
-    @property
-    def fast_forward(self) -> object:
-        value = self.options.get("fast_forward", "auto")
-        if not (isinstance(value, bool) or value == "auto"):
-            raise MethodError(f"{self.name}: option 'fast_forward' must be 'auto', True or False, "
-                              f"not {value!r}")
-        return value
-
-
-# --------------------------------------------------------------------------------------------------
-# Score-CAM
-
-
-def upsampled_masks(
-    features: torch.Tensor, size: tuple[int, int], align_corners: bool = False
-) -> torch.Tensor:
-    """norm(up(A)) for B×h×w maps: bilinear upsampling to ``size`` then per-map min-max to [0, 1].
-
-    A constant map has no defined min-max normalisation (0/0); its mask is 0 everywhere.
-    """
-    up = F.interpolate(features.unsqueeze(1), size=size, mode="bilinear", align_corners=align_corners)
-    up = up.squeeze(1)
-    lo = up.flatten(1).amin(dim=1).view(-1, 1, 1)
-    hi = up.flatten(1).amax(dim=1).view(-1, 1, 1)
-    span = hi - lo
-    return torch.where(span > 0, (up - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
-
-
-@register_method
-class ScoreCAM(PerturbationMethod):
-    """Score-CAM (Wang et al., CVPR-W 2020): w = softmax_k S^c(x ⊙ norm(up(A^k))), map ReLU(Σ_k w_k A^k).
-
-    ``norm(up(·))`` is bilinear upsampling to the input size followed by per-channel min-max to
-    [0, 1]; S^c is the class logit (or probability when ``score="probability"``).
-
-    Exact savings (``skip=True``, default): the mask of channel k depends on A^k only through its
-    min-max normalised version, because norm(up(a·A + b)) = norm(up(A)) for a > 0 (bilinear
-    upsampling is linear and preserves constants). So
-
-    * every *constant* channel (identically zero ones included) has the mask 0, hence the masked
-      input x ⊙ 0 = 0: one forward on the zero image gives the score of all of them;
-    * channels whose feature-resolution normalised maps are equal have identical masked inputs,
-      hence identical scores: one forward serves the whole group.
-
-    Every channel still enters the softmax with its own (exact) score, so the map is the one the
-    channel-by-channel definition gives (up to float rounding), not an approximation. (The
-    peers' ``(up − min)/(max − min + ε)`` also gives the zero mask for zero channels; for a
-    non-zero constant channel it amplifies rounding noise of the upsampling instead.)
-
-    Speed: the masked forwards are the whole cost and cannot be shared between channels, so the
-    exact gains are the skipped channels plus cheaper forwards: inference mode, batches of 32, and
-    on the CPU a frozen copy of the model when it is faster (:mod:`vislib.methods.frozen`).
-    Measured on 2 CPU threads, ResNet-50 layer4 at 224 px, random weights, one call: 165 s for
-    1921 masked forwards (128 of 2048 channels constant) against 275 s for pytorch-grad-cam and
-    295 s for torch-cam. With ``align_corners=True`` the maps agree with pytorch-grad-cam's at
-    Pearson 0.9999999.
-
-    Options: ``batch_size`` (masked inputs per forward, default 32), ``fast_forward`` ("auto",
-    True or False: the frozen copy), ``channels_last`` (memory order of eager batches, default
-    True), ``skip`` (default True),
-    ``align_corners`` (bilinear upsampling convention, default False; pytorch-grad-cam uses True),
-    ``top_k`` (APPROXIMATE: only the k channels with the highest mean activation are scored and
-    enter the softmax; marked ``approximate`` in the extras and title), ``return_weights`` (add the
-    N×C channel weights to the extras).
-    """
-
-    name = "scorecam"
-    slow = True
-    title = "Score-CAM"
-    paper = "Wang et al. 2020, Score-CAM: Score-Weighted Visual Explanations for CNNs"
-    options_allowed = ("batch_size", "channels_last", "fast_forward", "skip", "align_corners", "top_k",
-                       "return_weights")
-
-    def plan(self, session: Session) -> Plan:
-        ctx = session.ctx
-        A = session.activation()
-        n, c = A.shape[:2]
-        skip = self.bool_option("skip", True)
-        align = self.bool_option("align_corners", False)
-        top_k = self.int_option("top_k", None)
-        batch_size, channels_last, fast_forward = self.batch_size, self.channels_last, self.fast_forward
-        flat = A.flatten(2)
-        lo, hi = flat.amin(dim=2), flat.amax(dim=2)
-        constant = hi == lo
-        considered = torch.ones_like(constant)
-        approximate = top_k is not None and top_k < c
-        if approximate:
-            considered = torch.zeros_like(constant)
-            considered.scatter_(1, flat.mean(dim=2).topk(top_k, dim=1).indices, True)
-        span = torch.where(constant, torch.ones_like(hi), hi - lo).unsqueeze(2)
-        normed = torch.where(constant.unsqueeze(2), 0.0, (flat - lo.unsqueeze(2)) / span)
-        groups, feats, owner = [], [], []
-        for i in range(n):
-            wanted = considered[i] & ~constant[i] if skip else considered[i]
-            channels = wanted.nonzero().squeeze(1)
-            rows = normed[i, channels]
-            if skip and len(rows):
-                rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
-            else:
-                inverse = torch.arange(len(rows), device=A.device)
-            groups.append((channels, inverse, sum(len(f) for f in feats)))
-            feats.append(rows)
-            owner.append(torch.full((len(rows),), i, dtype=torch.long, device=A.device))
-        feats_all = torch.cat(feats).view(-1, *A.shape[2:])
-        owner_all = torch.cat(owner)
-        zero_pass = skip and bool((considered & constant).any())
-        size = tuple(ctx.inputs.shape[-2:])
-
-        def make_batch(start: int, stop: int) -> torch.Tensor:
-            masks = upsampled_masks(feats_all[start:stop], size, align)
-            return ctx.inputs[owner_all[start:stop]] * masks.unsqueeze(1)
-
-        def run() -> tuple[torch.Tensor, dict]:
-            targets = ctx.targets
-            row_scores = session.scores(len(feats_all), make_batch, targets[owner_all], ctx.score, batch_size,
-                                        fast_forward=fast_forward, channels_last=channels_last)
-            forward_info = dict(session.forward_info)
-            scores = torch.full((n, c), float("-inf"), device=A.device)
-            if zero_pass:
-                zero_scores = self._zero_image_scores(session, targets)
-                scores = torch.where(considered & constant, zero_scores.view(-1, 1), scores)
-            for i, (channels, inverse, offset) in enumerate(groups):
-                scores[i, channels] = row_scores[offset + inverse]
-            weights = torch.softmax(scores, dim=1)
-            raw = F.relu(torch.einsum("nc,nchw->nhw", weights, A))
-            evaluated = len(feats_all)
-            extra = {
-                "channels": n * c,
-                "channels_evaluated": evaluated,
-                "channels_skipped": int(considered.sum()) - evaluated,
-                "forwards": evaluated + int(zero_pass),
-                "batch_size": batch_size,
-                **forward_info,
-                "approximate": approximate,
-                "title": f"{self.title} (approximate: top {top_k} channels)" if approximate else self.title,
-            }
-            if approximate:
-                extra["channels_dropped"] = n * c - int(considered.sum())
-            if self.bool_option("return_weights", False):
-                extra["weights"] = weights.cpu().tolist()
-            return raw, extra
-
-        return Plan(forwards=len(feats_all) + int(zero_pass), run=run)
-
-    @staticmethod
-    def _zero_image_scores(session: Session, targets: torch.Tensor) -> torch.Tensor:
-        """Score of every sample's target on the all-zero input (the mask of a constant channel)."""
-        ctx = session.ctx
-        zeros = torch.zeros((1, *ctx.inputs.shape[1:]), device=ctx.inputs.device)
-        with torch.inference_mode():
-            with session.bundle.lock:
-                logits = session.bundle.logits(zeros)
-            scores = class_scores(logits.expand(len(targets), -1), targets, ctx.score)
-        session.advance(1)
-        return scores
-
+from .scorecam import ISCAM, SSCAM, MaskedScores, ScoreCAM, upsampled_masks  # noqa: F401  (registered first)
 
 # --------------------------------------------------------------------------------------------------
 # Ablation-CAM
@@ -502,6 +196,7 @@ class AblationCAM(PerturbationMethod):
     """
 
     name = "ablationcam"
+    passes = "1 fwd + K head fwd (above the layer), batched"
     slow = True
     title = "Ablation-CAM"
     paper = "Desai & Ramaswamy 2020, Ablation-CAM: Gradient-free Localization"
@@ -639,6 +334,7 @@ class EigenCAM(PerturbationMethod):
     """
 
     name = "eigencam"
+    passes = "1 fwd + SVD"
     title = "Eigen-CAM"
     paper = "Muhammad & Yeasin 2020, Eigen-CAM: Class Activation Map using Principal Components"
     options_allowed = ("center",)
@@ -691,6 +387,7 @@ class Occlusion(PerturbationMethod):
     """
 
     name = "occlusion"
+    passes = "1 fwd + one fwd per window, batched"
     uses_layer = False
     slow = True
     title = "Occlusion"
