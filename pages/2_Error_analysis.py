@@ -87,7 +87,7 @@ def sidebar(bundle) -> dict | None:
     if state.get("ea_layer") not in layers:
         state["ea_layer"] = bundle.default_layer
     st.selectbox("Target layer", layers, key="ea_layer",
-                 format_func=lambda n: ui.layer_label(n, bundle.layers[n]))
+                 format_func=lambda n: ui.bundle_layer_label(bundle, n))
     explained = st.radio("Maps explain", ["predicted", "true"], key="ea_explained", horizontal=True,
                          format_func={"predicted": "predicted class", "true": "true class"}.get,
                          help="Predicted: why did it say that? True: what did it see of the right class?")
