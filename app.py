@@ -6,13 +6,21 @@ in, one call into :mod:`vislib.ui` (which calls :func:`vislib.explain`), render 
 
 from __future__ import annotations
 
-import sys
 import time
 
 import streamlit as st
 
 import vislib
-from pages.common import Miss, cached_or_run, input_and_model, keep_state, show_error, uploaded_model_note
+from pages.common import (
+    Miss,
+    cached_or_run,
+    input_and_model,
+    keep_state,
+    show_error,
+    show_unavailable,
+    unavailable_methods,
+    uploaded_model_note,
+)
 from vislib import ui
 from vislib.render import COLORMAPS, to_png_bytes
 
@@ -91,7 +99,7 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
                        placeholder="Add layers to compare…")
         extra_layers = list(state["layers"])
     st.markdown("### :material/tune: Methods")
-    unavailable = _unavailable(bundle, layer)
+    unavailable = unavailable_methods(bundle, layer)
     for family, names in ui.methods_by_family().items():
         key = _family_key(family)
         if key not in state:
@@ -103,25 +111,8 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
                  help=":material/hourglass_top: methods need many passes: they show a progress bar and "
                       "can be stopped.")
         methods += list(state[key])
-        off = [m for m in names if m in unavailable]
-        if off:
-            st.pills("Not for this model", off, selection_mode="multi", key=f"{key}_off", disabled=True,
-                     format_func=ui.method_title, label_visibility="collapsed")
-            st.caption("  \n".join(f":material/block: **{ui.method_title(m)}**: {unavailable[m]}"
-                                   for m in off))
+        show_unavailable({m: unavailable[m] for m in names if m in unavailable}, key=f"{key}_off")
     return layer, extra_layers, ui.display_order(methods)
-
-
-def _unavailable(bundle, layer: str | None) -> dict[str, str]:
-    """Methods that cannot run on this model and layer, with the reason (one cheap probe, cached)."""
-    if bundle is None or layer is None:
-        return {}
-    try:
-        found = ui.method_availability(bundle, layer)
-    except Exception as exc:  # the probe itself failed: let the methods say why when they run
-        print(f"vislib: method availability probe failed ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return {}
-    return {m: why for m, why in found.items() if why}
 
 
 def display_controls() -> tuple[float, str, str, int]:

@@ -11,7 +11,16 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import Miss, cached_or_run, keep_state, model_picker, nav, show_error
+from pages.common import (
+    Miss,
+    cached_or_run,
+    keep_state,
+    model_picker,
+    nav,
+    show_error,
+    show_unavailable,
+    unavailable_methods,
+)
 from vislib import METHODS, datasets, evaluate, ui
 from vislib.render import overlay
 
@@ -76,13 +85,16 @@ def sidebar(bundle) -> dict | None:
         state["ea_limit"] = 1000
     limit = st.select_slider("Images to evaluate (at most)", LIMITS, key="ea_limit")
     st.markdown("### :material/tune: Explanations")
-    fast = [m for m in METHODS if not ui.is_slow(m)]
+    layer_now = state["ea_layer"] if state.get("ea_layer") in bundle.layers else bundle.default_layer
+    off = unavailable_methods(bundle, layer_now)
+    fast = [m for m in METHODS if not ui.is_slow(m) and m not in off]
     if "ea_methods" not in state:
         state["ea_methods"] = ["gradcam"] if "gradcam" in fast else fast[:1]
     state["ea_methods"] = [m for m in state["ea_methods"] if m in fast]
     st.multiselect("Methods", fast, key="ea_methods", format_func=ui.method_title,
                    help="Maps computed for every image. The many-pass methods (Score-CAM, occlusion, …) "
                         "are left out here; use them on one image in Explain.")
+    show_unavailable({m: why for m, why in off.items() if not ui.is_slow(m)}, key="ea_methods_off")
     layers = list(bundle.layers)
     if state.get("ea_layer") not in layers:
         state["ea_layer"] = bundle.default_layer

@@ -390,6 +390,23 @@ class ModelFacts:
     cam: str | None  # why CAM cannot run at this layer, or None
 
 
+class _ReluCounter(torch.overrides.TorchFunctionMode):
+    """Counts the ReLU calls (modules and functions) of this thread's forward passes in the block: the
+    calls the backprop family's ReLU rules reach."""
+
+    FUNCS = frozenset({torch.nn.functional.relu, torch.relu, torch.relu_, torch.Tensor.relu,
+                       torch.Tensor.relu_})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FUNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _probe_input(bundle) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(1, *bundle.input_shape, generator=generator).to(bundle.device)
@@ -401,7 +418,6 @@ def model_facts(bundle, layer: str) -> ModelFacts:
     model without ``nn.ReLU`` modules (are there functional ReLUs?), a layer that may sit under a
     GAP + linear head (does the head reproduce the logits?)."""
     from .hooks import capture_layer
-    from .methods.backprop import relu_rule
     from .methods.cam import gap_linear_head
 
     modules = list(bundle.model.modules())
@@ -418,10 +434,10 @@ def model_facts(bundle, layer: str) -> ModelFacts:
         from contextlib import nullcontext
 
         module = bundle.model.get_submodule(layer)
-        counting = relu_rule("gradient") if not relus else nullcontext()
-        with torch.no_grad(), capture_layer(module, view=bundle.view(layer)) as captured, counting as state:
+        counting = _ReluCounter() if not relus else nullcontext()
+        with torch.no_grad(), capture_layer(module, view=bundle.view(layer)) as captured, counting:
             logits = bundle.logits(_probe_input(bundle))
-        relus = relus or state.count
+        relus = relus or counting.count
         if need_head:
             try:
                 gap_linear_head(bundle.model, captured.activation, logits, layer)

@@ -239,7 +239,8 @@ def build_upload(
         try:
             bundle = load_model(architecture, weights=path, device=device)
         except VislibError as exc:
-            raise type(exc)(f"{weights_file} on {architecture}: {_without(str(exc), str(path))}") from None
+            text = _without(str(exc), str(path), weights_file)
+            raise type(exc)(f"{weights_file} on {architecture}: {text}") from None
     classes = len(bundle.labels)
     if names is not None:
         if len(names) != classes:
@@ -254,16 +255,16 @@ def build_upload(
     bundle.weights = f"{weights_file} (upload {upload_id(session_id, digest)})"
     bundle.source = "upload"
     bundle.upload_architecture = architecture
-    bundle.notes = [_without(n, str(path)).replace("weights" + suffix, weights_file) for n in bundle.notes]
+    bundle.notes = [_without(n, str(path), weights_file) for n in bundle.notes]
     bundle.ref = None  # cannot be rebuilt elsewhere: its file is gone
     return UploadedModel(name=name, architecture=architecture, weights_file=weights_file,
                          labels_file=labels_file if names is not None else None, digest=digest,
                          nbytes=model_bytes(bundle.model), bundle=bundle)
 
 
-def _without(text: str, path: str) -> str:
-    """``text`` without the private temporary path (the user knows their file by its own name)."""
-    return text.replace(path, Path(path).name)
+def _without(text: str, path: str, filename: str) -> str:
+    """``text`` with the user's file name instead of the private temporary copy's path or name."""
+    return text.replace(path, filename).replace(Path(path).name, filename)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ from pages.common.models import (  # noqa: E402  (the model section uses show_er
 
 __all__ = ["Miss", "cached_or_run", "default_model", "default_weights", "input_and_model", "is_upload",
            "keep_state", "load_bundle", "model_picker", "nav", "session_alive", "session_id",
-           "session_uploads", "show_error", "uploaded_model_note"]
+           "session_uploads", "show_error", "show_unavailable", "unavailable_methods", "uploaded_model_note"]
 
 
 def nav() -> None:
@@ -145,6 +145,27 @@ def show_error(exc: Exception) -> None:
         st.error(str(exc), icon=":material/error:")
     else:
         st.error(f"Something went wrong ({type(exc).__name__}: {exc}).", icon=":material/error:")
+
+
+def unavailable_methods(bundle, layer: str | None) -> dict[str, str]:
+    """Methods that cannot run on this model and layer, with the reason (one cheap probe, cached)."""
+    if bundle is None or layer is None:
+        return {}
+    try:
+        found = ui.method_availability(bundle, layer)
+    except Exception as exc:  # the probe itself failed: the methods say why when they run
+        print(f"vislib: method availability probe failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return {}
+    return {m: why for m, why in found.items() if why}
+
+
+def show_unavailable(reasons: dict[str, str], *, key: str) -> None:
+    """Methods that do not apply, shown disabled with the reason (never an error after the fact)."""
+    if not reasons:
+        return
+    st.pills("Not for this model", list(reasons), selection_mode="multi", key=key, disabled=True,
+             format_func=ui.method_title, label_visibility="collapsed")
+    st.caption("  \n".join(f":material/block: **{ui.method_title(m)}**: {why}" for m, why in reasons.items()))
 
 
 class Miss(Exception):
