@@ -212,6 +212,9 @@ def cached_or_run(key: str, job_fn, store, *, name: str, verb: str = "Computing"
     finally:
         if not job.done:
             job.cancel()
+            if not session_alive(sid):
+                print(f"vislib: browser session {sid[:8]} closed: {name!r} stopped after "
+                      f"{job.elapsed:.1f} s", file=sys.stderr, flush=True)
     if not job.done or not session_alive(sid):
         st.stop()
     slot.empty()

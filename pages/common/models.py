@@ -68,13 +68,16 @@ def _grace() -> float:
 _SWEEPER_LOCK = threading.Lock()
 
 
-def start_sweeper(interval: float = 15.0) -> None:
-    """Once per process: a daemon thread that empties the uploads of sessions gone for longer than
-    ``server.disconnectedSessionTTL`` (so a closed tab frees its models even when nobody else runs)."""
+def start_sweeper() -> None:
+    """Once per process: a daemon thread that empties, every ``VISLIB_UPLOAD_SWEEP`` seconds (default
+    15), the uploads of sessions gone for longer than ``server.disconnectedSessionTTL`` (so a closed
+    tab frees its models even when nobody else uses the server)."""
     with _SWEEPER_LOCK:
         if getattr(start_sweeper, "thread", None) is not None:
             return
         grace = _grace()
+        wanted = os.environ.get("VISLIB_UPLOAD_SWEEP", "")
+        interval = float(wanted) if wanted.replace(".", "", 1).isdigit() and float(wanted) > 0 else 15.0
 
         def loop() -> None:
             while True:
@@ -206,8 +209,12 @@ def _names(group: str, holder: uploads.SessionUploads) -> list[str]:
 
 
 def _forget_view() -> None:
-    for key in ("layer", "layers", "target"):
+    """A new model: its default layer and its top class. The class is *set* (not dropped) so that the
+    class picker shows the new model's label: a selectbox whose options change under the same key
+    and index keeps its old text otherwise (Streamlit 1.67)."""
+    for key in ("layer", "layers"):
         st.session_state.pop(key, None)
+    st.session_state["target"] = -1  # app.py's TOP_CLASS: explain the predicted class
 
 
 def _on_group_change() -> None:
@@ -317,14 +324,35 @@ def model_card(bundle) -> None:
             st.caption(f"**{label}** · {text}")
 
 
+def _add_upload(holder: uploads.SessionUploads, n: int) -> None:
+    """The Add model button (a callback: it runs before the widgets, so it may choose the model)."""
+    state = st.session_state
+    weights, labels = state.get(f"upload_w{n}"), state.get(f"upload_l{n}")
+    if weights is None:
+        return
+    try:
+        added = holder.add(str(state.get("upload_arch") or "").strip(), weights.getvalue(), weights.name,
+                           labels=labels.getvalue() if labels is not None else None,
+                           labels_file=labels.name if labels is not None else None)
+    except VislibError as exc:
+        state["_upload_error"] = str(exc)
+        return
+    state["_upload_round"] = n + 1  # new file widgets: the old ones (and their bytes) go
+    state["model"], state["weights"], state["model_group"] = added.name, "pretrained", "upload"
+    _forget_view()
+
+
 def upload_panel(holder: uploads.SessionUploads) -> None:
     """Upload a model: an architecture from the catalogue, a weights file, optionally labels."""
     state = st.session_state
     with st.expander("Upload a model", icon=":material/upload_file:",
                      expanded=state.get("model_group") == "upload" and not len(holder)):
+        ledger = uploads.LEDGER
         st.caption(f"Weights: .safetensors, or a .pt / .pth state dict (read with weights_only: a file "
                    f"that would run code is refused), at most {uploads.MAX_MODEL_MB} MB. Labels: one per "
-                   f"line, or JSON. The model stays in this browser session only.")
+                   f"line, or JSON. The model stays in this browser session only, and is freed when the "
+                   f"session ends. This server holds {ledger.held_models} uploaded models "
+                   f"({ledger.held_bytes / uploads.MB:.0f} of {ledger.budget // uploads.MB} MB).")
         archs = [n for g in ("bundled", "spec", "torchvision") for n in ui.catalogue(g)]
         if state.get("upload_arch") is None:
             state["upload_arch"] = "resnet18" if "resnet18" in archs else archs[0]
@@ -335,20 +363,11 @@ def upload_panel(holder: uploads.SessionUploads) -> None:
                                    max_upload_size=uploads.MAX_MODEL_MB)
         labels = st.file_uploader("Labels file (optional)", type=list(uploads.LABELS_TYPES),
                                   key=f"upload_l{n}", max_upload_size=1)
-        if st.button("Add model", icon=":material/add:", disabled=weights is None, key="upload_add"):
-            try:
-                with st.spinner("Checking and loading the weights…"):
-                    added = holder.add(str(state["upload_arch"]).strip(), weights.getvalue(), weights.name,
-                                       labels=labels.getvalue() if labels is not None else None,
-                                       labels_file=labels.name if labels is not None else None)
-            except VislibError as exc:
-                st.error(str(exc), icon=":material/error:")
-            else:
-                state["_upload_round"] = n + 1
-                state["model"], state["weights"] = added.name, "pretrained"
-                state["model_group"] = "upload"
-                _forget_view()
-                st.rerun()
+        st.button("Add model", icon=":material/add:", disabled=weights is None, key="upload_add",
+                  on_click=_add_upload, args=(holder, n))
+        failed = state.pop("_upload_error", None)
+        if failed:
+            st.error(failed, icon=":material/error:")
         if len(holder):
             for name in holder.names():
                 item = holder.get(name)
