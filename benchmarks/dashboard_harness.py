@@ -204,7 +204,8 @@ def choose(page, key: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).first.click()
 
 
-def upload_model(page, architecture: str, weights: tuple[str, bytes], labels: tuple[str, bytes] | None) -> None:
+def upload_model(page, architecture: str, weights: tuple[str, bytes],
+                 labels: tuple[str, bytes] | None) -> None:
     """Upload a model through the sidebar: architecture, weights file, labels file, Add model."""
     side = sidebar(page)
     expander = side.locator('[data-testid="stExpander"]').filter(has_text="Upload a model").first

@@ -29,8 +29,8 @@ from benchmarks.dashboard_harness import (
     CHROMIUM,
     CHROMIUM_ARGS,
     PANEL,
-    choose,
     browser_missing,
+    choose,
     cpu_seconds,
     download_npz,
     panel_count,
@@ -339,7 +339,7 @@ def test_closing_the_tab_stops_the_work_and_frees_the_upload(server, browser, te
     settle(page)
     choose(page, "model_pick", "resnet18")
     settle(page)
-    side.get_by_text("Random init").click()
+    side.get_by_text("Random init", exact=True).click()
     page.get_by_text(re.compile(PANEL.format("Grad-CAM"))).wait_for()
     side.locator("button").filter(has_text=re.compile(r"^Score-CAM")).click()
     page.locator('[data-testid="stProgress"]').wait_for()

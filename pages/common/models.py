@@ -361,7 +361,7 @@ def upload_panel(holder: uploads.SessionUploads) -> None:
         n = state.setdefault("_upload_round", 0)  # a new round clears the file widgets (and their bytes)
         weights = st.file_uploader("Weights file", type=list(uploads.WEIGHTS_TYPES), key=f"upload_w{n}",
                                    max_upload_size=uploads.MAX_MODEL_MB)
-        labels = st.file_uploader("Labels file (optional)", type=list(uploads.LABELS_TYPES),
+        st.file_uploader("Labels file (optional)", type=list(uploads.LABELS_TYPES),
                                   key=f"upload_l{n}", max_upload_size=1)
         st.button("Add model", icon=":material/add:", disabled=weights is None, key="upload_add",
                   on_click=_add_upload, args=(holder, n))
