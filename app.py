@@ -22,6 +22,7 @@ from pages.common import (
     uploaded_model_note,
 )
 from vislib import ui
+from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
@@ -37,6 +38,12 @@ def _view_cache(key: str, _result: ui.ViewResult | None = None) -> ui.ViewResult
     if _result is None:
         raise Miss
     return _result
+
+
+@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
+def _concepts(key: str, layer: str, k: int, _bundle, _data: bytes):
+    """Deep Feature Factorization of the image at ``layer`` (keyed by the image digest and the model)."""
+    return concepts_or_maps(_bundle, _data, k, layer)
 
 
 def _family_key(family: str) -> str:
@@ -225,10 +232,17 @@ key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bun
                     layers=extra_layers, target=explain_target, score=score, methods=methods)
 
 
+@st.cache_resource(show_spinner=False)
+def _pass_cache() -> vislib.PassCache:
+    """Recorded passes and method results, shared by the sessions of this server (keyed by the model
+    object and its weights, so an uploaded model's entries are never another session's)."""
+    return vislib.PassCache(max_entries=32)
+
+
 def job(progress, cancel):
     return ui.compute_view(bundle, image_bytes, methods, layer=layer, extra_layers=extra_layers,
                            target=explain_target, score=score, progress=progress, cancel=cancel,
-                           image_name=image_name)
+                           image_name=image_name, cache=_pass_cache())
 
 
 try:
@@ -252,8 +266,9 @@ with head:
     st.subheader("Maps")
     passes = " · ".join(f"{k.replace('_', ' ')} {ui.format_seconds(v)}"
                         for k, v in result.pass_timings.items())
+    reused = f" · reused: {', '.join(ui.method_title(m) for m in result.reused)}" if result.reused else ""
     st.caption(f"Computed in {ui.format_seconds(result.seconds)}" + (" (cached)" if cached else "")
-               + (f" · shared passes: {passes}" if passes else ""))
+               + (f" · shared passes: {passes}" if passes else "") + reused)
 with scale:
     st.image(ui.colorbar(colormap, width=240, height=12), width="stretch")
     st.caption("low → high · one colour scale, each map min–max normalised")
@@ -262,6 +277,36 @@ with download:
                        file_name=ui.safe_filename(bundle.name, image_name, "maps") + ".npz",
                        mime="application/octet-stream", icon=":material/download:", key="dl_npz")
 results_grid(result, bundle, image_name, alpha=alpha, colormap=colormap, signal_view=signal_view, ncols=ncols)
+
+
+def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
+    """Deep Feature Factorization of the target layer: concept colours over the image and their classes."""
+    st.subheader("Concepts")
+    if not st.toggle("Find the concepts of this layer (Deep Feature Factorization)", key="concepts_on",
+                     help="Non-negative matrix factorization of the layer's activations into k concepts: "
+                          "where each one is in the image, and which classes the classifier sees in it."):
+        return
+    channels, h, w = bundle.layers[layer]
+    most = max(2, min(8, channels, h * w))  # NMF: at most as many concepts as channels and positions
+    if state.get("concepts_k", 5) > most:
+        state["concepts_k"] = most
+    k = st.slider("Concepts", 2, most, min(5, most), key="concepts_k")
+    key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer)
+    with st.spinner("Factorizing…"):
+        found, note = _concepts(key, layer, k, bundle, image_bytes)
+    picture, legend = st.columns([1, 1], gap="large")
+    picture.image(concept_image(found.input_image, found.maps), width="stretch", output_format="JPEG",
+                  caption=f"{found.k} concepts of {found.layer} (reconstruction error "
+                          f"{found.relative_error:.0%}); each pixel in the colour of its strongest concept")
+    legend.markdown(legend_html(found, top=3), unsafe_allow_html=True)
+    if note:
+        legend.info(note, icon=":material/info:")
+
+
+try:
+    concepts_panel(bundle, image_bytes, layer)
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
 
 with st.expander("About these methods", icon=":material/school:"):
     for name in methods:

@@ -26,6 +26,7 @@ LIBRARIES = {
     "pytorch-grad-cam": ("pytorch_grad_cam", "grad-cam"),
     "torchcam": ("torchcam", "torchcam"),
     "captum": ("captum", "captum"),
+    "zennit": ("zennit", "zennit"),
 }
 
 
@@ -194,6 +195,8 @@ def _captum_smoothgrad(s: PeerSetup):
     from captum import attr
 
     tunnel = attr.NoiseTunnel(attr.Saliency(s.model))
+    modes = {"mean": "smoothgrad", "square": "smoothgrad_sq", "var": "vargrad"}  # our mode → Captum's
+    nt_type = modes[s.options.get("mode", "mean")]
     n = int(s.options.get("n_samples", 50))
     level = float(s.options.get("level", 0.15))
     # σ = level·(max − min) of each input in the normalised space; Captum takes one σ per input
@@ -206,7 +209,7 @@ def _captum_smoothgrad(s: PeerSetup):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return tunnel.attribute(
-                s.inputs, nt_type="smoothgrad", nt_samples=n, stdevs=level * span, target=s.targets,
+                s.inputs, nt_type=nt_type, nt_samples=n, stdevs=level * span, target=s.targets,
                 nt_samples_batch_size=per_chunk, abs=False,
             ).detach()
 
@@ -328,8 +331,10 @@ PEER_METHODS: list[PeerMethod] = [
 
 def peers_for(method: str, libraries: dict[str, str] | None = None) -> list[PeerMethod]:
     """The installed peers' implementations of one of our methods."""
+    from .agreement_backprop import PEERS as BACKPROP_PEERS  # FullGrad, Input × Gradient, LRP
+
     libraries = installed_libraries() if libraries is None else libraries
-    return [p for p in PEER_METHODS if p.ours == method and p.library in libraries]
+    return [p for p in PEER_METHODS + BACKPROP_PEERS if p.ours == method and p.library in libraries]
 
 
 def peer_setup(model: nn.Module, layer: str, inputs: torch.Tensor, targets: torch.Tensor, options=None):

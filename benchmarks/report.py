@@ -236,9 +236,18 @@ def render_markdown(results: dict) -> str:
             out += peer_table(run, footnotes)
     for skipped in results.get("skipped", []):
         out += ["", f"- skipped: {skipped}"]
+    if results.get("agreement_cam"):
+        from .agreement_cam import render_markdown as agreement_markdown
+
+        out += ["", "## CAM-family agreement with the peers (benchmarks.agreement_cam)", "",
+                agreement_markdown(results["agreement_cam"])]
     out += ["", "## Promises", ""]
     missing = "- not measured here (the promises are stated for resnet50 at 224×224)"
     out += promise_lines(results) or [missing]
+    if results.get("agreement_backprop"):
+        from .agreement_backprop import render
+
+        out += [""] + render(results["agreement_backprop"])
     notes = row_notes(results)
     if notes:
         out += ["", "## What the long methods did", ""] + notes

@@ -32,6 +32,7 @@ import vislib  # noqa: E402
 from vislib.errors import VislibError  # noqa: E402
 from vislib.models import pretrained_available  # noqa: E402
 
+from . import agreement_backprop  # noqa: E402
 from . import peers as peer_lib  # noqa: E402
 from .report import evaluate_promises, render_markdown, write_results  # noqa: E402
 from .suite import BenchConfig, bench_bundle, scaling  # noqa: E402
@@ -86,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="discarded warm-up runs per row (default 1)")
     p.add_argument("--budget", type=float, help="seconds one row may take (default 30)")
     p.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam, torchcam and Captum")
+    p.add_argument("--no-agreement", action="store_true",
+                   help="skip the CAM-family agreement with pytorch-grad-cam (benchmarks.agreement_cam)")
     p.add_argument("--peer-batches", type=_ints, help="batch sizes at which the peers run (default: all)")
     p.add_argument("--devices", type=_names, help="cpu and/or cuda (default: cpu, plus cuda when present)")
     p.add_argument("--no-scaling", action="store_true", help="skip the batch-size / input-size sweep")
@@ -184,6 +187,15 @@ def main(argv=None) -> int:
             else:
                 results["scaling"].append(scaling(bundle, batches=args.scaling_batches,
                                                   sizes=args.scaling_sizes, config=config))
+    if not args.no_peers and not args.no_agreement:
+        from . import agreement_cam
+
+        results["agreement_cam"] = agreement_cam.run(quick=args.quick, log=log)
+    wanted = set(config.method_names()) & {m for m, _ in agreement_backprop.CASES}
+    if not args.no_peers and not args.no_agreement and wanted:  # FullGrad, Input×Gradient, LRP
+        results["agreement_backprop"] = agreement_backprop.run_agreement(
+            ["resnet18"] if args.quick else ["resnet18", "vgg16"], size=64 if args.quick else 112,
+            batch=1 if args.quick else 2, repeats=1 if args.quick else args.repeats, methods=wanted, log=log)
     results["promises"] = evaluate_promises(results)
     results["meta"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results["meta"]["total time"] = f"{time.perf_counter() - started:.0f} s"

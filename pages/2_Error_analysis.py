@@ -57,6 +57,11 @@ def cached_error(key: str, index: int, methods: tuple[str, ...], layer: str, _bu
     return evaluate.explain_error(_bundle, _images, index, list(methods), layer=layer)
 
 
+@st.cache_data(max_entries=64, ttl=3600, show_spinner=False)
+def cached_why(key: str, index: int, predicted: int, true: int, method: str, layer: str, _bundle, _images):
+    return evaluate.why_rather_than(_bundle, _images, index, predicted, true, method=method, layer=layer)
+
+
 def _pick_cell() -> None:
     cell = evaluate.cell_from_selection(state.get("ea_confusion"))
     if cell is not None:
@@ -262,7 +267,7 @@ def error_detail(result: evaluate.EvalResult, images: datasets.ImageSet, bundle,
     view = cached_error(key, int(result.index[row]), tuple(result.methods), result.layer, bundle, images)
     pred, true = view.predicted, view.true
     big = lambda img: img.resize((THUMB * 2, THUMB * 2), 0) if img.width < THUMB else img  # noqa: E731
-    cols = st.columns(4)
+    cols = st.columns(5)
     cols[0].image(big(view.image), caption=f"{view.id} · true: {names[true]}", width="stretch")
     cols[1].image(big(overlay(view.image, view.maps[method][pred])),
                   caption=f"{ui.method_title(method)} for the predicted class: {names[pred]}",
@@ -271,6 +276,11 @@ def error_detail(result: evaluate.EvalResult, images: datasets.ImageSet, bundle,
                   caption=f"{ui.method_title(method)} for the true class: {names[true]}", width="stretch")
     cols[3].image(big(evaluate.contrast_image(view.contrast[method], view.image)),
                   caption=f"Contrast: red speaks for {names[pred]}, blue for {names[true]}", width="stretch")
+    if pred != true:
+        why, base = cached_why(key, int(result.index[row]), pred, true, method, result.layer, bundle, images)
+        cols[4].image(big(overlay(view.image, why)), width="stretch",
+                      caption=f"Why {names[pred]} rather than {names[true]}: Finer-CAM "
+                              f"({ui.method_title(base)} of S_{names[pred]} − S_{names[true]})")
     left, right = st.columns([1, 2], gap="large")
     with left:
         st.markdown("**Top classes**")

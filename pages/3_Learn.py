@@ -31,7 +31,8 @@ SECTIONS = {
     "relu": "3 · Gradient, Deconvnet, guided backprop",
     "multi": "4 · Several objects: Grad-CAM++ vs Grad-CAM",
     "sanity": "5 · Sanity check: randomise the network",
-    "trust": "6 · When to trust which method",
+    "concepts": "6 · Concepts: what a layer has learned",
+    "trust": "7 · When to trust which method",
 }
 
 
@@ -403,7 +404,58 @@ def section_sanity(bundle, digest, data, layer, target) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# 6 · When to trust which method
+# 6 · Concepts of the bundled models
+
+
+@st.cache_data(max_entries=4, ttl=3600, show_spinner=False)
+def cached_concept_lesson(model, weights, count, k, _bundle):
+    return lessons.concept_lesson(_bundle, count=count, k=k)
+
+
+def section_concepts() -> None:
+    from vislib.concepts import concept_image, legend_html
+
+    st.header(SECTIONS["concepts"], anchor="concepts")
+    st.markdown(
+        "Deep Feature Factorization (Collins et al. 2018) asks what a layer has learned to detect, without "
+        "a class to explain. The layer's activations over a set of images, each channel shifted to a "
+        "minimum of 0, form a non-negative matrix V (channels × positions). Non-negative matrix "
+        "factorization splits it into k **concepts**: column W_d is what concept d looks like in the "
+        "channels, row H_d where it is in the images. The classifier, applied to a concept's vector, says "
+        "which class it speaks for.")
+    st.latex(r"V \approx W H,\qquad V \in \mathbb{R}_{\ge 0}^{C \times Z},\; W \in "
+             r"\mathbb{R}_{\ge 0}^{C \times k},\; H \in \mathbb{R}_{\ge 0}^{k \times Z}")
+    k = st.slider("Concepts", 3, 8, 5, key="learn_concepts_k")
+    found = [(name, bundled(name)) for name in (GAP_MODEL, FC_MODEL)]
+    found = [(name, b) for name, b in found if b is not None]
+    if not found:
+        st.info("This lesson uses the bundled shapes models: install them (assets/models).")
+        return
+    for tab, (name, model) in zip(st.tabs([name for name, _ in found]), found, strict=True):
+        with tab:
+            lesson = cached_concept_lesson(model.name, model.weights, 8, k, model)
+            st.markdown(lesson.sentence())
+            c = lesson.concepts
+            numbers = ("share of the layer", "map mass on the objects", "× the objects' area")
+            st.dataframe(pd.DataFrame({
+                "concept": [f"{d + 1}" for d in range(c.k)],
+                "share of the layer": c.share,
+                "map mass on the objects": lesson.on_object,
+                "× the objects' area": lesson.enrichment,
+                "where": [lesson.kind(d) for d in range(c.k)],
+                "top classes": [", ".join(f"{label} {p:.0%}" for _, label, p in c.top_classes[d][:3])
+                                for d in range(c.k)],
+            }), hide_index=True, key=f"learn_concepts_table_{name}",
+                column_config={col: st.column_config.NumberColumn(format="%.2f") for col in numbers})
+            cols = st.columns(5)
+            for i, column in enumerate(cols[:4]):
+                column.image(concept_image(c.input_image[i], c.maps[i]), width="stretch",
+                             caption=f"true class: {model.labels[lesson.labels[i]]}")
+            cols[4].markdown(legend_html(c, top=1), unsafe_allow_html=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 7 · When to trust which method
 
 
 def sanity_picture(view, values, method: str):
@@ -458,6 +510,7 @@ for _section, run in (
     ("relu", lambda: section_relu(bundle, digest, data, target)),
     ("multi", lambda: section_multi(bundle)),
     ("sanity", lambda: section_sanity(bundle, digest, data, layer, target)),
+    ("concepts", section_concepts),
     ("trust", section_trust),
 ):
     try:

@@ -1,4 +1,5 @@
-"""Backprop family: gradient, Deconvnet, guided backprop, guided Grad-CAM, SmoothGrad, Integrated Gradients.
+"""Backprop family: gradient, Deconvnet, guided backprop, guided Grad-CAM, Input × Gradient, SmoothGrad
+(mean, SmoothGrad², VarGrad), Integrated Gradients. (FullGrad: test_fullgrad.py; LRP: test_lrp.py.)
 
 Every expected value is computed independently: hand-built Deconvnet reconstructions (unpool with
 the recorded switches, ReLU, transposed convolution), module-swapped reference copies, analytic
@@ -25,7 +26,8 @@ from vislib.models import Preprocess, load_model
 from vislib.render import magnitude_gray, signed_rgb
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-BACKPROP = ["gradient", "deconvnet", "guided_backprop", "guided_gradcam", "smoothgrad", "integrated_gradients"]
+BACKPROP = ["gradient", "deconvnet", "guided_backprop", "guided_gradcam", "input_x_gradient", "fullgrad",
+            "smoothgrad", "integrated_gradients"]
 
 
 def bundle_of(model: nn.Module, size: int = 16, layer: str | None = None):
@@ -185,6 +187,47 @@ def test_one_forward_serves_every_rule():
     for method, rule in (("gradient", "gradient"), ("deconvnet", "deconvnet"), ("guided_backprop", "guided")):
         np.testing.assert_allclose(r.raw[method], hand_reconstruction(net, x, 0, rule)[0].numpy(), atol=1e-5)
     assert {"backward_gradient", "backward_deconvnet", "backward_guided"} <= set(r.pass_timings)
+
+
+def test_input_x_gradient_by_hand_sharing_the_forward_of_the_rules():
+    torch.manual_seed(4)
+    net = ZFStack()
+    bundle = bundle_of(net)
+    x = torch.randn(2, 3, 16, 16)
+    r = vislib.explain(bundle, x, methods=["input_x_gradient", "gradient", "deconvnet"], target=[0, 2])
+    expected = torch.cat([x[i:i + 1] * input_grad(net, x[i:i + 1], t) for i, t in enumerate((0, 2))])
+    np.testing.assert_allclose(r.raw["input_x_gradient"], expected.numpy(), rtol=1e-5, atol=1e-7)
+    assert {k for k in r.pass_timings if k.startswith("backward")} == {"backward_gradient", "backward_deconvnet"}
+    alone = vislib.explain(bundle, x, methods=["input_x_gradient"], target=[0, 2])
+    np.testing.assert_allclose(alone.raw["input_x_gradient"], r.raw["input_x_gradient"], rtol=1e-6, atol=0)
+
+
+class MixedActivations(nn.Module):
+    """ReLU, GELU (a module) and SiLU (a function) in one network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(4, 4, 3, padding=1), nn.GELU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.silu(self.act2(self.conv2(self.act1(self.conv1(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_extras_say_which_activations_got_the_rule():
+    torch.manual_seed(5)
+    bundle = bundle_of(MixedActivations())
+    r = vislib.explain(bundle, torch.randn(3, 16, 16), methods=["guided_backprop", "gradient"])
+    extras = r.extras["guided_backprop"]
+    assert extras["relus_intercepted"] == 1
+    assert extras["other_activations"] == {"gelu": 1, "silu": 1}
+    assert "ordinary gradient" in extras["note"]
+    no_relu = bundle_of(no_relu_net())  # Tanh and Softplus only: the rule has nothing to act on
+    extras = vislib.explain(no_relu, torch.randn(3, 16, 16), methods=["deconvnet"]).extras["deconvnet"]
+    assert extras["relus_intercepted"] == 0 and extras["other_activations"] == {"tanh": 1, "softplus": 1}
+    assert "plain gradient" in extras["note"]
 
 
 def test_integrated_gradients_is_gradient_times_input_on_a_bias_free_relu_net():
@@ -476,28 +519,56 @@ def test_no_hook_flag_or_grad_left_after_success_and_failure():
 # --------------------------------------------------------------------------------------------- SmoothGrad
 
 
-def test_smoothgrad_is_the_mean_gradient_over_the_stated_noise():
+@pytest.mark.parametrize("mode", ["mean", "square", "var"])
+def test_smoothgrad_modes_over_the_stated_noise(mode):
+    """E[a] (SmoothGrad), E[a²] (SmoothGrad²), E[a²] − E[a]² (VarGrad) of the gradients of the very
+    noisy copies the extras describe (Captum NoiseTunnel's definitions)."""
     net = smooth_net()
     bundle = bundle_of(net)
     torch.manual_seed(15)
     x = torch.randn(2, 3, 16, 16)
     n_samples, batch, level, seed = 5, 3, 0.2, 7
     r = vislib.explain(bundle, x, methods=["smoothgrad"], target=[0, 2], options={
-        "smoothgrad": {"n_samples": n_samples, "batch_size": batch, "level": level, "seed": seed}})
+        "smoothgrad": {"n_samples": n_samples, "batch_size": batch, "level": level, "seed": seed, "mode": mode}})
     sigma = level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     np.testing.assert_allclose(r.extras["smoothgrad"]["sigma"], sigma.numpy(), rtol=1e-6)
+    assert r.extras["smoothgrad"]["mode"] == mode
     gen = torch.Generator().manual_seed(seed)
     owners = list(range(2)) * n_samples  # copy k belongs to image k mod 2
-    total = torch.zeros_like(x)
+    grads: list[list[torch.Tensor]] = [[], []]
     for start in range(0, len(owners), batch):
         chunk = owners[start:start + batch]
         noise = torch.randn((len(chunk), 3, 16, 16), generator=gen)
         for k, i in enumerate(chunk):
-            total[i] += input_grad(net, x[i:i + 1] + sigma[i] * noise[k:k + 1], [0, 2][i])[0]
-    np.testing.assert_allclose(r.raw["smoothgrad"], (total / n_samples).numpy(), rtol=1e-5, atol=1e-7)
+            grads[i].append(input_grad(net, x[i:i + 1] + sigma[i] * noise[k:k + 1], [0, 2][i])[0].double())
+    a = torch.stack([torch.stack(g) for g in grads])  # image × copy × 3×H×W
+    expected = {"mean": a.mean(1), "square": (a * a).mean(1), "var": a.var(1, unbiased=False)}[mode]
+    scale = float(expected.abs().max())
+    assert scale > 0
+    np.testing.assert_allclose(r.raw["smoothgrad"], expected.numpy(), rtol=1e-4, atol=1e-6 * scale)
+    if mode == "var":
+        assert (r.raw["smoothgrad"] >= 0).all()
 
 
-@pytest.mark.parametrize("base", ["deconvnet", "guided_gradcam", "integrated_gradients"])
+def test_smoothgrad_square_and_vargrad_without_noise():
+    """Zero noise: SmoothGrad² = gradient², VarGrad = 0 (a variance of identical copies)."""
+    torch.manual_seed(16)
+    net = ZFStack()
+    bundle = bundle_of(net)
+    x = torch.randn(1, 3, 16, 16)
+    base = {"n_samples": 5, "batch_size": 2, "level": 0.0}
+    r = vislib.explain(bundle, x, methods=["gradient"], target=1)
+    square = vislib.explain(bundle, x, methods=["smoothgrad"], target=1,
+                            options={"smoothgrad": {**base, "mode": "square"}}).raw["smoothgrad"]
+    var = vislib.explain(bundle, x, methods=["smoothgrad"], target=1,
+                         options={"smoothgrad": {**base, "mode": "var"}}).raw["smoothgrad"]
+    g2 = r.raw["gradient"] ** 2
+    assert g2.max() > 0
+    np.testing.assert_allclose(square, g2, rtol=1e-5, atol=1e-7 * g2.max())
+    assert (var >= 0).all() and var.max() <= 1e-6 * g2.max()
+
+
+@pytest.mark.parametrize("base", ["deconvnet", "guided_gradcam", "input_x_gradient", "integrated_gradients"])
 def test_smoothgrad_without_noise_is_its_base(base):
     torch.manual_seed(16)
     net = ZFStack()
@@ -513,7 +584,8 @@ def test_options_are_checked():
     x = torch.randn(1, 3, 16, 16)
     bad = [("smoothgrad", {"base": "gradcam"}), ("smoothgrad", {"n_samples": 0}), ("smoothgrad", {"levels": 1}),
            ("integrated_gradients", {"baseline": "white"}), ("integrated_gradients", {"steps": 2.5}),
-           ("integrated_gradients", {"baseline": torch.zeros(2, 3, 5, 5)}), ("gradient", {"steps": 3})]
+           ("integrated_gradients", {"baseline": torch.zeros(2, 3, 5, 5)}), ("gradient", {"steps": 3}),
+           ("smoothgrad", {"mode": "median"}), ("input_x_gradient", {"abs": True})]
     for method, opts in bad:
         with pytest.raises(MethodError):
             vislib.explain(bundle, x, methods=[method], options={method: opts})

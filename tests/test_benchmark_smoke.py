@@ -317,3 +317,22 @@ def test_command_line_writes_the_results_folder(tmp_path, capsys):
     assert data["runs"][0]["weights"] == "random"
     assert any("no_such_model" in s for s in data["skipped"])
     assert "| gradcam |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec("captum") and importlib.util.find_spec("zennit")),
+                    reason="captum / zennit not installed")
+def test_backprop_agreement_rows_and_table(bundle):
+    from benchmarks import agreement_backprop
+
+    x = torch.randn(1, 3, SIDE, SIDE)
+    rows = []
+    for method, options in (("input_x_gradient", {}), ("lrp", {"composite": "epsilon_gamma_box"})):
+        peer = next(p for p in agreement_backprop.PEERS if p.ours == method)
+        row = agreement_backprop.compare(bundle, x, torch.tensor([1]), method, options, peer, repeats=1)
+        assert row["status"] == "ok" and row["compared"] == "input-space signal", row
+        assert -1.0 <= row["r"] <= 1.0 + 1e-9 and row["x_forward"] > 0
+        rows.append({"model": "tiny", "input": [3, SIDE, SIDE], "method": method, "options": options,
+                     "library": peer.library, "peer": peer.peer_name, "note": peer.note, **row})
+    table = "\n".join(agreement_backprop.render({"threshold": 0.999, "rows": rows}))
+    assert "| tiny | 32×32 | input_x_gradient | captum InputXGradient |" in table
+    assert "lrp (composite=epsilon_gamma_box)" in table

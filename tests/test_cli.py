@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import vislib
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,5 +77,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, image_file, args, fragment):
 def test_models_and_methods_listings():
     proc = run_cli("methods")
     assert proc.returncode == 0 and "gradcam++" in proc.stdout
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    for name in ("gradcam_elementwise", "eigengradcam", "kpcacam", "shapleycam", "finercam"):
+        cls = vislib.METHODS[name]
+        assert cls.family in rows[name] and cls.passes in rows[name] and cls.paper in rows[name]
     proc = run_cli("models")
     assert proc.returncode == 0 and "resnet50" in proc.stdout

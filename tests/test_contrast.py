@@ -39,8 +39,9 @@ def test_cam_family_on_gap_head_is_the_difference_of_class_rows(gap, x):
 
 @pytest.mark.parametrize("score", ["logit", "probability"])
 def test_input_gradients_are_linear_in_the_score(gap, x, score):
-    """∂(S_A − S_B)/∂x = ∂S_A/∂x − ∂S_B/∂x, for the gradient and Integrated Gradients (same path)."""
-    methods = ["gradient", "integrated_gradients"]
+    """∂(S_A − S_B)/∂x = ∂S_A/∂x − ∂S_B/∂x, for the gradient, Input × Gradient and Integrated
+    Gradients (same path)."""
+    methods = ["gradient", "input_x_gradient", "integrated_gradients"]
     opts = {"integrated_gradients": {"steps": 8}}
     a = vislib.explain(gap, x, methods, target=1, score=score, options=opts)
     b = vislib.explain(gap, x, methods, target=2, score=score, options=opts)

@@ -102,6 +102,7 @@ def test_shapes_evaluation_shows_accuracy_confusion_errors_and_one_error():
     assert any("for the predicted class" in c for c in captions)
     assert any("for the true class" in c for c in captions)
     assert any(c.startswith("Contrast") for c in captions)
+    assert any(c.startswith("Why ") and "rather than" in c and "Finer-CAM" in c for c in captions)
     frames = [df.value for df in at.dataframe]
     assert any("image-centre baseline" in f.to_string() for f in frames)  # beside the methods
     assert any("Pointing game (per-class mean)" in f.columns for f in frames)

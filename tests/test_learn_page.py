@@ -27,7 +27,7 @@ PAGE = "pages/3_Learn.py"
 TIMEOUT = 180
 SECTION_TITLES = ["1 · Grad-CAM step by step", "2 · CAM and Grad-CAM", "3 · Gradient, Deconvnet, guided backprop",
                   "4 · Several objects: Grad-CAM++ vs Grad-CAM", "5 · Sanity check: randomise the network",
-                  "6 · When to trust which method"]
+                  "6 · Concepts: what a layer has learned", "7 · When to trust which method"]
 needs_resnet = pytest.mark.skipif("shapes_resnet" not in vislib.list_models(),
                                   reason="bundled model shapes_resnet not installed (assets/models)")
 
@@ -141,6 +141,12 @@ def test_numbers_on_the_bundled_models_match_vislib():
     assert shown["objects"].tolist() == [study.instances] * 2
     assert any(m.value == lessons.coverage_sentence(study, titles=vislib.ui.method_title) for m in at.markdown)
     assert metric(at, "Grad-CAM++: objects covered") == f"{study.share('gradcam++'):.0%}"
+
+    # 6 · the concepts of the bundled ResNet-style model (first tab) as computed directly
+    lesson = lessons.concept_lesson(resnet, count=8, k=5)
+    assert any(m.value == lesson.sentence() for m in at.markdown)
+    np.testing.assert_allclose(frame(at, "map mass on the objects")["map mass on the objects"], lesson.on_object,
+                               rtol=1e-6)
 
     # 5 · the sanity check's numbers as computed directly
     check = lessons.cascading_randomisation(resnet, image, lessons.DEFAULT_SANITY_METHODS)

@@ -10,6 +10,7 @@ Public API::
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
 """
 
+from .concepts import Concepts, concepts  # noqa: F401
 from .errors import (  # noqa: F401
     Cancelled,
     InputError,
@@ -23,12 +24,14 @@ from .errors import (  # noqa: F401
 from .explain import Explanation, explain  # noqa: F401
 from .imageio import load_image  # noqa: F401
 from .methods import METHODS, method_names  # noqa: F401
+from .methods.sharing import PassCache  # noqa: F401
 from .models import ModelBundle, Preprocess, list_models, load_model, sample_images  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = [
-    "explain", "Explanation", "load_image", "load_model", "list_models", "METHODS", "method_names",
+    "explain", "Explanation", "PassCache", "concepts", "Concepts",
+    "load_image", "load_model", "list_models", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
 ]

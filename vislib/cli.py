@@ -134,8 +134,9 @@ def _list_models() -> int:
 def _list_methods() -> int:
     from .methods import METHODS
 
+    print(f"{'name':22s} {'family':13s} {'passes':22s} paper")
     for name, cls in METHODS.items():
-        print(f"{name:22s} {cls.family:13s} {cls.title}")
+        print(f"{name:22s} {cls.family:13s} {cls.passes or '–':22s} {cls.paper or cls.title}")
     return 0
 
 

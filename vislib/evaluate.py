@@ -472,6 +472,24 @@ def explain_error(bundle: ModelBundle, images: ImageSet, index: int,
     )
 
 
+def why_rather_than(bundle: ModelBundle, images: ImageSet, index: int, predicted: int, true: int, *,
+                    method: str = "gradcam", layer: str | None = None) -> tuple[np.ndarray, str]:
+    """"Why ``predicted`` rather than ``true``?" for image ``index``: Finer-CAM with the true class as
+    its comparison, i.e. a base CAM of S_predicted − S_true (``method`` when it is a gradient CAM, else
+    Grad-CAM). Returns the H×W map in [0, 1] (zeros where nothing speaks for the predicted class more
+    than for the true one) and the base method used."""
+    from .methods.cam_variants import finer_bases
+
+    base = method if method in finer_bases() else "gradcam"
+    batch = images.load([index])
+    if batch.failed:
+        raise InputError(f"{images.ids[index]}: {batch.failed[0]}")
+    inputs, _ = to_inputs(bundle, batch, [0])
+    result = explain(bundle, inputs, ["finercam"], layer=layer, target=[predicted], contrast=[true],
+                     options={"finercam": {"base": base}})
+    return result.maps["finercam"][0], base
+
+
 # --------------------------------------------------------------------------------------------------
 # Speed
 

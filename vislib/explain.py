@@ -21,6 +21,7 @@ from .imageio import load_image
 from .methods import METHODS
 from .methods.base import ExplainContext, Stopwatch, get_method
 from .methods.registry import FAMILY_ORDER, FAMILY_RUNNERS
+from .methods.sharing import PassCache, share_forward
 from .models import ModelBundle, Preprocess, load_model
 
 SCORES = ("logit", "probability")
@@ -51,6 +52,7 @@ class Explanation:
     weights: str
     batched: bool = False
     contrast: int | list[int] | None = None  # the class B of S_A − S_B, when a contrast was asked for
+    reused: list[str] = field(default_factory=list)  # methods served by the cache (``cache=``)
     extras: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. an out-of-memory retry
 
@@ -88,6 +90,7 @@ def explain(
     *,
     contrast=None,
     options: dict[str, dict] | None = None,
+    cache: PassCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     on_wait: Callable[[], None] | None = None,
@@ -99,6 +102,8 @@ def explain(
     ``None`` for the top-1 class; a batch takes one target for all or a list with one per sample.
     ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output). ``contrast``: a class
     B (same forms as ``target``) to explain S_A − S_B, "why A rather than B?" (gradient-based methods).
+    ``cache``: a :class:`vislib.PassCache`; methods already computed for this model, input, layer,
+    target, contrast and score come from it, and new ones reuse its recorded passes.
     ``options``: per-method settings, e.g. ``{"scorecam": {"batch_size": 64}}``. ``progress(done,
     total)`` is called by long methods; setting ``cancel`` stops them (raising ``Cancelled``);
     ``on_wait()`` is called if the explanation has to wait for a free GPU slot.
@@ -113,7 +118,7 @@ def explain(
     if contrast is not None:
         check_contrastive(names)
     job = _Job(names=names, layer=layer_name, score=score, options=options or {}, progress=progress,
-               cancel=cancel, contrast=contrast)
+               cancel=cancel, contrast=contrast, cache=cache)
     with device_slot(bundle.device, on_wait):
         part = _compute_resilient(bundle, inputs, target, job)
     pick = (lambda a: a) if batched else (lambda a: a[0])
@@ -126,6 +131,7 @@ def explain(
         input_image=views if batched else views[0], labels=bundle.labels, layer=layer_name,
         score=score, model=bundle.name, weights=bundle.weights, batched=batched, extras=part.extras,
         notes=job.notes, contrast=part.contrast if batched or part.contrast is None else part.contrast[0],
+        reused=part.reused,
     )
 
 
@@ -160,6 +166,7 @@ class _Job:
     progress: Callable[[int, int], None] | None
     cancel: threading.Event | None
     contrast: object = None
+    cache: PassCache | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -176,6 +183,7 @@ class _Part:
     targets: list[int]
     extras: dict[str, dict]
     contrast: list[int] | None = None
+    reused: list[str] = field(default_factory=list)
 
 
 def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _Part:
@@ -184,17 +192,22 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
         resolve_targets=lambda logits, spec: resolve_targets(bundle.labels, logits, spec),
         contrast_spec=job.contrast, progress=job.progress, cancel=job.cancel,
     )
-    results = {}
+    results = job.cache.restore(ctx, job.names, job.options) if job.cache is not None else {}
+    missing = [n for n in job.names if n not in results]
+    share_forward(ctx, missing, job.options)
     for family in FAMILY_ORDER:
-        wanted = [n for n in job.names if METHODS[n].family == family]
+        wanted = [n for n in missing if METHODS[n].family == family]
         if wanted:
             results.update(FAMILY_RUNNERS[family](ctx, wanted, job.options))
+    if job.cache is not None:
+        job.cache.store(ctx, {n: results[n] for n in missing}, job.options)
     if ctx.logits is None:
         with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
             ctx.set_logits(bundle.logits(inputs))
         ctx.pass_timings["forward"] = sw.seconds
     size = tuple(inputs.shape[-2:])
-    part = _Part({}, {}, {}, {}, dict(ctx.pass_timings), probs=np.empty(0), targets=[], extras={})
+    part = _Part({}, {}, {}, {}, dict(ctx.pass_timings), probs=np.empty(0), targets=[], extras={},
+                 reused=[n for n in job.names if n not in missing])
     for name in job.names:
         result = results[name]
         with Stopwatch(bundle.device) as sw:
@@ -271,7 +284,7 @@ def _merge(a: _Part, b: _Part) -> _Part:
         timings={m: a.timings[m] + b.timings.get(m, 0.0) for m in a.timings},
         pass_timings={k: a.pass_timings.get(k, 0.0) + b.pass_timings.get(k, 0.0)
                       for k in {**a.pass_timings, **b.pass_timings}},
-        probs=cat(a.probs, b.probs), targets=a.targets + b.targets,
+        probs=cat(a.probs, b.probs), targets=a.targets + b.targets, reused=a.reused,
         contrast=None if a.contrast is None else a.contrast + b.contrast,
         extras={m: _merge_extras(a.extras.get(m, {}), b.extras.get(m, {})) for m in {**a.extras, **b.extras}},
     )

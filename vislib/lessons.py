@@ -565,6 +565,78 @@ def cascading_randomisation(
 
 
 # --------------------------------------------------------------------------------------------------
+# Concepts of the bundled models (Deep Feature Factorization)
+
+OBJECT_ENRICHMENT = 2.0  # a concept "sits on the objects" when its share there is ≥ 2× the objects' area
+
+
+@dataclass
+class ConceptLesson:
+    """DFF of a shapes model's layer over generated test images, factorized jointly, and where each
+    concept lies relative to the objects' masks."""
+
+    model: str
+    concepts: object  # vislib.concepts.Concepts, batched: maps N×k×H×W
+    labels: list[int]  # each image's true class
+    masks: np.ndarray  # N×H×W bool: the objects at the model's input view
+    on_object: np.ndarray  # k: share of each concept's map mass inside the objects
+
+    @property
+    def layer(self) -> str:
+        return self.concepts.layer
+
+    @property
+    def area(self) -> float:
+        """Share of the pixels that belong to an object."""
+        return float(self.masks.mean())
+
+    @property
+    def enrichment(self) -> np.ndarray:
+        """on_object / area: how much more of each concept lies on the objects than chance."""
+        return self.on_object / max(self.area, 1e-12)
+
+    def kind(self, d: int) -> str:
+        e = float(self.enrichment[d])
+        return "object" if e >= OBJECT_ENRICHMENT else "background" if e < 1.0 else "mixed"
+
+    def sentence(self) -> str:
+        k = self.concepts.k
+        kinds = [self.kind(d) for d in range(k)]
+        names = lambda group: ", ".join(  # noqa: E731
+            f"{d + 1} ({self.concepts.top_classes[d][0][1]})" for d in range(k) if kinds[d] == group)
+        parts = [f"In **{self.model}**, layer `{self.layer}`, the {k} concepts of {len(self.labels)} test "
+                 f"images (objects cover {self.area:.0%} of the pixels):"]
+        groups = (("object", "sit", "on the objects (at least twice their share of the pixels)"),
+                  ("mixed", "lie", "partly on the objects"), ("background", "lie", "on the background"))
+        for group, verb, text in groups:
+            count = kinds.count(group)
+            if count:
+                verb = verb if count > 1 else verb + "s"
+                parts.append(f"{count} {verb} {text}: concept {names(group)};")
+        parts[-1] = parts[-1].rstrip(";") + "."
+        return " ".join(parts) + (" In brackets, the class each concept's vector speaks for most through "
+                                  "the classifier.")
+
+
+def concept_lesson(bundle, count: int = 8, k: int = 5, layer: str | None = None) -> ConceptLesson:
+    """Deep Feature Factorization of ``layer`` over the first ``count`` generated test images (one
+    factorization for all of them), and each concept's share of map mass inside the objects' masks."""
+    from .concepts import concepts
+    from .data.shapes import CLASSES, make_sample
+
+    if list(bundle.labels) != list(CLASSES):
+        raise VislibError(f"model {bundle.name!r} does not classify the generated shapes; pick a bundled "
+                          f"shapes model")
+    samples = [make_sample("test", i) for i in range(count)]
+    found = concepts(bundle, [s.image for s in samples], k=k, layer=layer)
+    masks = np.stack([_mask_to_view(bundle, s.mask) for s in samples])
+    mass = found.maps.sum(axis=(0, 2, 3))
+    inside = (found.maps * masks[:, None]).sum(axis=(0, 2, 3))
+    return ConceptLesson(bundle.name, found, [s.label for s in samples], masks,
+                         inside / np.maximum(mass, 1e-12))
+
+
+# --------------------------------------------------------------------------------------------------
 # When to trust which method
 
 
@@ -590,6 +662,8 @@ REFERENCES = (
               "WACV 2018."),
     Reference("Adebayo et al. 2018", "J. Adebayo, J. Gilmer, M. Muelly, I. Goodfellow, M. Hardt, B. Kim. "
               "Sanity Checks for Saliency Maps. NeurIPS 2018."),
+    Reference("Collins et al. 2018", "E. Collins, R. Achanta, S. Süsstrunk. Deep Feature Factorization for "
+              "Concept Discovery. ECCV 2018."),
 )
 
 #: (method, when to trust it, its caveat) in plain language.

@@ -621,6 +621,7 @@ class ViewResult:
     score: str
     seconds: float
     pass_timings: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # methods whose results came from the pass cache
 
     def top_k(self, k: int = 5) -> list[tuple[int, str, float]]:
         if self.probs is None:
@@ -722,12 +723,15 @@ def compute_view(
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
     image_name: str | None = None,
+    cache=None,
 ) -> ViewResult:
     """Compute every panel of the Explain page.
 
     ``image``: anything :func:`vislib.load_image` takes. Input, layer and target errors raise a
     :class:`VislibError` (the whole view is unusable); a method that does not fit the model or layer
-    only marks its own panel. ``progress(done, total, text)`` is called from this thread.
+    only marks its own panel. ``progress(done, total, text)`` is called from this thread. ``cache``:
+    a :class:`vislib.PassCache`, so that a view that differs only in its methods reuses the passes
+    and results already computed.
     """
     from .imageio import load_image
 
@@ -758,7 +762,7 @@ def compute_view(
                 progress(0, 0, "waiting for a free GPU slot (other explanations are running)")
 
         explain_kw = dict(target=target, score=score, options=options, progress=report, cancel=cancel,
-                          on_wait=waiting)
+                          on_wait=waiting, cache=cache)
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled by the caller")
         found, errors = {}, {}
@@ -790,6 +794,8 @@ def compute_view(
         rows=rows, probs=probs, target=tgt, labels=list(bundle.labels), input_image=view,
         model=bundle.name, weights=bundle.weights, score=score, seconds=time.perf_counter() - start,
         pass_timings=timings,
+        reused=sorted({m for row in rows for e in row.explanations.values() for m in e.reused
+                       if m in row.methods}),
     )
 
 

@@ -10,25 +10,28 @@ guided backprop    ``1[f>0] · 1[R>0] · R``
 =================  =========================
 
 Max-pool backward in autograd *is* Zeiler & Fergus's unpooling with switches and conv backward *is*
-the transposed filter, so swapping the ReLU rule is all a Deconvnet needs.
+the transposed filter, so swapping the ReLU rule is all a Deconvnet needs. The rules are applied by
+a thread-local torch-function mode that never touches the shared model (:mod:`.relu_rules`).
 
-Mechanism: :func:`relu_rule` activates a :class:`torch.overrides.TorchFunctionMode` for the duration
-of one forward pass. Mode stacks are thread-local, so only the calling thread's forward is affected;
-the shared model is never touched. The mode redirects every ReLU that reaches ``__torch_function__``
-(``nn.ReLU`` → ``F.relu``, ``torch.relu``/``torch.relu_``, ``Tensor.relu``/``Tensor.relu_``) to an
-autograd Function whose backward reads the rule from a per-call :class:`ReluRule` when the backward
-runs. One forward can therefore serve several rules (one backward each, ``retain_graph`` between
-them). Not reached: ReLUs inside compiled graphs and direct ``torch.ops.aten.relu`` calls; a model
-with ``nn.ReLU`` modules where no ReLU was intercepted raises a :class:`MethodError` instead of
-silently returning the plain gradient. Other activations (GELU, SiLU, Hardswish) keep their
-ordinary gradient under every rule, as in the papers, which define the rules for ReLU only.
+**Activations other than ReLU** (GELU, SiLU, Hardswish, ReLU6, sigmoid, tanh) keep their ordinary
+gradient under every rule: the papers define the rules for ReLU only. On ConvNeXt (GELU) or
+EfficientNet (SiLU), which have no ReLU, Deconvnet and guided backprop *are* the gradient; on
+MobileNet-V3 only its ReLUs follow the rule. The extras say which: ``relus_intercepted`` (ReLU calls
+given the rule), ``other_activations`` (calls of other activations, by name, left with their
+gradient) and a ``note`` when the rule had nothing or only part of the network to act on.
+
+One forward serves every method of the family that explains the clean input: gradient, Deconvnet,
+guided backprop, guided Grad-CAM, Input × Gradient and FullGrad (one backward per distinct rule;
+FullGrad's bias-gradients come from the gradient rule's backward, see :mod:`.fullgrad`). SmoothGrad
+(modes mean, square, var) and Integrated Gradients run their own batched passes; LRP runs on a
+private copy of the model (:mod:`.lrp`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
@@ -38,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..errors import MethodError
 from ..hooks import Captured, capture_layer, resolve_layer
+from . import fullgrad as fg
 from .base import (
     ExplainContext,
     Method,
@@ -52,159 +55,13 @@ from .base import (
     target_scores,
 )
 from .registry import register_family
-
-RULES = ("gradient", "deconvnet", "guided", "identity")
-_threshold_backward = torch.ops.aten.threshold_backward.default
-
-
-# --------------------------------------------------------------------------------------------------
-# The ReLU rule: a thread-local torch-function mode and an autograd Function
-
-
-@dataclass
-class ReluRule:
-    """Per-call state shared by the intercepted ReLUs of one forward pass.
-
-    ``rule`` is read when the backward runs (so one forward serves several rules); ``count`` is the
-    number of ReLUs intercepted during the forward.
-    """
-
-    rule: str = "gradient"
-    count: int = 0
-    linearize_pools: bool = False
-    frozen_norms: bool = False
-
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise MethodError(f"unknown ReLU rule {self.rule!r}; one of {RULES}")
-
-
-class _RuleReLU(torch.autograd.Function):
-    """ReLU whose backward applies ``state.rule`` (the forward is the ordinary ReLU)."""
-
-    @staticmethod
-    def forward(ctx, x, state, inplace):
-        if inplace:
-            ctx.mark_dirty(x)
-            out = x.relu_()
-        else:
-            out = x.relu()
-        ctx.save_for_backward(out)
-        ctx.state = state
-        return out
-
-    @staticmethod
-    def backward(ctx, R):
-        (out,) = ctx.saved_tensors
-        rule = ctx.state.rule
-        if rule == "gradient":
-            grad = _threshold_backward(R, out, 0)  # 1[f>0]·R (f>0 ⇔ out>0)
-        elif rule == "deconvnet":
-            grad = R.clamp_min(0)
-        elif rule == "guided":
-            grad = _threshold_backward(R, out, 0).clamp_min_(0)  # a fresh tensor: safe in place
-        else:  # "identity": used to find receptive fields
-            grad = R
-        return grad, None, None
-
-
-def _relu_call(func, args, kwargs) -> tuple[torch.Tensor, bool]:
-    """(input, inplace) of any ReLU call the mode intercepts."""
-    x = args[0] if args else kwargs["input"]
-    if func is F.relu:
-        inplace = bool(args[1]) if len(args) > 1 else bool(kwargs.get("inplace", False))
-    else:
-        inplace = func in (torch.relu_, torch.Tensor.relu_)
-    return x, inplace
-
-
-_RELU_FUNCS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
-_MAXPOOL_FUNCS = frozenset({F.max_pool2d, torch.max_pool2d})
-
-
-def _pool_args(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
-    return input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
-
-
-def _local_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                         use_input_stats=True, momentum=0.1, eps=1e-5):
-    """Instance norm with its per-image statistics held constant (``frozen_norms``).
-
-    The statistics couple every output to every input pixel, so a gradient probe through a real
-    instance norm would call the whole image the receptive field; the geometric receptive field is
-    that of the per-pixel affine map the layer applies for this image."""
-    dims = tuple(range(2, input.dim()))
-    mean = input.mean(dim=dims, keepdim=True).detach()
-    var = input.var(dim=dims, unbiased=False, keepdim=True).detach()
-    out = (input - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        shape = (1, -1) + (1,) * len(dims)
-        out = out * weight.view(shape) + bias.view(shape)
-    return out
-
-
-def _local_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    """Group norm with its per-image statistics held constant (``frozen_norms``); see above."""
-    n, c = input.shape[:2]
-    grouped = input.reshape(n, num_groups, -1)
-    mean = grouped.mean(dim=2, keepdim=True).detach()
-    var = grouped.var(dim=2, unbiased=False, keepdim=True).detach()
-    out = ((grouped - mean) / torch.sqrt(var + eps)).reshape(input.shape)
-    if weight is not None:
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        out = out * weight.view(shape) + bias.view(shape)
-    return out
-
-
-class _ReluRuleMode(TorchFunctionMode):
-    """Redirects ReLUs (and, for receptive fields, max-pools) of the current thread's forward."""
-
-    def __init__(self, state: ReluRule):
-        super().__init__()
-        self.state = state
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _RELU_FUNCS:
-            x, inplace = _relu_call(func, args, kwargs)
-            if x.requires_grad and torch.is_grad_enabled():
-                self.state.count += 1
-                return _RuleReLU.apply(x, self.state, inplace)
-        elif self.state.frozen_norms and func is F.instance_norm:
-            return _local_instance_norm(*args, **kwargs)
-        elif self.state.frozen_norms and func is F.group_norm:
-            return _local_group_norm(*args, **kwargs)
-        elif self.state.linearize_pools and func in _MAXPOOL_FUNCS:
-            x, k, stride, pad, dilation, ceil, indices = _pool_args(*args, **kwargs)
-            if not indices and dilation in (1, (1, 1), [1, 1]):
-                return F.avg_pool2d(x, k, stride or k, pad, ceil_mode=ceil, count_include_pad=True)
-        return func(*args, **kwargs)
-
-
-@contextmanager
-def relu_rule(rule: str = "gradient", *, linearize_pools: bool = False,
-              frozen_norms: bool = False) -> Iterator[ReluRule]:
-    """Apply a ReLU backward rule to every ReLU of forward passes run in this thread inside the block.
-
-    The yielded :class:`ReluRule` stays bound to the graph built in the block: set ``state.rule``
-    before each ``torch.autograd.grad`` call to backpropagate the same forward with another rule.
-    ``linearize_pools`` (receptive-field probes only) also turns max-pools into average pools;
-    ``frozen_norms`` holds instance-norm statistics constant, so that a signal projected down stays
-    inside the geometric receptive field (Zeiler & Fergus projections, receptive-field probes).
-    """
-    state = ReluRule(rule, linearize_pools=linearize_pools, frozen_norms=frozen_norms)
-    with _ReluRuleMode(state):
-        yield state
-
-
-def check_rule_reached(model: nn.Module, state: ReluRule, rule: str) -> None:
-    """Refuse a silent fallback to the plain gradient: a model with ``nn.ReLU`` modules where no ReLU
-    was intercepted (compiled code, ``torch.ops.aten.relu``) did not see the rule."""
-    if rule != "gradient" and state.count == 0 and any(isinstance(m, nn.ReLU) for m in model.modules()):
-        raise MethodError(f"the {rule} ReLU rule could not be applied: no ReLU of this model was "
-                          f"intercepted (compiled or scripted code is not supported by the backprop family)")
-
+from .relu_rules import (  # noqa: F401  (re-exported: features.py, lessons.py and tests import them here)
+    RULES,
+    ReluRule,
+    activation_report,
+    check_rule_reached,
+    relu_rule,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Passes
@@ -212,8 +69,9 @@ def check_rule_reached(model: nn.Module, state: ReluRule, rule: str) -> None:
 
 @dataclass
 class BackpropPass:
-    """What :func:`backprop_pass` returns: one input-space signal per rule, and optionally the
-    target layer's activation and plain gradient (for Grad-CAM)."""
+    """What :func:`backprop_pass` returns: one input-space signal per rule, optionally the target
+    layer's activation and plain gradient (for Grad-CAM), and the captured outputs of
+    ``capture_modules`` with their plain gradients (for FullGrad)."""
 
     logits: torch.Tensor
     signals: dict[str, torch.Tensor]
@@ -222,6 +80,10 @@ class BackpropPass:
     relus: int = 0
     forward_seconds: float = 0.0
     backward_seconds: dict[str, float] = field(default_factory=dict)
+    state: ReluRule = field(default_factory=ReluRule)
+    outputs: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
+    output_gradients: list[torch.Tensor | None] = field(default_factory=list)
+    score: torch.Tensor | None = None  # the per-sample scores explained
 
 
 def backprop_pass(
@@ -232,12 +94,18 @@ def backprop_pass(
     *,
     layer_module: nn.Module | None = None,
     layer_view=None,
+    capture_modules: Sequence[nn.Module] = (),
 ) -> BackpropPass:
     """One forward of ``x`` and one backward to the input per rule (no parameter gradients).
 
     ``score_fn(logits)`` gives the per-sample scores to explain. With ``layer_module`` the layer's
     activation is recorded and its plain gradient ``∂S/∂A`` computed (a backward that stops there).
+    With ``capture_modules`` (the ``"gradient"`` rule must be among ``rules``) their outputs are
+    recorded with their graph, and the gradient rule's one ``torch.autograd.grad`` call returns ∂S/∂x
+    and every ∂S/∂z of them.
     """
+    if capture_modules and "gradient" not in rules:
+        raise ValueError("capture_modules needs the gradient rule")
     x = x.detach().requires_grad_(True)
     needs_mode = any(r != "gradient" for r in rules)
     mode = relu_rule("gradient") if needs_mode else nullcontext(ReluRule())
@@ -245,26 +113,35 @@ def backprop_pass(
         capture = capture_layer(layer_module, keep_graph=True, view=layer_view)
     else:
         capture = nullcontext(Captured())
+    outputs = fg.capture_outputs(capture_modules) if capture_modules else nullcontext(fg.CapturedOutputs())
     with bundle.lock, Stopwatch(bundle.device) as forward:
-        with capture as captured, mode as state, torch.enable_grad():
+        with capture as captured, outputs as recorded, mode as state, torch.enable_grad():
             logits = bundle.logits(x)
     for rule in rules:
         check_rule_reached(bundle.model, state, rule)
     with torch.enable_grad():
-        score = score_fn(logits).sum()
-    result = BackpropPass(logits.detach(), {}, relus=state.count, forward_seconds=forward.seconds)
-    outputs = list(rules)
+        scores = score_fn(logits)
+        score = scores.sum()
+    result = BackpropPass(logits.detach(), {}, relus=state.count, forward_seconds=forward.seconds,
+                          state=state, score=scores.detach())
+    steps = list(rules)
     if layer_module is not None:
         if captured.activation is None:
             raise MethodError("the target layer did not run during the forward pass")
-        outputs.insert(0, "layer")
-    for i, name in enumerate(outputs):
-        keep = i < len(outputs) - 1
+        steps.insert(0, "layer")
+    for i, name in enumerate(steps):
+        keep = i < len(steps) - 1
         state.rule = "gradient" if name == "layer" else name
         with Stopwatch(bundle.device) as backward:
             if name == "layer":
                 (g,) = torch.autograd.grad(score, captured.activation, retain_graph=keep)
                 result.activation, result.layer_gradient = captured.activation.detach(), g
+            elif name == "gradient" and recorded.calls:
+                tensors = [out for _, out in recorded.calls]
+                g, *rest = torch.autograd.grad(score, [x, *tensors], retain_graph=keep, allow_unused=True)
+                result.signals[name] = g
+                result.outputs = [(module, out.detach()) for module, out in recorded.calls]
+                result.output_gradients = rest
             else:
                 (g,) = torch.autograd.grad(score, x, retain_graph=keep)
                 result.signals[name] = g
@@ -302,11 +179,14 @@ def gauss_legendre(steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 class BackpropMethod(Method):
-    """Template for the family: options are checked against ``defaults``."""
+    """Template for the family: options are checked against ``defaults``. Most methods are computed by
+    the family runner from shared passes; a ``standalone`` one computes itself in :meth:`run`."""
 
     family = "backprop"
     rule: ClassVar[str] = "gradient"
     defaults: ClassVar[dict] = {}
+    standalone: ClassVar[bool] = False
+    passes: ClassVar[str] = ""  # the passes it costs, for listings
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -315,12 +195,16 @@ class BackpropMethod(Method):
             raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
         super().__init__(**{**self.defaults, **options})
 
+    def run(self, ctx: ExplainContext) -> MethodResult:
+        raise NotImplementedError(f"{self.name} is computed by the family runner")
+
 
 @register_method
 class Gradient(BackpropMethod):
     """Saliency (Simonyan et al. 2014): ∂S/∂x, every ReLU passing ``1[f>0]·R``."""
 
     name = "gradient"
+    passes = "1 fwd + 1 bwd"
     uses_layer = False
     title = "Gradient (saliency)"
     paper = "Simonyan et al. 2014, Deep Inside Convolutional Networks"
@@ -333,6 +217,7 @@ class Deconvnet(BackpropMethod):
     (max-pool backward = unpooling with switches, conv backward = transposed filters)."""
 
     name = "deconvnet"
+    passes = "+ 1 bwd (shares the forward)"
     uses_layer = False
     title = "Deconvnet"
     paper = "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks"
@@ -344,6 +229,7 @@ class GuidedBackprop(BackpropMethod):
     """Guided backpropagation (Springenberg et al. 2015): every ReLU passes ``1[f>0]·1[R>0]·R``."""
 
     name = "guided_backprop"
+    passes = "+ 1 bwd (shares the forward)"
     uses_layer = False
     title = "Guided backprop"
     paper = "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net"
@@ -356,27 +242,63 @@ class GuidedGradCAM(BackpropMethod):
     at the target layer (bilinear upsampling). Reuses the CAM family's pass when it ran."""
 
     name = "guided_gradcam"
+    passes = "shares guided backprop's and Grad-CAM's"
     title = "Guided Grad-CAM"
     paper = "Selvaraju et al. 2017, Grad-CAM"
     rule = "guided"
 
 
-SMOOTHGRAD_BASES = ("gradient", "deconvnet", "guided_backprop", "guided_gradcam", "integrated_gradients")
+@register_method
+class InputXGradient(BackpropMethod):
+    """Input × Gradient (Shrikumar et al. 2016; Captum InputXGradient): ``x ⊙ ∂S/∂x``, x in the model's
+    normalised input space. Shares the forward and the gradient backward of the family."""
+
+    name = "input_x_gradient"
+    passes = "shares the gradient's forward and backward"
+    uses_layer = False
+    title = "Input × Gradient"
+    paper = "Shrikumar et al. 2016, Not Just a Black Box: Learning Important Features Through Propagating …"
+    rule = "gradient"
+
+
+@register_method
+class FullGrad(BackpropMethod):
+    """FullGrad (Srinivas & Fleuret 2019): ψ(|x ⊙ ∇ₓS|) + Σ_l Σ_c ψ(|b_lc · ∂S/∂z_lc|) over the
+    convolution and batch-norm layers with a bias (batch norm folded: β − γμ/√(σ²+ε)), all gradients
+    from one backward. ψ: ``psi="channel"`` (pytorch-grad-cam: per-channel min-max, bilinear up) or
+    ``"layer"`` (the authors' code: per-layer min-max, ``align_corners=True``). Completeness
+    S = ∇ₓS·x + Σ b·∂S/∂b (exact on piecewise-linear nets) is checked: its parts and gap are in extras."""
+
+    name = "fullgrad"
+    passes = "shares the gradient's forward and backward"
+    uses_layer = False
+    title = "FullGrad"
+    paper = "Srinivas & Fleuret 2019, Full-Gradient Representation for Neural Network Visualization"
+    rule = "gradient"
+    defaults = {"psi": "channel"}
+
+
+SMOOTHGRAD_BASES = ("gradient", "deconvnet", "guided_backprop", "guided_gradcam", "input_x_gradient",
+                    "integrated_gradients")
+SMOOTHGRAD_MODES = ("mean", "square", "var")
 
 
 @register_method
 class SmoothGrad(BackpropMethod):
-    """SmoothGrad (Smilkov et al. 2017): mean of a base method over ``n_samples`` noisy copies
-    x + N(0, σ²), σ = ``level``·(max(x) − min(x)) per image, in the model's normalised input space.
-    The copies go through the model in batches of ``batch_size``; ``seed`` makes it reproducible."""
+    """SmoothGrad (Smilkov et al. 2017) over ``n_samples`` noisy copies x + N(0, σ²) of a base method's
+    attribution a, σ = ``level``·(max(x) − min(x)) per image, in the model's normalised input space.
+    ``mode``: "mean" E[a] (SmoothGrad), "square" E[a²] (SmoothGrad², Hooker et al. 2019) or "var"
+    E[a²] − E[a]² (VarGrad, Adebayo et al. 2018), as Captum's NoiseTunnel defines them. The copies go
+    through the model in batches of ``batch_size``; ``seed`` makes it reproducible."""
 
     name = "smoothgrad"
+    passes = "n_samples × the base's, batched"
     uses_layer = False  # unless its base is guided_gradcam
     slow = True
     title = "SmoothGrad"
     paper = "Smilkov et al. 2017, SmoothGrad: removing noise by adding noise"
     defaults = {"base": "gradient", "n_samples": 50, "level": 0.15, "batch_size": 16, "seed": 0,
-                "base_options": None}
+                "base_options": None, "mode": "mean"}
 
 
 @register_method
@@ -388,6 +310,7 @@ class IntegratedGradients(BackpropMethod):
     Σ IG = S(x) − S(x') is checked: the gap is reported in extras."""
 
     name = "integrated_gradients"
+    passes = "steps fwd + bwd, batched"
     uses_layer = False
     slow = True
     title = "Integrated Gradients"
@@ -494,15 +417,21 @@ def _rule_of(name: str) -> str:
     return get_method(name).rule
 
 
+DIRECT = ("gradient", "deconvnet", "guided_backprop", "guided_gradcam", "input_x_gradient", "fullgrad")
+
+
 @register_family("backprop")
 def run_backprop_family(ctx: ExplainContext, names: list[str], options: dict) -> dict[str, MethodResult]:
     """All requested backprop-family methods; the plain-input ones share one forward pass."""
     bundle = ctx.bundle
     methods = {n: get_method(n)(**(options.get(n) or {})) for n in names}
     results: dict[str, MethodResult] = {}
-    direct = [n for n in names if n in ("gradient", "deconvnet", "guided_backprop", "guided_gradcam")]
+    direct = [n for n in names if n in DIRECT]
     if direct:
-        results.update(_run_direct(ctx, direct))
+        results.update(_run_direct(ctx, direct, {n: methods[n].options for n in direct}))
+    for name, method in methods.items():
+        if method.standalone:  # e.g. LRP, on its own copy of the model
+            results[name] = method.run(ctx)
     if ctx.logits is None:
         with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
             ctx.set_logits(bundle.logits(ctx.inputs))
@@ -521,20 +450,46 @@ def _cam_pass_for(ctx: ExplainContext):
     return None
 
 
-def _run_direct(ctx: ExplainContext, names: list[str]) -> dict[str, MethodResult]:
-    """gradient / deconvnet / guided_backprop / guided_gradcam of the clean input: one forward, one
-    backward per distinct rule (guided backprop and guided Grad-CAM share theirs)."""
+def direct_pass(ctx: ExplainContext, names: list[str], options: dict[str, dict], *,
+                with_layer: bool = False) -> BackpropPass:
+    """The one forward (and one backward per distinct rule) that every method of :data:`DIRECT` in
+    ``names`` reads; ``with_layer`` also records the target layer's A and ∂S/∂A on the same graph
+    (guided Grad-CAM, and the CAM family when the two families share the forward)."""
     rules = list(dict.fromkeys(_rule_of(n) for n in names))
-    reuse = _cam_pass_for(ctx) if "guided_gradcam" in names else None
-    layer_module = None
-    if "guided_gradcam" in names and reuse is None:
-        layer_module = resolve_layer(ctx.bundle, ctx.layer)[1]
+    if "fullgrad" in names and options["fullgrad"]["psi"] not in fg.PSI:
+        psi = options["fullgrad"]["psi"]
+        raise MethodError(f"fullgrad: psi must be one of {', '.join(fg.PSI)}, not {psi!r}")
+    layer_module = resolve_layer(ctx.bundle, ctx.layer)[1] if with_layer else None
+    capture = fg.bias_layers(ctx.bundle.model) if "fullgrad" in names else ()
     passed = backprop_pass(ctx.bundle, ctx.inputs, ctx.class_score, rules, layer_module=layer_module,
-                           layer_view=ctx.bundle.view(ctx.layer))
+                           layer_view=ctx.bundle.view(ctx.layer), capture_modules=capture)
     key = "backprop_forward" if ctx.pass_timings.get("forward") is not None else "forward"
     ctx.pass_timings[key] = passed.forward_seconds
     for rule, seconds in passed.backward_seconds.items():
-        ctx.pass_timings[f"backward_{rule}"] = seconds
+        ctx.pass_timings["backward" if rule == "layer" else f"backward_{rule}"] = seconds
+    return passed
+
+
+def _reusable(passed: BackpropPass | None, names: list[str], cam_pass) -> bool:
+    """Whether a pass recorded earlier (shared with the CAM family, or cached) serves ``names``."""
+    if passed is None:
+        return False
+    rules = {_rule_of(n) for n in names}
+    return (rules <= set(passed.signals) and ("fullgrad" not in names or bool(passed.outputs))
+            and ("guided_gradcam" not in names or cam_pass is not None or passed.activation is not None))
+
+
+def _run_direct(ctx: ExplainContext, names: list[str], options: dict[str, dict]) -> dict[str, MethodResult]:
+    """The methods of :data:`DIRECT` on the clean input: one forward, one backward per distinct rule
+    (guided backprop and guided Grad-CAM share theirs; gradient, Input × Gradient and FullGrad theirs,
+    FullGrad's bias-gradients included), or a pass recorded earlier for them (``ctx.shared``)."""
+    psi = options["fullgrad"]["psi"] if "fullgrad" in names else None
+    reuse = _cam_pass_for(ctx) if "guided_gradcam" in names else None
+    passed = ctx.shared.get("direct_pass")
+    fresh = not _reusable(passed, names, reuse)
+    if fresh:
+        passed = direct_pass(ctx, names, options, with_layer="guided_gradcam" in names and reuse is None)
+        ctx.shared["direct_pass"] = passed
     ctx.check_cancel()
     results = {}
     for name in names:
@@ -542,13 +497,36 @@ def _run_direct(ctx: ExplainContext, names: list[str]) -> dict[str, MethodResult
         with Stopwatch(ctx.bundle.device) as sw:
             signal = passed.signals[rule]
             extra = {"relus_intercepted": passed.relus, "rule": rule}
+            if rule != "gradient":
+                extra.update(activation_report(passed.state, rule))
             if name == "guided_gradcam":
                 A, g = reuse if reuse is not None else (passed.activation, passed.layer_gradient)
                 signal = signal * gradcam_map(A, g, tuple(signal.shape[-2:])).unsqueeze(1)
                 extra["gradcam_pass"] = "shared with the CAM family" if reuse is not None else "own"
-            extra["display"] = display_map(signal)
-        results[name] = MethodResult(signal.detach(), sw.seconds + passed.backward_seconds[rule], extra)
+            elif name == "input_x_gradient":
+                signal = ctx.inputs.detach() * signal
+            if name == "fullgrad":
+                signal, extra = _fullgrad_result(ctx.inputs, passed, psi)
+            else:
+                extra["display"] = display_map(signal)
+        charged = passed.backward_seconds[rule] if fresh else 0.0  # a reused backward cost nothing now
+        results[name] = MethodResult(signal.detach(), sw.seconds + charged, extra)
     return results
+
+
+def _fullgrad_result(x: torch.Tensor, passed: BackpropPass, psi: str) -> tuple[torch.Tensor, dict]:
+    """FullGrad's N×H×W map and its extras (completeness numbers per sample) from a shared pass."""
+    grad_x = passed.signals["gradient"]
+    modules = [module for module, _ in passed.outputs]
+    terms = fg.bias_terms(passed.outputs, passed.output_gradients)
+    fullmap, spatial = fg.fullgrad_map(x, grad_x, terms, psi)
+    numbers = fg.completeness(x, grad_x, terms, passed.score)
+    extra = {k: v.tolist() for k, v in numbers.items()}
+    gap = numbers["completeness_gap"].abs() / numbers["score"].abs().clamp_min(1e-12)
+    extra["relative_gap"] = gap.tolist()
+    extra.update(psi=psi, bias_layers=len(dict.fromkeys(modules)), spatial_terms=spatial,
+                 display=fullmap)
+    return fullmap, extra
 
 
 def _run_ig(ctx: ExplainContext, opts: dict) -> MethodResult:
@@ -570,9 +548,11 @@ def _run_ig(ctx: ExplainContext, opts: dict) -> MethodResult:
 
 
 def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> MethodResult:
-    base = opts["base"]
+    base, mode = opts["base"], opts["mode"]
     if base not in SMOOTHGRAD_BASES:
         raise MethodError(f"smoothgrad: base must be one of {', '.join(SMOOTHGRAD_BASES)}, not {base!r}")
+    if mode not in SMOOTHGRAD_MODES:
+        raise MethodError(f"smoothgrad: mode must be one of {', '.join(SMOOTHGRAD_MODES)}, not {mode!r}")
     n_samples = _positive_int("smoothgrad", "n_samples", opts["n_samples"])
     batch = _positive_int("smoothgrad", "batch_size", opts["batch_size"])
     level = float(opts["level"])
@@ -584,7 +564,9 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
     n = x.shape[0]
     sigma = level * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1))
     gen = torch.Generator(device=x.device).manual_seed(int(opts["seed"]))
-    total = torch.zeros_like(x)
+    # E[a] and E[a²] accumulate in float64: VarGrad's E[a²] − E[a]² cancels
+    total = torch.zeros_like(x, dtype=torch.float64)
+    squares = torch.zeros_like(total) if mode != "mean" else None
     copies = n * n_samples
     sample = torch.arange(n, device=x.device).repeat(n_samples)  # copy → image
     with Stopwatch(ctx.bundle.device) as sw:
@@ -592,12 +574,22 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
             s = sample[start:start + batch]
             noise = torch.randn((s.numel(), *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
             noisy = x[s] + sigma[s].view(-1, 1, 1, 1) * noise
-            total.index_add_(0, s, _base_signal(ctx, base, base_opts, noisy, *ctx.rows(s)))
+            a = _base_signal(ctx, base, base_opts, noisy, *ctx.rows(s)).double()
+            total.index_add_(0, s, a)
+            if squares is not None:
+                squares.index_add_(0, s, a * a)
             ctx.report(min(start + batch, copies), copies)
         mean = total / n_samples
-        extra = {"base": base, "n_samples": n_samples, "level": level, "sigma": sigma.tolist(),
-                 "sigma_space": "normalised model input", "display": display_map(mean)}
-    return MethodResult(mean.detach(), sw.seconds, extra)
+        if mode == "mean":
+            out = mean
+        elif mode == "square":
+            out = squares / n_samples
+        else:  # a variance: never below zero, whatever the rounding
+            out = (squares / n_samples - mean * mean).clamp_min_(0)
+        out = out.to(x.dtype)
+        extra = {"base": base, "mode": mode, "n_samples": n_samples, "level": level, "sigma": sigma.tolist(),
+                 "sigma_space": "normalised model input", "display": display_map(out)}
+    return MethodResult(out.detach(), sw.seconds, extra)
 
 
 def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, targets: torch.Tensor,
@@ -619,4 +611,11 @@ def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, ta
     if base == "guided_gradcam":
         cam = gradcam_map(passed.activation, passed.layer_gradient, tuple(x.shape[-2:]))
         signal = signal * cam.unsqueeze(1)
+    elif base == "input_x_gradient":
+        signal = x.detach() * signal  # the noisy copy times its gradient (Captum NoiseTunnel(InputXGradient))
     return signal
+
+
+# LRP is a method of this family computed on its own (a private copy of the model, through zennit);
+# imported last so that it is registered right after the family's other methods.
+from . import lrp  # noqa: E402, F401

@@ -24,6 +24,7 @@ class Method:
     family: ClassVar[str]
     title: ClassVar[str]
     paper: ClassVar[str] = ""
+    passes: ClassVar[str] = ""  # what one call costs, e.g. "1 fwd + 1 bwd" (shown by `vislib methods`)
     uses_layer: ClassVar[bool] = True  # False: the result does not depend on the target layer
     slow: ClassVar[bool] = False  # True: many forward passes (the UI marks it and shows progress)
     contrastive: ClassVar[bool] = True  # False: cannot explain a contrastive score S_A − S_B

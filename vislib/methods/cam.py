@@ -4,7 +4,23 @@ Notation (see shared METHODS.md): ``A`` is the target layer's activation (N×C×
 the gradient of the explained score S (the class logit by default). Every method here is a small
 class whose ``saliency(A, g)`` returns the map *before* the final ReLU, so the equivalences between
 methods can be tested on the pure functions. One runner serves any subset of them with a single
-forward and a single backward that stops at the target layer.
+forward and a single backward that stops at the target layer; the variants in
+:mod:`~vislib.methods.cam_variants` add what they need on top of that pass (a Hessian-vector
+product, a second score), and the options of :mod:`~vislib.methods.cam_passes` (``aug_smooth``,
+``fuse_layers``) repeat it on augmented inputs or extend it to several layers.
+
+Options shared by the family (``explain(..., options={"gradcam": {"eigen_smooth": True}})``):
+
+- ``eigen_smooth``: the first principal component of the weighted activations w_k A^k (N×C×h×w,
+  each channel centred over positions) instead of their sum Σ_k w_k A^k, its sign aligned with that
+  sum (pytorch-grad-cam leaves the sign to the SVD);
+- ``aug_smooth``: the mean over horizontal flip × input multipliers {0.9, 1, 1.1} of the maps, each
+  un-flipped and min-max scaled first (6 forward + backward passes; the class is the one of the
+  unaugmented image);
+- ``fuse_layers``: more layers, fused with the target layer as in LayerCAM §3.3 (see
+  :func:`~vislib.methods.cam_passes.fuse_maps`); the raw map is then on the largest grid.
+
+Unknown options, and options a method does not take, are a :class:`~vislib.errors.MethodError`.
 """
 
 from __future__ import annotations
@@ -16,24 +32,91 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MethodError
-from ..hooks import capture_layer, resolve_layer
-from .base import ExplainContext, Method, MethodResult, Stopwatch, register_method
+from .base import ExplainContext, Method, MethodResult, register_method
 from .registry import register_family
+
+SHARED_OPTIONS = {"aug_smooth": False, "eigen_smooth": False, "fuse_layers": None}
 
 
 class CAMMethod(Method):
-    """Template: a map Σ_k w_k A^k from per-channel weights; subclasses give the weights."""
+    """Template: a map Σ_k w_k A^k from per-channel weights; subclasses give the weights, or (with
+    ``elementwise``) the weighted activations themselves."""
 
     family = "cam"
+    passes = "1 fwd + 1 bwd"
     needs_gradients: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = False  # True: ``weighted`` is defined directly, not via channel weights
+    defaults: ClassVar[dict] = SHARED_OPTIONS
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(self.defaults) or "none"
+            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
+        super().__init__(**{**self.defaults, **options})
+        for key in ("aug_smooth", "eigen_smooth"):
+            if key in self.options and not isinstance(self.options[key], bool):
+                raise MethodError(f"{self.name}: option {key!r} must be True or False, not "
+                                  f"{self.options[key]!r}")
+        if "fuse_layers" in self.options:
+            self.options["fuse_layers"] = _layer_list(self.name, self.options["fuse_layers"])
+
+    # -- what the runner needs to know ---------------------------------------------------------------
+
+    @property
+    def pass_key(self) -> tuple[bool, tuple[str, ...]]:
+        """Methods with the same key share their passes: (aug_smooth, extra layers to fuse)."""
+        return bool(self.options.get("aug_smooth")), tuple(self.options.get("fuse_layers") or ())
+
+    @property
+    def score_key(self) -> tuple | None:
+        """Which score's gradient the method needs (None: none). Methods with the same key share
+        one backward pass."""
+        return ("class",) if self.needs_gradients else None
+
+    @property
+    def needs_hvp(self) -> bool:
+        """Whether the method needs the Hessian-vector product H·A of its score (ShapleyCAM)."""
+        return False
+
+    def score(self, ctx: ExplainContext, logits: torch.Tensor) -> torch.Tensor:
+        """Per-sample score whose gradient the method weighs: S_A, or S_A − S_B with a contrast."""
+        return ctx.class_score(logits)
+
+    def extra(self, ctx: ExplainContext) -> dict:
+        """Per-call details for ``Explanation.extras`` (lists per sample where they vary)."""
+        return {}
+
+    # -- the map -------------------------------------------------------------------------------------
 
     def channel_weights(self, A: torch.Tensor, g: torch.Tensor | None, **kw) -> torch.Tensor:
         raise NotImplementedError
 
+    def weighted(self, A: torch.Tensor, g: torch.Tensor | None, **kw) -> torch.Tensor:
+        """N×C×h×w weighted activations whose sum over channels is the map: w_k A^k by default."""
+        return self.channel_weights(A, g, **kw)[:, :, None, None] * A
+
     def saliency(self, A: torch.Tensor, g: torch.Tensor | None, **kw) -> torch.Tensor:
-        """N×h×w map before the ReLU."""
-        weights = self.channel_weights(A, g, **kw)
-        return torch.einsum("nc,nchw->nhw", weights, A)
+        """N×h×w map before the ReLU: Σ_k of the weighted activations, or their first principal
+        component with ``eigen_smooth``."""
+        if self.options.get("eigen_smooth"):
+            from .cam_variants import first_component
+
+            weighted = self.weighted(A, g, **kw)
+            return first_component(weighted, reference=weighted.sum(dim=1))
+        if self.elementwise:
+            return self.weighted(A, g, **kw).sum(dim=1)
+        return torch.einsum("nc,nchw->nhw", self.channel_weights(A, g, **kw), A)
+
+
+def _layer_list(method: str, value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise MethodError(f"{method}: option 'fuse_layers' must be a list of layer names, not {value!r}")
+    return list(dict.fromkeys(value)) or None
 
 
 @register_method
@@ -45,7 +128,9 @@ class CAM(CAMMethod):
     name = "cam"
     title = "CAM"
     paper = "Zhou et al. 2016, Learning Deep Features for Discriminative Localization"
+    passes = "1 fwd"
     needs_gradients = False
+    defaults = {"aug_smooth": False, "eigen_smooth": False}  # fusion needs gradients at every layer
 
     def channel_weights(self, A, g, *, class_weights=None, **kw):
         if class_weights is None:
@@ -107,9 +192,10 @@ class LayerCAM(CAMMethod):
     name = "layercam"
     title = "LayerCAM"
     paper = "Jiang et al. 2021, LayerCAM"
+    elementwise = True
 
-    def saliency(self, A, g, **kw):
-        return (F.relu(g) * A).sum(dim=1)
+    def weighted(self, A, g, **kw):
+        return F.relu(g) * A
 
 
 @register_method
@@ -119,9 +205,10 @@ class HiResCAM(CAMMethod):
     name = "hirescam"
     title = "HiResCAM"
     paper = "Draelos & Carin 2020, Use HiResCAM instead of Grad-CAM"
+    elementwise = True
 
-    def saliency(self, A, g, **kw):
-        return (g * A).sum(dim=1)
+    def weighted(self, A, g, **kw):
+        return g * A
 
 
 def gap_linear_head(model: nn.Module, A: torch.Tensor, logits: torch.Tensor, layer: str) -> nn.Linear:
@@ -152,42 +239,19 @@ def gap_linear_head(model: nn.Module, A: torch.Tensor, logits: torch.Tensor, lay
 
 @register_family("cam")
 def run_cam_family(ctx: ExplainContext, names: list[str], options: dict) -> dict[str, MethodResult]:
-    """All requested CAM-family methods from one forward and (if needed) one backward pass."""
+    """All requested CAM-family methods. Methods with the same ``pass_key`` share their passes:
+    by default one forward and one backward (per distinct score) for all of them."""
     from .base import get_method
+    from .cam_passes import run_group
 
-    bundle = ctx.bundle
-    methods = [get_method(n)(**options.get(n, {})) for n in names]
-    need_grad = any(m.needs_gradients for m in methods)
-    layer, module = resolve_layer(bundle, ctx.layer)
-    with bundle.lock:
-        with Stopwatch(bundle.device) as forward:
-            with capture_layer(module, grad=need_grad, view=bundle.view(layer)) as captured, torch.no_grad():
-                logits = bundle.logits(ctx.inputs)
-    ctx.pass_timings["forward"] = forward.seconds
-    A = captured.activation
-    if A is None:
-        raise MethodError(f"layer {layer!r} did not run during the forward pass")
-    g = None
-    with torch.enable_grad():
-        targets = ctx.set_logits(logits)
-        if need_grad:
-            with Stopwatch(bundle.device) as backward:
-                (g,) = torch.autograd.grad(ctx.class_score(logits).sum(), A)
-            ctx.pass_timings["backward"] = backward.seconds
-            if not bool(g.abs().amax() > 0):
-                ctx.notes.append(f"the class score's gradient is zero at every position of layer {layer!r}: "
-                                 f"its gradient-based maps are flat (a layer the score does not depend on, "
-                                 f"e.g. a ViT's patch tokens after its last attention)")
-    A = A.detach()
-    extra_kw = {}
-    if "cam" in names:
-        head = gap_linear_head(bundle.model, A, ctx.logits, layer)
-        weights = head.weight.detach()
-        extra_kw["class_weights"] = weights[targets] - (0 if ctx.contrast is None else weights[ctx.contrast])
-    results = {}
+    methods = [get_method(n)(**(options.get(n) or {})) for n in names]
+    groups: dict[tuple, list[CAMMethod]] = {}
     for method in methods:
-        with Stopwatch(bundle.device) as sw:
-            raw = F.relu(method.saliency(A, g, **extra_kw))
-        results[method.name] = MethodResult(raw, sw.seconds)
-    ctx.shared["cam_pass"] = {"activation": A, "gradient": g, "layer": layer}
-    return results
+        groups.setdefault(method.pass_key, []).append(method)
+    results: dict[str, MethodResult] = {}
+    for (aug_smooth, fuse), group in groups.items():
+        results.update(run_group(ctx, group, aug_smooth=aug_smooth, fuse_layers=fuse))
+    return {name: results[name] for name in names}
+
+
+from . import cam_variants  # noqa: E402, F401  (the variants register after the six classic CAMs)
