@@ -100,10 +100,15 @@ async def settle(page) -> None:
     await page.locator(IDLE).wait_for()
 
 
-async def choose(page, key: str, option: str) -> None:
+async def choose(page, key: str, option: str) -> float:
+    """Pick ``option`` in the selectbox ``key`` by typing; returns the time of the committing click."""
     await page.locator(f".st-key-{key}").locator('[data-testid="stSelectbox"]').first.click()
     await page.keyboard.type(option)
-    await page.get_by_role("option", name=option, exact=True).first.click()
+    item = page.get_by_role("option", name=option, exact=True).first
+    await item.wait_for()
+    start = time.perf_counter()
+    await item.click()
+    return start
 
 
 async def upload(page, session: Session, files: dict[str, bytes]) -> None:
@@ -170,8 +175,7 @@ class User:
 
     async def view(self, round_: int) -> View:
         image = self.image(round_)
-        start = time.perf_counter()
-        await choose(self.page, "sample", image)
+        start = await choose(self.page, "sample", image)
         panels = await wait_view(self.page, image, self.panels)
         seconds = time.perf_counter() - start
         arrays = await download(self.page)
@@ -219,8 +223,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def compare(together: list[View], alone: list[View]) -> tuple[float, int]:
-    """(largest |difference| over every map of every view, number of arrays compared)."""
+    """(largest relative difference over every array of every view, number of arrays compared):
+    |a − b| / max(|b|) per array (the raw signals are not normalised)."""
     index = {(v.session, v.round): v for v in alone}
+    if len(index) != len(alone):
+        raise ValueError("two sessions with the same label")
     worst, count = 0.0, 0
     for view in together:
         other = index[(view.session, view.round)]
@@ -229,7 +236,14 @@ def compare(together: list[View], alone: list[View]) -> tuple[float, int]:
                                  f"{sorted(view.arrays)} vs {sorted(other.arrays)}")
         for key, value in view.arrays.items():
             a, b = np.asarray(value, dtype=np.float64), np.asarray(other.arrays[key], dtype=np.float64)
-            worst = max(worst, float(np.abs(a - b).max()) if a.size else 0.0)
+            if a.shape != b.shape:
+                raise AssertionError(f"{view.session} round {view.round} {key}: shape {a.shape} vs {b.shape}")
+            scale = max(float(np.abs(b).max()), 1e-30) if b.size else 1.0
+            difference = float(np.abs(a - b).max()) / scale if a.size else 0.0
+            if difference > 1e-6:
+                print(f"  differs: {view.session} round {view.round} {key}: {difference:.3g} "
+                      f"of max {scale:.3g}")
+            worst = max(worst, difference)
             count += 1
     return worst, count
 
@@ -260,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             views = asyncio.run(run_phase(server.url, sessions, args.rounds, files, together=together))
             wall = time.perf_counter() - start
+        for view in views:
+            label = re.sub(r"[^A-Za-z0-9]+", "_", view.session)
+            np.savez_compressed(out / f"{phase}-{label}-{view.round}.npz", **view.arrays)
         results[phase] = dict(views=views, peak_rss=memory.peak, wall=wall,
                               rss=[(round(t, 1), r) for t, r in memory.samples])
         seconds = [v.seconds for v in views]
@@ -290,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         t = [v.seconds for v in results["together"]["views"] if v.session == s.label]
         a = [v.seconds for v in results["alone"]["views"] if v.session == s.label]
         per_session.append(f"| {s.label} | {statistics.fmean(t):.2f} s | {statistics.fmean(a):.2f} s |")
-    lines += per_session + ["", f"Maps of every view together = alone: max |difference| {worst:.3g} over "
-                                f"{count} arrays."]
+    lines += per_session + ["", f"Maps of every view together = alone: largest relative difference "
+                                f"{worst:.3g} over {count} arrays."]
     (out / "dashboard_load.json").write_text(json.dumps(summary, indent=1))
     (out / "dashboard_load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

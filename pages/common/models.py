@@ -17,12 +17,12 @@ import sys
 import threading
 
 import streamlit as st
-import torch
 
 import vislib
 from vislib import ui, uploads
 from vislib.errors import VislibError
 from vislib.models import DEFAULT_MODEL, model_spec
+from vislib.seeding import seeded
 
 #: Models kept loaded per process (``VISLIB_MODEL_CACHE``): the server's memory is about this many
 #: of the largest models in use, plus the uploads' budget.
@@ -151,8 +151,7 @@ def _version(name: str) -> str:
 def _load(name: str, weights: str, version: str):  # noqa: ARG001  (version: part of the key)
     if weights != "random":
         return vislib.load_model(name, weights="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):  # process-wide: another session's build in another thread cannot interleave
         return vislib.load_model(name, weights=None)
 
 
