@@ -352,7 +352,7 @@ def upload_panel(holder: uploads.SessionUploads) -> None:
                    f"line, or JSON. The model stays in this browser session only, and is freed when the "
                    f"session ends. This server holds {ledger.held_models} uploaded models "
                    f"({ledger.held_bytes / uploads.MB:.0f} of {ledger.budget // uploads.MB} MB).")
-        archs = [n for g in ("bundled", "spec", "torchvision") for n in ui.catalogue(g)]
+        archs = vislib.list_models()  # the registered ones (bundled, spec files, torchvision, ...)
         if state.get("upload_arch") is None:
             state["upload_arch"] = "resnet18" if "resnet18" in archs else archs[0]
         st.selectbox("Architecture", archs, key="upload_arch", accept_new_options=True,
