@@ -4,6 +4,13 @@
    :func:`vislib.evaluate.evaluate` against the bare batched forward + Grad-CAM backward at the same
    batch size, in the same run (:func:`vislib.evaluate.throughput`). Promise: at most 25% overhead.
 2. Deletion and insertion curves (RISE, 32 steps: 65 forwards) for one image: promise under 1 s.
+3. ``--engines``: images/s of the local engine (1 and 2 torch threads) and of the Ray engine with 1
+   and 2 workers (one thread each) on a Ray started by the run, Ray's start-up cost (starting Ray;
+   starting the actors up to the first batch), and a simulated two-node cluster
+   (``ray.cluster_utils.Cluster``, one CPU per node) reached by its address. The runs alternate
+   (local, Ray 1, Ray 2, two-node, again), so that a shared machine's changing load hits all alike;
+   medians of ``--repeats``. Ray's rate is given twice: over the whole run (start-up included) and
+   after the first batch (the steady rate a long run approaches).
 
 The bundled model is used when it is there; otherwise the same architecture with random weights
 (timing does not depend on the weights). The shapes split is rendered once into the cache first, so
@@ -44,10 +51,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--curve-images", type=int, default=5)
+    parser.add_argument("--engines", action="store_true", help="local against Ray (1, 2 workers, two nodes)")
+    parser.add_argument("--engine-images", type=int, default=1024)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle, weights = shapes_bundle(args.model)
+    if args.engines:
+        return engines(bundle, weights, args)
     print(f"{bundle.name} ({weights}) on {bundle.device}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     t = time.perf_counter()
@@ -68,6 +79,68 @@ def main(argv=None) -> None:
         times.append(time.perf_counter() - t)
     print(f"deletion + insertion curves, one image (65 forwards): best {min(times):.2f} s, median "
           f"{sorted(times)[len(times) // 2]:.2f} s (promise: under 1 s)")
+
+
+def engines(bundle, weights: str, args) -> None:
+    """Section 3 of the module's docstring."""
+    import statistics
+
+    from vislib.evaluate.ray_engine import _loopback_only
+
+    images = datasets.open_dataset("shapes", bundle.labels, limit=args.engine_images)
+    n = len(images)
+    print(f"{bundle.name} ({weights}), Grad-CAM + localisation metrics on shapes test[:{n}], batch "
+          f"{args.batch_size}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    options = dict(methods=["gradcam"], batch_size=args.batch_size, confidence=False)
+    rows: dict[str, list[dict]] = {}
+
+    def record(name: str, result, seconds: float) -> None:
+        t = result.timings
+        first = t.get("ray_first", 0.0)
+        after = seconds - t.get("ray_init", 0.0) - first
+        rows.setdefault(name, []).append({
+            "ips": n / seconds, "init": t.get("ray_init", 0.0), "first": first,
+            "steady": (n - args.batch_size) / after if after > 0 and "ray_first" in t else n / seconds})
+
+    def local(threads: int) -> None:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            start = time.perf_counter()
+            result = evaluate.evaluate(bundle, images, **options)
+            record(f"local, {threads} thread{'s' * (threads > 1)}", result, time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(old)
+
+    def ray_run(workers: int, address=None, name=None) -> None:
+        start = time.perf_counter()
+        result = evaluate.evaluate(bundle, images, engine="ray", workers=workers, address=address, **options)
+        record(name or f"Ray, {workers} worker{'s' * (workers > 1)}", result, time.perf_counter() - start)
+
+    def two_nodes() -> None:
+        from ray.cluster_utils import Cluster
+
+        with _loopback_only():
+            head = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+            cluster = Cluster(initialize_head=True, head_node_args=head)
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        try:
+            ray_run(2, address=cluster.address, name="Ray, two simulated nodes × 1 worker")
+        finally:
+            cluster.shutdown()
+
+    for _ in range(args.repeats):
+        local(1)
+        local(2)
+        ray_run(1)
+        ray_run(2)
+        two_nodes()
+    print("| run | images/s (whole run) | images/s after the first batch | start Ray (s) | actors up to the "
+          "first batch (s) |\n|---|---|---|---|---|")
+    for name, runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(f"| {name} | {med['ips']:.0f} | {med['steady']:.0f} | {med['init']:.1f} | {med['first']:.1f} |")
+    print(f"medians of {args.repeats} alternating runs; load average now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """vislib dashboard, Layer explorer: walk through the network from input to output.
 
 For the chosen model, image and layer: the feature maps, the Zeiler & Fergus top-N Deconvnet
-reconstructions with their receptive-field patches, and the first-layer filters.
+reconstructions with their receptive-field patches, the first-layer filters, and, across a whole
+dataset, each unit's nine strongest activations beside their projections (Zeiler & Fergus, Fig. 2).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import streamlit as st
 from PIL import Image
 
-from pages.common import input_and_model, keep_state, show_error
-from vislib import features, ui
+from pages.common import Miss, cached_or_run, input_and_model, keep_state, show_error
+from vislib import dataset_features, datasets, features, ui
+from vislib.evaluate import RateMeter
 from vislib.imageio import load_image
 from vislib.render import COLORMAPS
 
@@ -19,7 +21,8 @@ keep_state()
 state = st.session_state
 
 
-TABS = ("Feature maps", "Top-N Deconvnet reconstructions", "First-layer filters")
+TABS = ("Feature maps", "Top-N Deconvnet reconstructions", "First-layer filters", "Across the dataset")
+ZF_SOURCES = {"shapes": "Shapes test split", "zip": "Upload an ImageFolder zip"}
 
 
 @st.cache_data(max_entries=32, ttl=3600, show_spinner=False)
@@ -41,6 +44,25 @@ def cached_top_channels(digest: str, model: str, weights: str, layer: str, n: in
 @st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
 def cached_filters(model: str, weights: str, normalize: str, _bundle):
     return features.filters_grid(_bundle, normalize=normalize, scale=8)
+
+
+@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
+def _index_cache(key: str, _result: dataset_features.TopIndex | None = None) -> dataset_features.TopIndex:
+    """Dataset indexes by key (they live on disk; this keeps the loaded table); ``_result`` stores."""
+    if _result is None:
+        raise Miss
+    return _result
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def dataset_images(source: str, digest: str, labels: tuple[str, ...], _data: bytes | None = None,
+                   _name: str | None = None) -> datasets.ImageSet:
+    """The shapes test split (every class: the top activations need no labels) or an uploaded zip."""
+    if source == "shapes":
+        from vislib.data import shapes
+
+        return datasets.open_dataset("shapes", list(shapes.CLASSES))
+    return datasets.open_dataset(_data, list(labels), name=_name)
 
 
 def _step(walk: list[str], delta: int) -> None:
@@ -121,6 +143,69 @@ def rec_size(proj) -> tuple[int, int]:
     return 128, max(1, round(128 * h / w))
 
 
+def dataset_tab(bundle, layer: str) -> None:
+    """For any channel of the layer, its strongest activations over a whole image set, each image patch
+    under the unit's receptive field beside the Deconvnet projection of that activation alone."""
+    if state.get("zf_source") not in ZF_SOURCES:
+        state["zf_source"] = "shapes"
+    source = st.radio("Images", list(ZF_SOURCES), key="zf_source", format_func=ZF_SOURCES.get,
+                      horizontal=True)
+    data = name = None
+    if source == "zip":
+        upload = st.file_uploader("ImageFolder zip: one folder per class, named like the model's labels",
+                                  type=["zip"], key="zf_zip")
+        if upload is None:
+            st.info("Upload a zip of images to find the strongest activations in them.",
+                    icon=":material/folder_zip:")
+            return
+        data, name = upload.getvalue(), upload.name
+    with st.spinner("Reading the images…"):
+        images = dataset_images(source, ui.image_digest(data) if data else source, tuple(bundle.labels), data,
+                                name)
+    key = dataset_features.index_key(bundle, images, layer, 9)
+
+    def job(progress, cancel):
+        meter = RateMeter()
+
+        def report(done, total, text=""):
+            if total:
+                meter.update(done, total)
+                text = meter.rate_text(text or "images")
+            progress(done, total, text)
+
+        return dataset_features.cached_index(bundle, images, layer, top=9, progress=report, cancel=cancel)
+
+    index, _ = cached_or_run(key, job, _index_cache, name="zf_stop", verb="Finding the strongest activations",
+                             again="Build again")
+    if index is None:
+        return
+    order = index.strongest_channels()
+    if not order:
+        st.info("No image could be read.")
+        return
+    if state.get("zf_channel") not in order:
+        state["zf_channel"] = order[0]
+    top1 = dict(zip(index.channel[index.rank == 1].tolist(), index.activation[index.rank == 1].tolist(),
+                    strict=True))
+    channel = st.selectbox("Channel (strongest first)", order, key="zf_channel",
+                           format_func=lambda c: f"channel {c} · top activation {top1[c]:.3g}")
+    views = dataset_features.unit_views(index, int(channel))
+    st.caption(f"The {len(views)} strongest activations of channel {channel} of `{layer}` over "
+               f"{index.n_images} images of {index.dataset} (one per image): each image patch under the "
+               "unit's receptive field beside the Deconvnet projection of that activation alone (Zeiler & "
+               "Fergus 2014, Fig. 2). Computed once, then read from the cache folder.")
+    if index.failed:
+        st.caption(f"{len(index.failed)} images could not be read and were left out.")
+    for start in range(0, len(views), 3):
+        for view, column in zip(views[start:start + 3], st.columns(3), strict=False):
+            with column:
+                patch, projection = st.columns(2, gap="small")
+                patch.image(dataset_features.fit(view.patch, 128), width="stretch")
+                projection.image(dataset_features.fit(view.render(), 128), width="stretch")
+                st.caption(f"#{view.rank} · {view.image} · activation {view.activation:.3g} at "
+                           f"{view.position}")
+
+
 def filters_tab(bundle) -> None:
     name, conv = features.first_conv(bundle.model)
     normalize = st.radio("Scale", ("each", "all"), key="filters_norm", horizontal=True,
@@ -167,7 +252,9 @@ try:
                     feature_map_tab(bundle, digest, data, layer)
                 elif name == TABS[1]:
                     deconvnet_tab(bundle, digest, data, layer)
-                else:
+                elif name == TABS[2]:
                     filters_tab(bundle)
+                else:
+                    dataset_tab(bundle, layer)
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)

@@ -8,6 +8,8 @@ with their contrast and faithfulness numbers. Every number comes from :mod:`visl
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import streamlit as st
 
@@ -111,10 +113,34 @@ def sidebar(bundle) -> dict | None:
     state.setdefault("ea_curves", 32)
     curves = st.slider("Deletion / insertion curves on the first N images", 0, 200, step=8, key="ea_curves",
                        help="Each curve image costs 65 forward passes per method.")
+    engine, workers = engine_picker()
     if source == "zip" and upload is None:
         return None
     return dict(source=source, upload=upload, limit=limit, methods=list(state["ea_methods"]),
-                layer=state["ea_layer"], explained=explained, curves=curves)
+                layer=state["ea_layer"], explained=explained, curves=curves, engine=engine, workers=workers)
+
+
+def engine_picker() -> tuple[str, int | None]:
+    """Where the evaluation runs: this process, or Ray workers on this machine (only offered when
+    Ray is installed). The answers are the same, so the engine is not part of the cache key."""
+    if not evaluate.ray_available():
+        return "local", None
+    st.markdown("### :material/hub: Engine")
+    if state.get("ea_engine") not in ("local", "ray"):
+        state["ea_engine"] = "local"
+    engine = st.radio("Run on", ["local", "ray"], key="ea_engine", horizontal=True,
+                      format_func={"local": "this process", "ray": "Ray workers"}.get,
+                      help="Ray: an actor pool on a Ray started for the run on 127.0.0.1 and stopped after "
+                           "it (a few seconds to start); same answers as this process.")
+    if engine != "ray":
+        return "local", None
+    cores = max(1, os.cpu_count() or 1)
+    if cores == 1:
+        return "ray", 1
+    if state.get("ea_workers") not in range(1, cores + 1):
+        state["ea_workers"] = min(2, cores)
+    workers = st.slider("Ray workers", 1, cores, key="ea_workers", help="One CPU and one torch thread each.")
+    return "ray", int(workers)
 
 
 def data_report(images: datasets.ImageSet) -> None:
@@ -340,9 +366,17 @@ key = ui.result_key(images.digest, model=bundle.name, weights=bundle.weights, la
 
 
 def job(progress, cancel):
+    meter = evaluate.RateMeter()
+
+    def report(done, total, text=""):  # the bar's text with images/s and the time left
+        if total:
+            meter.update(done, total)
+            text = meter.rate_text(text or "images")
+        progress(done, total, text)
+
     return evaluate.evaluate(bundle, images, settings["methods"], layer=settings["layer"],
-                             explained=settings["explained"], curves=settings["curves"], progress=progress,
-                             cancel=cancel)
+                             explained=settings["explained"], curves=settings["curves"], progress=report,
+                             cancel=cancel, engine=settings["engine"], workers=settings["workers"])
 
 
 try:
@@ -365,7 +399,8 @@ if result.failed:
     with st.expander(f"{len(result.failed)} files could not be read"):
         st.markdown("\n".join(f"- `{i}`: {why}" for i, why in result.failed[:50]))
 st.caption(f"{result.model} · layer {result.layer} · maps explain the {result.explained} class · "
-           f"{ui.format_seconds(result.timings.get('total', 0.0))}" + (" (cached)" if cached else ""))
+           f"{ui.format_seconds(result.timings.get('total', 0.0))} on {result.engine}"
+           + (" (cached)" if cached else ""))
 shortcut_callout(result, bundle)
 
 left, right = st.columns([3, 2], gap="large")

@@ -8,8 +8,10 @@ run when those models are in assets/models and are skipped otherwise.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
+import sys
 import threading
 import zipfile
 
@@ -490,3 +492,155 @@ def test_shortcut_model_maps_fall_on_the_mark():
     assert len(confused) > 0.5 * others.sum()
     assert on_mark > 0.5
     assert clean.reference_share("gradcam") < 0.2
+
+
+# --------------------------------------------------------------------------------------------------
+# Engines, progress, Parquet and map shards (the Ray engine itself: test_ray_engine.py)
+
+
+def test_the_module_is_callable_and_engines_are_checked(tiny):
+    images = datasets.open_dataset("shapes", LABELS, limit=8)
+    result = vislib.evaluate(tiny, images, ["gradcam"], confidence=False)
+    assert isinstance(result, evaluate.EvalResult) and result.engine == "local" and len(result) == len(images)
+    with pytest.raises(evaluate.EngineError, match="engine must be one of local, ray"):
+        evaluate.evaluate(tiny, images, engine="spark")
+    with pytest.raises(evaluate.EngineError, match="options of engine='ray'"):
+        evaluate.evaluate(tiny, images, address="127.0.0.1:6379")
+    with pytest.raises(evaluate.EngineError, match="workers must be a positive number"):
+        evaluate.evaluate(tiny, images, engine="ray", workers=0)
+
+
+def test_without_ray_the_ray_engine_says_how_to_install_it(tiny, monkeypatch, tmp_path, capsys, tiny_registered):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
+    images = datasets.open_dataset("shapes", LABELS, limit=8)
+    with pytest.raises(evaluate.MissingDependency, match="pip install -r requirements-extras.txt"):
+        evaluate.evaluate(tiny, images, engine="ray")
+    assert not evaluate.ray_available() or importlib.util.find_spec("ray") is not None
+    assert cli.main(["evaluate", "shapes", "--model", tiny_registered, "--engine", "ray", "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the Ray engine needs Ray" in err and err.count("\n") == 1
+
+
+def test_a_bare_module_cannot_go_to_ray_workers(tiny):
+    pytest.importorskip("ray")
+    images = datasets.open_dataset("shapes", LABELS, limit=8)
+    with pytest.raises(vislib.ModelError, match="not registered"):
+        evaluate.evaluate(tiny, images, engine="ray")
+
+
+def test_rate_meter_and_eta_by_hand():
+    now = [100.0]
+    meter = evaluate.RateMeter(window=10.0, clock=lambda: now[0])
+    meter.update(0, 1000)
+    assert meter.rate != meter.rate and meter.text() == "0/1000 images"  # NaN: not known yet
+    now[0] += 2.0
+    meter.update(100, 1000)
+    assert meter.rate == pytest.approx(50.0) and meter.eta == pytest.approx(18.0)
+    for _ in range(3):  # 20 images/s from now on: the 10-s window forgets the faster start
+        now[0] += 5.0
+        meter.update(meter.done + 100, 1000)
+    assert meter.rate == pytest.approx(20.0) and meter.eta == pytest.approx(30.0)  # (1000 − 400) / 20
+    assert meter.text() == "400/1000 images · 20 images/s · 30 s left"
+    assert meter.rate_text() == "images at 20/s, 30 s left"
+    meter.update(1000, 1000)
+    assert meter.eta == 0.0 and "left" not in meter.text()
+    from vislib.evaluate.progress import format_bytes, format_duration
+
+    assert [format_duration(s) for s in (7.4, 125, 3840)] == ["7 s", "2 min 05 s", "1 h 04 min"]
+    assert format_bytes(3 * 2**30) == "3.0 GB" and format_bytes(512) == "512 B"
+
+
+def test_progress_bar_on_a_log_prints_few_lines():
+    from vislib.evaluate.progress import StderrBar
+
+    stream = io.StringIO()
+    bar = StderrBar("evaluating", stream=stream, every=3600)
+    bar(0, 0, "starting Ray")
+    for done in range(10, 101, 10):
+        bar(done, 100, "images")
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "evaluating: starting Ray…"
+    assert len(lines) == 3 and lines[1].startswith("evaluating [") and lines[-1].startswith("evaluating [")
+    assert "100/100 images" in lines[-1] and "images/s" in lines[-1]
+
+
+def test_parquet_only_when_asked_and_equal_to_the_csv(tiny_registered, folder_zip, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data.zip"
+    data.write_bytes(folder_zip)
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", str(data), "--model", tiny_registered, "--curves", "0", "--parquet",
+                     "--gallery", "0", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "evaluating [" in err  # the bar, on stderr
+    pq = pytest.importorskip("pyarrow.parquet")
+    for name in ("images", "image_metrics"):
+        table = pq.read_table(out / f"{name}.parquet").to_pydict()
+        with open(out / f"{name}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert list(table) == list(rows[0]) and len(table["id"]) == len(rows)
+        for column, values in table.items():
+            text = [r[column] for r in rows]
+            if isinstance(values[0], float) or column in ("peak_y", "peak_x"):
+                as_float = [float(t) if t else np.nan for t in text]
+                np.testing.assert_allclose([np.nan if v is None else v for v in values], as_float, rtol=1e-5,
+                                           equal_nan=True)
+            else:
+                assert [str(v) for v in values] == text, column
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "local" and summary["images"] == 24
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert cli.main(["evaluate", str(data), "--model", tiny_registered, "--parquet", "--out", str(out)]) == 2
+    assert "Parquet output needs pyarrow" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(data), "--model", tiny_registered, "--curves", "0", "--gallery", "0",
+                     "--out", str(tmp_path / "no-parquet")]) == 0  # without --parquet, pyarrow is not needed
+
+
+def test_map_shards_hold_every_loaded_image_once(tiny, folder_zip, tmp_path):
+    images = datasets.open_zip(folder_zip, LABELS)
+    result = evaluate.evaluate(tiny, images, ["gradcam", "hirescam"], batch_size=5, confidence=False,
+                               maps_dir=tmp_path / "maps")
+    shards = sorted((tmp_path / "maps").glob("maps-*.npz"))
+    assert len(shards) == 5  # 25 files in batches of 5, one shard per batch with a loaded image
+    maps = evaluate.read_maps(tmp_path / "maps")
+    np.testing.assert_array_equal(maps["index"], result.index)
+    x = tiny.to_input([tiny.input_view(images.image(int(i))) for i in result.index])
+    ref = vislib.explain(tiny, x, ["gradcam", "hirescam"])
+    for method in ("gradcam", "hirescam"):
+        assert maps[method].dtype == np.float16
+        np.testing.assert_allclose(maps[method].astype(np.float32), ref.maps[method], atol=1e-3)
+    assert evaluate.map_bytes(50_000, 2, 224) == 50_000 * 2 * 224 * 224 * 2
+
+
+def test_cli_warns_before_writing_more_than_a_gigabyte_of_maps(tiny_registered, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "map_bytes", lambda n, m, size: 3 * 2**30)
+    assert cli.main(["evaluate", "shapes", "--model", tiny_registered, "--limit", "8", "--maps", "--curves", "0",
+                     "--gallery", "0", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.index("note: the maps take up to 3.0 GB") < err.index("evaluating [")
+    assert list((tmp_path / "o" / "maps").glob("maps-*.npz"))
+
+
+def test_rows_merge_in_any_order_each_image_once(tiny, folder_zip):
+    """What the Ray engine hands back (batches in any order, a retried batch twice) merges into the
+    same result as the local engine's batches in order."""
+    import functools
+
+    from vislib.evaluate.step import EvalConfig, evaluate_rows
+
+    images = datasets.open_zip(folder_zip, LABELS)
+    config = EvalConfig(methods=("gradcam",), layer="features", curves=4, curve_steps=4, tolerance=1)
+    step = functools.partial(evaluate_rows, config=config)
+    parts = [step(tiny, images, np.arange(lo, min(len(images), lo + 6))) for lo in range(0, len(images), 6)]
+    meta = dict(ids=images.ids, targets=images.targets, model="tiny", weights="w", layer="features",
+                labels=LABELS, dataset="d", methods=["gradcam"], explained="predicted", tolerance=1,
+                has_masks=False)
+    ordered = evaluate.assemble(parts, **meta)
+    shuffled = evaluate.assemble([parts[4], parts[2], parts[0], parts[3], parts[2], parts[1]], **meta)
+    assert ordered.ids == shuffled.ids and len(ordered) == 24 and ordered.failed == shuffled.failed
+    np.testing.assert_array_equal(ordered.probs, shuffled.probs)
+    for key, values in ordered.metrics["gradcam"].items():
+        np.testing.assert_array_equal(values, shuffled.metrics["gradcam"][key])
+    np.testing.assert_array_equal(ordered.curves["gradcam"].deletion, shuffled.curves["gradcam"].deletion)
+    readable = sum(images.ids[i] != "circle/broken.png" for i in range(4))
+    assert ordered.curves["gradcam"].deletion.shape == (readable, 5)  # the readable ones of the first four

@@ -34,4 +34,8 @@ __all__ = [
     "load_image", "load_model", "list_models", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
+    "evaluate",
 ]
+
+# a callable module: vislib.evaluate(bundle, images, ...) is vislib.evaluate.evaluate
+from . import evaluate  # noqa: E402

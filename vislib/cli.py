@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
+    add_features_parser(sub, DEFAULT_MODEL)
     add_layers_parser(sub, DEFAULT_MODEL)
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the methods")
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return _explain(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "features":
+            return _features(args)
         if args.command == "layers":
             return _layers(args)
         if args.command == "models":
@@ -144,45 +147,83 @@ def _list_methods() -> int:
 # evaluate: a labelled dataset → metrics, tables and an offline HTML report
 
 
+def _add_data_options(parser, default_model: str) -> None:
+    """Data, model and engine options shared by ``evaluate`` and ``features``."""
+    parser.add_argument("data", help="an ImageFolder folder or .zip (one folder per class), 'shapes' (the "
+                                     "generated test split, with masks) or 'shapes+mark' (every image "
+                                     "marked)")
+    parser.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
+    parser.add_argument("--weights", default="default",
+                        help="'default', 'none' (random) or a state-dict path")
+    parser.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; with --engine ray: per worker, default 1)")
+    parser.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="local (this process, the default) or ray (a Ray Data actor pool)")
+    parser.add_argument("--address", default=None,
+                        help="with --engine ray: the Ray cluster's address (default: $RAY_ADDRESS; none: a "
+                             "local Ray on 127.0.0.1, started and stopped by the run)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="with --engine ray: actors (default: one per GPU of the cluster, else one "
+                             "per CPU)")
+    parser.add_argument("--parquet", action="store_true",
+                        help="also write the tables as Parquet (needs pyarrow, installed with Ray)")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
 def add_evaluate_parser(sub, default_model: str) -> None:
     ev = sub.add_parser("evaluate", help="evaluate a model and its explanations on a labelled dataset")
-    ev.add_argument("data", help="an ImageFolder folder or .zip (one folder per class), 'shapes' (the "
-                                 "generated test split, with masks) or 'shapes+mark' (every image marked)")
-    ev.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
-    ev.add_argument("--weights", default="default", help="'default', 'none' (random) or a state-dict path")
-    ev.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
+    _add_data_options(ev, default_model)
     ev.add_argument("--methods", default="gradcam", help="comma-separated method names")
     ev.add_argument("--explain", default="predicted", choices=["predicted", "true"],
                     help="the class the maps explain (default: the predicted one)")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
-    ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--curves", type=int, default=20,
                     help="deletion/insertion curves for the first N images (default 20; 0: none)")
     ev.add_argument("--no-confidence", action="store_true", help="skip Average Drop / Increase in Confidence")
     ev.add_argument("--gallery", type=int, default=24, help="misclassified images shown in the report")
-    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's; on a busy shared CPU, 1 is often fastest)")
-    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--maps", action="store_true",
+                    help="also write every image's maps to OUT/maps (compressed float16 shards)")
 
 
-def _evaluate(args) -> int:
+def add_features_parser(sub, default_model: str) -> None:
+    fe = sub.add_parser("features", help="Zeiler & Fergus: the top activations of every unit of a layer "
+                                         "across a dataset, with their Deconvnet projections")
+    _add_data_options(fe, default_model)
+    fe.add_argument("--top", type=int, default=9, help="activations per channel (default 9)")
+    fe.add_argument("--figures", action="store_true",
+                    help="also write one figure per channel (OUT/figures/channel-NNNNN.png)")
+
+
+def _check_numbers(args, names) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and (value < 0 or (value == 0 and name not in ("curves", "gallery"))):
+            raise VislibError(f"--{name.replace('_', '-')} must be a positive number")
+    if args.engine == "local" and (args.address or args.workers):
+        raise VislibError("--address and --workers go with --engine ray")
+
+
+def _prepare(args):
+    """(bundle, images, out folder) from the shared options, every check first."""
     from .datasets import open_dataset
-    from .evaluate import evaluate, html_report, write_tables
     from .hooks import resolve_layer
     from .models import load_model
 
-    for name in ("limit", "batch_size", "curves", "gallery", "threads"):
-        value = getattr(args, name)
-        if value is not None and (value < 0 or (value == 0 and name in ("limit", "batch_size", "threads"))):
-            raise VislibError(f"--{name.replace('_', '-')} must be a positive number")
-    if args.threads:
+    if args.threads and args.engine == "local":
         import torch
 
         torch.set_num_threads(args.threads)
-    from .explain import parse_methods
+    if args.parquet:
+        from .evaluate.report import require_pyarrow
 
-    methods = parse_methods(args.methods)
+        require_pyarrow()
+    if args.engine == "ray":
+        from .evaluate.ray_engine import require_ray
+
+        require_ray()
     weights = None if args.weights.lower() == "none" else args.weights
     bundle = load_model(args.model, weights=weights, device=args.device)
     resolve_layer(bundle, args.layer)
@@ -194,22 +235,67 @@ def _evaluate(args) -> int:
         raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
     for line in images.report.lines() if images.report else []:
         print(f"note: {line}", file=sys.stderr)
-    result = evaluate(bundle, images, methods, layer=args.layer, explained=args.explain,
-                      batch_size=args.batch_size, confidence=not args.no_confidence, curves=args.curves)
-    write_tables(result, out)
-    (out / "report.html").write_text(html_report(result, bundle=bundle, images=images, gallery=args.gallery),
-                                     encoding="utf-8")
-    summary = {
-        "model": result.model, "weights": result.weights, "layer": result.layer, "data": result.dataset,
-        "images": len(result), "accuracy": result.accuracy, "misclassified": int((~result.correct).sum()),
-        "failed": [{"id": i, "reason": why} for i, why in result.failed], "explained": result.explained,
-        "methods": [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
-                    for row in result.method_table()],
-        "timings_s": result.timings,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return bundle, images, out
+
+
+def _engine_options(args) -> dict:
+    options = dict(engine=args.engine, address=args.address, workers=args.workers)
+    if args.engine == "ray":
+        options["threads"] = args.threads or 1
+    return options
+
+
+def _evaluate(args) -> int:
+    from .evaluate import evaluate, map_bytes, write_report
+    from .evaluate.progress import StderrBar, format_bytes
+    from .explain import parse_methods
+
+    _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
+    methods = parse_methods(args.methods)
+    bundle, images, out = _prepare(args)
+    maps_dir = out / "maps" if args.maps else None
+    if maps_dir is not None:
+        size = map_bytes(len(images), len(methods), bundle.input_size)
+        if size > 2**30:
+            print(f"note: the maps take up to {format_bytes(size)} before compression ({len(images)} "
+                  f"images × {len(methods)} methods × {bundle.input_size}² float16) in {maps_dir}",
+                  file=sys.stderr)
+    bar = StderrBar("evaluating")
+    try:
+        result = evaluate(bundle, images, methods, layer=args.layer, explained=args.explain,
+                          batch_size=args.batch_size, confidence=not args.no_confidence, curves=args.curves,
+                          progress=bar, maps_dir=maps_dir, **_engine_options(args))
+    finally:
+        bar.close()
+    write_report(result, out, bundle=bundle, images=images, gallery=args.gallery, parquet=args.parquet)
+    wrong = int((~result.correct).sum())
+    failed = f", {len(result.failed)} unreadable" if result.failed else ""
     print(f"{result.model} on {result.dataset}: accuracy {result.accuracy:.1%} on {len(result)} images, "
-          f"{summary['misclassified']} misclassified → {out / 'report.html'}")
+          f"{wrong} misclassified{failed} ({result.engine}) → {out / 'report.html'}")
+    return 0
+
+
+def _features(args) -> int:
+    from .dataset_features import build_index, channel_figure, unit_views
+    from .evaluate.progress import StderrBar
+
+    _check_numbers(args, ("limit", "batch_size", "threads", "workers", "top"))
+    bundle, images, out = _prepare(args)
+    bar = StderrBar("features")
+    try:
+        index = build_index(bundle, images, out, args.layer, top=args.top, batch_size=args.batch_size,
+                            parquet=args.parquet, progress=bar, **_engine_options(args))
+    finally:
+        bar.close()
+    if args.figures:
+        (out / "figures").mkdir(exist_ok=True)
+        for channel in range(index.shape[0]):
+            views = unit_views(index, channel)
+            if views:
+                channel_figure(views).save(out / "figures" / f"channel-{channel:05d}.png")
+    failed = f"; {len(index.failed)} unreadable images" if index.failed else ""
+    print(f"{index.model} {index.layer}: the top {index.top} of {index.shape[0]} channels over "
+          f"{index.n_images} images{failed} ({index.engine}) → {out / 'index.csv'}")
     return 0
 
 

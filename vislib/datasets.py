@@ -294,6 +294,8 @@ class ImageSet:
     #: coordinates of the set's square images of side ``image_size``
     reference_box: tuple[str, tuple[int, int, int, int]] | None = None
     image_size: int | None = None
+    #: how another process (a Ray worker) opens the same set: a small picklable recipe, or None
+    reopen: dict | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -381,6 +383,8 @@ def _scan(source: str, files: dict, dirs: set[str], skipped: list, labels: list[
 
 def open_zip(data: bytes | str | os.PathLike, labels: list[str], *, name: str | None = None) -> FileImages:
     """An ImageFolder zip (file bytes or a path), matched against ``labels``."""
+    recipe = {"kind": "zip", "data": data if isinstance(data, bytes) else str(Path(data).resolve()),
+              "name": name}
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.stat().st_size > MAX_ZIP_BYTES:
@@ -412,7 +416,9 @@ def open_zip(data: bytes | str | os.PathLike, labels: list[str], *, name: str | 
 
     entries, report = _scan(name, files, dirs, skipped, labels, head)
     digest = hashlib.sha256(data).hexdigest()
-    return FileImages(name, labels, entries, read, digest, report)
+    images = FileImages(name, labels, entries, read, digest, report)
+    images.reopen = recipe
+    return images
 
 
 def open_folder(path: str | os.PathLike, labels: list[str]) -> FileImages:
@@ -438,7 +444,9 @@ def open_folder(path: str | os.PathLike, labels: list[str]) -> FileImages:
     entries, report = _scan(str(root), files, dirs, skipped, labels, head)
     listing = "\n".join(f"{p}\t{files[p].stat().st_size}\t{files[p].stat().st_mtime_ns}" for p, _ in entries)
     digest = hashlib.sha256(f"{root.resolve()}\n{listing}".encode()).hexdigest()
-    return FileImages(str(root), labels, entries, read, digest, report)
+    images = FileImages(str(root), labels, entries, read, digest, report)
+    images.reopen = {"kind": "folder", "path": str(root.resolve())}
+    return images
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,6 +587,7 @@ class ShapesImages(ImageSet):
         self.digest = hashlib.sha256(f"{self.name}|{len(images)}|{_generator_version()}".encode()).hexdigest()
         self.reference_box = ("mark corner", shapes.MARK_BOX)
         self.image_size = shapes.IMAGE_SIZE
+        self.reopen = {"kind": "shapes", "split": split, "limit": limit, "mark": mark}
 
     def load(self, indices) -> Batch:
         rows = self._rows[np.asarray(indices, dtype=np.int64)]
@@ -619,4 +628,6 @@ def subset(images: FileImages, limit: int | None) -> FileImages:
     keep = np.unique(np.linspace(0, len(images) - 1, max(1, limit)).round().astype(int))
     images.ids = [images.ids[i] for i in keep]
     images.targets = images.targets[keep]
+    if images.reopen is not None:
+        images.reopen = {**images.reopen, "limit": limit}
     return images

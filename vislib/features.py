@@ -7,7 +7,8 @@ images (no Streamlit).
   strongest activation alone (every other activation of the layer set to zero) is projected back to
   pixel space with the Deconvnet rule, and returned with its receptive field in the input and the
   matching input patch — the ZF figure.
-* :func:`project_layer`: the whole layer projected at once.
+* :func:`project_layer`: the whole layer projected at once; :func:`project_units`: one unit per
+  sample of a batch (the dataset-wide top-9 of :mod:`vislib.dataset_features`).
 * :func:`receptive_field`: found empirically, as the support of the gradient of the unit with
   respect to the input through the *linearised* network (every ReLU passes its signal, every
   max-pool averages its window), so it holds for any architecture (branches, padding, dilation).
@@ -172,6 +173,26 @@ def top_channels(bundle, image, layer: str | None = None, n: int = 9) -> list[Ch
             reconstruction=g[0].float().cpu().numpy(), patch=view.crop((left, top, right, bottom)),
         ))
     return projections
+
+
+def project_units(bundle, x: torch.Tensor, layer: str | None, channels: Sequence[int],
+                  positions: Sequence[tuple[int, int]]) -> np.ndarray:
+    """For each sample i of the batch ``x``, the activation of channel ``channels[i]`` at
+    ``positions[i]`` alone (every other activation of the layer set to zero) projected to pixel
+    space with the Deconvnet rule: N×3×H×W. One forward and one backward for the whole batch: the
+    samples do not interact (norm statistics are held constant), so each equals its own projection."""
+    n = x.shape[0]
+    if len(channels) != n or len(positions) != n:
+        raise InputError(f"one channel and one position per sample: {n} samples, {len(channels)} channels, "
+                         f"{len(positions)} positions")
+    x, A, _ = _deconv_forward(bundle, layer, x)
+    rows = torch.arange(n, device=A.device)
+    c = torch.as_tensor(list(channels), device=A.device)
+    ij = torch.as_tensor([tuple(p) for p in positions], device=A.device).view(n, 2)
+    signal = torch.zeros_like(A)
+    signal[rows, c, ij[:, 0], ij[:, 1]] = A.detach()[rows, c, ij[:, 0], ij[:, 1]]
+    (g,) = torch.autograd.grad(A, x, grad_outputs=signal)
+    return g.float().cpu().numpy()
 
 
 def project_layer(

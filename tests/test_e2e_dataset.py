@@ -1,0 +1,80 @@
+"""The Layer explorer's "Across the dataset" view in a real browser (see test_e2e_browser.py for the
+set-up): the first visit builds the index with a progress bar that shows images/s, then the nine
+strongest activations of a channel appear as patch / projection pairs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from test_e2e_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    OUT,
+    ROOT,
+    _free_port,
+    _require_browser,
+    _settle,
+    _wait_healthy,
+)
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _require_browser()
+    port = _free_port()
+    env = {**os.environ, "VISLIB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "VISLIB_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    OUT.mkdir(exist_ok=True)
+    log = open(OUT / "e2e-dataset-streamlit.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
+         "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_across_the_dataset_in_the_browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1600})
+            page.set_default_timeout(240_000)
+            page.goto(server + "/?layer=stem")  # the bundled model's first stage: 16 channels
+            page.locator('[data-testid="stSidebar"]').get_by_text("Layer explorer").click()
+            page.get_by_text(re.compile(r"channels, \d+×\d+ each, one colour scale")).wait_for()
+            page.get_by_role("tab", name="Across the dataset").click()
+            bar = page.locator('[data-testid="stProgress"]')
+            bar.wait_for()
+            page.wait_for_function(  # the bar's text: images (or projections) per second
+                "() => [...document.querySelectorAll('[data-testid=\"stProgress\"]')]"
+                ".some(e => / at [\\d.]+\\/s/.test(e.innerText))")
+            page.get_by_text(re.compile(r"^#9 · test/\d{5} · activation")).wait_for()
+            _settle(page)
+            assert page.get_by_text(re.compile(r"^#\d · test/\d{5} · activation")).count() == 9
+            assert page.get_by_text(re.compile(r"strongest activations of channel \d+ of stem over 2000 "
+                                               r"images")).count() == 1
+            page.screenshot(path=str(OUT / "e2e-across-the-dataset.png"), full_page=True)
+            assert not page.get_by_text("Traceback").count()
+        finally:
+            browser.close()
