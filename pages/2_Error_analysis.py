@@ -16,6 +16,7 @@ import streamlit as st
 from pages.common import (
     Miss,
     cached_or_run,
+    is_upload,
     keep_state,
     model_picker,
     nav,
@@ -124,6 +125,8 @@ def engine_picker() -> tuple[str, int | None]:
     """Where the evaluation runs: this process, or Ray workers on this machine (only offered when
     Ray is installed). The answers are the same, so the engine is not part of the cache key."""
     if not evaluate.ray_available():
+        return "local", None
+    if is_upload(state.get("model")):  # Ray workers build the model from its name: an upload has none
         return "local", None
     st.markdown("### :material/hub: Engine")
     if state.get("ea_engine") not in ("local", "ray"):
