@@ -5,6 +5,8 @@ Public API::
     import vislib
     vislib.list_models()
     bundle = vislib.load_model("shapes_resnet")          # or "resnet50", weights="default" | None | path
+    vislib.load_model("timm:convnext_tiny"), vislib.load_model("hf:google/vit-base-patch16-224")
+    vislib.register_models("models.toml")               # spec files: [models.NAME] tables
     image = vislib.load_image("photo.jpg")
     result = vislib.explain(bundle, image, methods=["gradcam", "gradcam++"])
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
@@ -25,13 +27,22 @@ from .explain import Explanation, explain  # noqa: F401
 from .imageio import load_image  # noqa: F401
 from .methods import METHODS, method_names  # noqa: F401
 from .methods.sharing import PassCache  # noqa: F401
-from .models import ModelBundle, Preprocess, list_models, load_model, sample_images  # noqa: F401
+from .models import (  # noqa: F401
+    ModelBundle,
+    ModelRef,
+    Preprocess,
+    list_models,
+    load_model,
+    model_ref,
+    register_models,
+    sample_images,
+)
 from .render import overlay, to_png_bytes  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = [
-    "explain", "Explanation", "PassCache", "concepts", "Concepts",
-    "load_image", "load_model", "list_models", "METHODS", "method_names",
+    "explain", "Explanation", "PassCache", "concepts", "Concepts", "load_image", "load_model", "list_models",
+    "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
     "evaluate",

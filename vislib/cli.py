@@ -1,6 +1,9 @@
 """Command line: ``python -m vislib explain IMAGE --out DIR`` (and ``models``, ``methods``).
 
-Bad input exits with code 2 and one clear line on stderr, never a traceback.
+Models are named as everywhere in vislib: a registered name, ``timm:<name>``, ``hf:<repo or
+folder>`` or ``package.module:callable``; ``--models PATH`` (repeatable, before or after the
+command) adds the models of a spec file, as does ``VISLIB_MODELS``. Bad input exits with code 2 and
+one clear line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
     parser = _Parser(prog="python -m vislib", description="See what a convolutional network sees.")
+    parser.add_argument("--models", action="append", default=[], dest="spec_files_first", metavar="PATH",
+                        help=SPEC_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ex = sub.add_parser("explain", help="explain one image with one or more methods")
     ex.add_argument("image", help="image file (PNG, JPEG, WebP, BMP, ...)")
-    ex.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
+    ex.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP.format(default=DEFAULT_MODEL))
     ex.add_argument("--weights", default="default",
-                    help="'default' (bundled / torchvision pretrained), 'none' (random) or a state-dict path")
+                    help="'default' (bundled, pretrained from the torch hub / Hugging Face cache, or the "
+                         "spec file's), 'none' (seeded random) or a state-dict path (.safetensors, .pt)")
     ex.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
     ex.add_argument("--target", default=None, help="class index or label (default: the top-1 class)")
     ex.add_argument("--methods", default="gradcam", help="comma-separated method names")
@@ -42,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
+    add_models_parser(sub)
     add_features_parser(sub, DEFAULT_MODEL)
     add_layers_parser(sub, DEFAULT_MODEL)
-    sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the methods")
+    for command in sub.choices.values():  # --models after any command, too
+        command.add_argument("--models", action="append", default=[], dest="spec_files", metavar="PATH",
+                             help=SPEC_HELP)
     return parser
 
 
@@ -53,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "methods":
+            register_spec_files(args.spec_files_first + args.spec_files)
         if args.command == "explain":
             return _explain(args)
         if args.command == "evaluate":
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "layers":
             return _layers(args)
         if args.command == "models":
-            return _list_models()
+            return _list_models(args)
         if args.command == "methods":
             return _list_methods()
     except VislibError as exc:
@@ -71,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug: still one line unless debugging
         if os.environ.get("VISLIB_DEBUG"):
             raise
@@ -125,13 +139,37 @@ def _explain(args) -> int:
     return 0
 
 
-def _list_models() -> int:
+def _list_models(args) -> int:
     from .models import list_models, model_spec
 
-    for name in list_models():
-        spec = model_spec(name)
-        print(f"{name:22s} {spec.source:12s} {spec.description}")
+    if args.source == "timm":
+        from .models.timm_zoo import timm_tags
+
+        tags = timm_tags()
+        rows = [(n, "timm", _tags_text(tags.get(n[len("timm:"):], []))) for n in list_models("timm")]
+    elif args.source == "hf":
+        rows = [(n, "hf", "in the local Hugging Face cache") for n in list_models("hf")]
+    else:
+        rows = [(n, model_spec(n).source, model_spec(n).description) for n in list_models(args.source)]
+    pattern = (args.filter or "").lower()
+    if any(c in pattern for c in "*?["):
+        import fnmatch
+
+        rows = [r for r in rows if fnmatch.fnmatch(r[0].lower(), pattern)
+                or fnmatch.fnmatch(r[0].lower().split(":", 1)[-1], pattern)]
+    elif pattern:
+        rows = [r for r in rows if pattern in r[0].lower()]
+    width = max([22] + [len(r[0]) + 1 for r in rows])
+    for name, source, description in rows:
+        print(f"{name:{width}s} {source:12s} {description}".rstrip())
+    if args.source is None:
+        print("(also: timm:<name>, hf:<repo or folder>, package.module:callable; "
+              "--source timm lists timm's models)", file=sys.stderr)
     return 0
+
+
+def _tags_text(tags: list[str]) -> str:
+    return f"pretrained: {', '.join(tags)}" if tags else "no pretrained weights"
 
 
 def _list_methods() -> int:
@@ -141,6 +179,31 @@ def _list_methods() -> int:
     for name, cls in METHODS.items():
         print(f"{name:22s} {cls.family:13s} {cls.passes or '–':22s} {cls.paper or cls.title}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# models: the naming scheme, spec files and the listing
+
+MODEL_HELP = ("model: a registered name (python -m vislib models), timm:NAME[.TAG], hf:REPO or hf:FOLDER, "
+              "package.module:callable, or a spec file's name (default: {default})")
+SPEC_HELP = "a model spec file (TOML, [models.NAME] tables); repeatable. VISLIB_MODELS adds more"
+SOURCES = ("bundled", "spec", "torchvision", "timm", "hf")
+
+
+def register_spec_files(paths: list[str]) -> None:
+    """Register the spec files of ``--models`` and ``VISLIB_MODELS``; the first error stops the command."""
+    from .models import register_models, spec_files_from_env
+
+    for path in spec_files_from_env() + list(paths):
+        register_models(path)
+
+
+def add_models_parser(sub) -> None:
+    ls = sub.add_parser("models", help="list the models (registered ones, or one source's)")
+    ls.add_argument("--source", choices=SOURCES, default=None,
+                    help="only this source; 'timm' lists every timm model, 'hf' the cached Hugging Face ones")
+    ls.add_argument("--filter", default=None, metavar="TEXT",
+                    help="only names containing TEXT (case-insensitive; * and ? for a pattern)")
 
 
 # --------------------------------------------------------------------------------------------------

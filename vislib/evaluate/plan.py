@@ -1,10 +1,11 @@
 """What a worker needs to do its share of a run, in picklable form: the model as a *spec* (never a
 pickled ``nn.Module``) and the image set as a *recipe* (paths or zip members, never decoded pixels).
 
-:class:`ModelRef` names a registered model, its weights and, for a model registered by the caller's
-own code, the module whose import registers it; a worker builds the model from it once and checks it
-against the driver's by a fingerprint of the weights. :func:`reopen` opens the same image set in the
-worker from ``ImageSet.reopen`` and checks that it is the same set (same ids, same digest).
+:class:`ModelRef` carries the library's recipe of the model (:func:`vislib.model_ref`) and, for a
+model registered by the caller's own code, the module whose import registers it; a worker builds the
+model from it once and checks it against the driver's by a fingerprint of the weights. :func:`reopen`
+opens the same image set in the worker from ``ImageSet.reopen`` and checks that it is the same set
+(same ids, same digest).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import importlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch
 from ..datasets import ImageSet, open_folder, open_zip, subset
 from ..errors import InputError, ModelError
 from ..models import ModelBundle
+from ..models import ModelRef as LibraryRef
 
 
 def weights_fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
@@ -36,63 +37,50 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """How a worker builds the driver's model: ``load_model(name, weights)``.
+    """How a worker builds the driver's model: the library's recipe (:func:`vislib.model_ref`: the
+    name, weights, spec files and the overrides given to ``load_model``), the module whose import
+    registers a name registered by the caller's own code, the driver's labels, and a fingerprint of
+    the driver's weights that the worker's copy must match."""
 
-    ``weights``: "default", None (the seeded random initialisation) or a file path (on a cluster:
-    on storage every node sees). ``module``: imported first when ``name`` was registered by code
-    outside vislib (``register_model`` in the caller's module). ``spec_file``: a model spec file
-    that registers ``name`` (read with ``vislib.register_models`` where that exists).
-    """
-
-    name: str
-    weights: str | None = "default"
+    ref: LibraryRef
     module: str | None = None
-    spec_file: str | None = None
     labels: tuple[str, ...] | None = None
     fingerprint: tuple[float, ...] | None = None
 
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def spec_file(self) -> str | None:
+        return self.ref.spec_files[0] if self.ref.spec_files else None
+
     @classmethod
     def of(cls, bundle: ModelBundle) -> ModelRef:
-        """The spec of a bundle loaded by name; a bare ``nn.Module`` cannot travel and is refused."""
-        from ..models import model_spec
+        """The recipe of a bundle loaded by name; a bare ``nn.Module`` cannot travel and is refused."""
+        from ..models import model_ref, model_spec
 
         try:
-            spec = model_spec(bundle.name)
-        except ModelError:
-            raise ModelError(
-                f"the Ray engine builds the model in every worker from its registered name, and "
-                f"{bundle.name!r} is not registered: register it (vislib.models.register_model in an "
-                f"importable module) or use engine='local'") from None
-        weights: str | None = "default"
-        bundled_default = f"assets/models/{bundle.name}.safetensors"
-        if bundle.weights == "random":
-            weights = None
-        elif bundle.weights != bundled_default and Path(bundle.weights).is_file():
-            weights = str(Path(bundle.weights).resolve())
-        module = getattr(spec.build, "__module__", None)
-        spec_file = getattr(spec, "spec_file", None) or getattr(spec, "path", None)
+            ref = model_ref(bundle)
+        except ModelError as exc:
+            raise ModelError(f"the Ray engine builds the model in every worker: {exc}; or use "
+                             f"engine='local'") from None
+        module = getattr(model_spec(ref.name).build, "__module__", None)
         own = module is None or module == "vislib" or module.startswith("vislib.")  # registered on import
-        return cls(name=bundle.name, weights=weights, module=None if own else module,
-                   spec_file=str(spec_file) if spec_file else None, labels=tuple(bundle.labels),
+        return cls(ref=ref, module=None if own else module, labels=tuple(bundle.labels),
                    fingerprint=weights_fingerprint(bundle.model))
 
     def build(self, device: str | torch.device | None = None) -> ModelBundle:
         """The model, built in this process (a worker), checked against the driver's weights."""
         import vislib
 
-        if self.spec_file:
-            register = getattr(vislib, "register_models", None)
-            if register is None:
-                raise ModelError(f"{self.spec_file}: this vislib cannot read model spec files")
-            if self.name not in vislib.list_models():
-                register(self.spec_file)
         if self.module and self.name not in vislib.list_models():
             try:
                 importlib.import_module(self.module)
             except ImportError as exc:
                 raise ModelError(f"a worker cannot import {self.module!r}, which registers the model "
                                  f"{self.name!r} ({exc}); put it on the workers' Python path") from None
-        bundle = vislib.load_model(self.name, weights=self.weights, device=device)
+        bundle = self.ref.load(device)
         if self.labels is not None:
             bundle.labels = list(self.labels)
         if self.fingerprint is not None:
@@ -100,7 +88,7 @@ class ModelRef:
             if len(mine) != len(self.fingerprint) or not np.allclose(mine, self.fingerprint, rtol=1e-9,
                                                                        atol=1e-12):
                 raise ModelError(
-                    f"the model {self.name!r} built in a worker (weights {self.weights or 'random'}) has "
+                    f"the model {self.name!r} built in a worker (weights {self.ref.weights or 'random'}) has "
                     "other weights than yours: load it by name with its weights file (on storage the "
                     "workers see), or use engine='local'")
         return bundle

@@ -185,6 +185,8 @@ class ModelBundle:
     labels_from: str = ""
     notes: list[str] = field(default_factory=list)
     layer_table: list[LayerRow] = field(default_factory=list, repr=False)
+    description: str = ""
+    ref: object = field(default=None, repr=False)  # a ModelRef that rebuilds it elsewhere (vislib.model_ref)
 
     def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Image.Image]]:
         """(the N×C×H×W input batch on the model's device, the input views): the model explains

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from ..errors import ModelError
-from .bundle import Preprocess, make_bundle
-from .registry import _seeded, register_model
-from .weights import load_state_dict_file
+from .registry import _seeded, register_source, source_spec
+from .source import SourceModel, preprocess
+from .weights import load_state_dict_file, load_weights
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 MODELS_DIR = ASSETS / "models"
@@ -24,31 +24,49 @@ def read_card(name: str) -> dict:
         raise ModelError(f"bundled model card missing: {path}") from None
 
 
+def bundled_source(name: str, weights, kwargs: dict) -> SourceModel:
+    """A bundled model: its committed weights (``"default"``), seeded random (None) or a user's file."""
+    from ..nets import ARCHITECTURES
+
+    card = read_card(name)
+    arch = {**card.get("arch_kwargs", {}), **kwargs}
+
+    def build(num_classes: int | None = None):
+        extra = {"num_classes": num_classes} if num_classes else {}
+        return _seeded(lambda: ARCHITECTURES[card["architecture"]](**{**arch, **extra}))
+
+    try:
+        model = build()
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{name}: {exc}") from None
+    notes = []
+    if weights == "default":
+        path = MODELS_DIR / f"{name}.safetensors"
+        load_state_dict_file(model, path)
+        weights_id = f"assets/models/{path.name}"
+    elif weights is None:
+        weights_id = "random"
+    else:
+        model, note = load_weights(model, weights, build)
+        notes += [note] if note else []
+        weights_id = str(weights)
+    labels, labels_from = list(card["labels"]), f"assets/models/{name}.json"
+    if notes or arch.get("num_classes", len(labels)) != len(labels):
+        labels, labels_from = None, "class indices"
+    size = int(card["input_size"])
+    return SourceModel(
+        model=model, preprocess=preprocess(resize=size, crop=size, mean=card["mean"], std=card["std"]),
+        labels=labels, labels_from=labels_from, weights=weights_id, source="bundled",
+        default_layer=card.get("default_layer"), default_reason="the model card's choice", channels=3,
+        card=card,
+        description=card.get("description", ""), notes=notes,
+    )
+
+
 def _register_bundled(name: str) -> None:
     card = read_card(name)
-
-    @register_model(name, source="bundled", description=card.get("description", ""))
-    def build(weights):
-        from ..nets import ARCHITECTURES
-
-        card = read_card(name)
-        model = _seeded(lambda: ARCHITECTURES[card["architecture"]](**card.get("arch_kwargs", {})))
-        if weights == "default":
-            path = MODELS_DIR / f"{name}.safetensors"
-            load_state_dict_file(model, path)
-            weights_id = f"assets/models/{path.name}"
-        elif weights is None:
-            weights_id = "random"
-        else:
-            load_state_dict_file(model, weights)
-            weights_id = str(weights)
-        size = int(card["input_size"])
-        preprocess = Preprocess(resize=size, crop=size, mean=tuple(card["mean"]), std=tuple(card["std"]))
-        return make_bundle(
-            name, model, preprocess=preprocess, labels=card["labels"],
-            default_layer=card.get("default_layer"), default_reason="the model card's choice",
-            weights=weights_id, card=card,
-        )
+    register_source(source_spec(name, "bundled", card.get("description", ""),
+                                lambda weights, kwargs: bundled_source(name, weights, kwargs)))
 
 
 for _card in sorted(MODELS_DIR.glob("*.json")):

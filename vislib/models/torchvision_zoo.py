@@ -1,17 +1,21 @@
-"""torchvision classifiers: ``Weights.DEFAULT``, its own preprocessing and categories, the torch hub cache."""
+"""torchvision classifiers: every model of ``torchvision.models.list_models(module=torchvision.models)``,
+each with its ``Weights.DEFAULT``, its own preprocessing (``weights.transforms()``: resize, crop and
+interpolation differ per model) and its categories; pretrained checkpoints through the torch hub
+cache (``$TORCH_HOME/hub/checkpoints``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
+from ..errors import ModelError, WeightsError
+from .bundle import Preprocess
+from .cache import fetch_url, torch_checkpoint_path
+from .registry import _seeded, register_source, source_spec
+from .source import SourceModel, draw_zero_head, preprocess
+from .weights import load_weights
 
-from ..errors import WeightsError
-from .bundle import Preprocess, make_bundle
-from .registry import _seeded, register_model
-from .weights import load_state_dict_file
-
+#: The default layers of the eight torchvision models registered before the whole zoo was; the bundle's
+#: default-layer rule gives these same layers (tested) and chooses for every model.
 TORCHVISION_DEFAULT_LAYERS = {
     "alexnet": "features.11",
     "vgg16": "features.29",
@@ -24,10 +28,16 @@ TORCHVISION_DEFAULT_LAYERS = {
 }
 
 
+def torchvision_names() -> list[str]:
+    """Every torchvision classification model."""
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
 def pretrained_cache_path(weights_enum) -> Path:
     """Where torchvision keeps (or would download) this pretrained checkpoint."""
-    filename = os.path.basename(weights_enum.url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return torch_checkpoint_path(weights_enum.url)
 
 
 def pretrained_available(name: str) -> bool:
@@ -37,57 +47,83 @@ def pretrained_available(name: str) -> bool:
     return pretrained_cache_path(torchvision.models.get_model_weights(name).DEFAULT).is_file()
 
 
-def _ensure_pretrained(name: str, weights_enum) -> None:
-    path = pretrained_cache_path(weights_enum)
-    if path.is_file():
-        return
-    hint = (
-        f"pretrained weights for {name} are not cached: put {path.name} in {path.parent} "
-        f"(download it from {weights_enum.url}), or run once with internet access, "
-        f"or use weights=None for a randomly initialised model"
+def preprocess_from_torchvision(transform) -> Preprocess:
+    """The :class:`Preprocess` that computes exactly what torchvision's ``ImageClassification``
+    preset computes: resize (shorter side) → centre crop → [0, 1] → normalise."""
+    from torchvision.transforms._presets import ImageClassification
+
+    if not isinstance(transform, ImageClassification):
+        raise ModelError(f"unexpected torchvision preprocessing {type(transform).__name__}")
+    resize = list(transform.resize_size)
+    crop = list(transform.crop_size)
+    return preprocess(
+        resize=resize[0] if len(resize) == 1 else tuple(resize),
+        crop=crop[0] if len(crop) == 1 else tuple(crop),
+        mean=transform.mean, std=transform.std, interpolation=transform.interpolation,
+        antialias=bool(transform.antialias),
     )
-    if os.environ.get("VISLIB_OFFLINE", "") not in ("", "0"):
-        raise WeightsError(hint)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(weights_enum.url, str(path), progress=False)
-    except Exception as exc:
-        path.unlink(missing_ok=True)
-        raise WeightsError(f"{hint} [download failed: {type(exc).__name__}]") from None
 
 
-def _register_torchvision(name: str) -> None:
-    @register_model(name, source="torchvision", description=f"torchvision {name} (ImageNet)")
-    def build(weights):
-        import torchvision
+def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
+    """Build torchvision's ``name``: pretrained (``"default"``), seeded random (None) or a user's file.
 
-        weights_enum = torchvision.models.get_model_weights(name).DEFAULT
-        labels = list(weights_enum.meta["categories"])
-        transform = weights_enum.transforms()
-        preprocess = Preprocess(
-            resize=int(transform.resize_size[0]), crop=int(transform.crop_size[0]),
-            mean=tuple(transform.mean), std=tuple(transform.std),
-            interpolation=transform.interpolation,
-        )
-        if weights == "default":
-            _ensure_pretrained(name, weights_enum)
-            try:
-                model = torchvision.models.get_model(name, weights=weights_enum)
-            except Exception as exc:
-                raise WeightsError(f"could not load the cached weights of {name}: {exc}") from None
-            weights_id = str(weights_enum)
+    A random model gets the architecture of the default weights (a ViT's image size), so the
+    default weights' preprocessing fits it.
+    """
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+    pre = preprocess_from_torchvision(weights_enum.transforms())
+    labels, labels_from = list(weights_enum.meta["categories"]), f"torchvision {weights_enum}"
+    notes, head_note = [], None
+    if weights == "default":
+        fetch_url(weights_enum.url, name)
+        try:
+            model = torchvision.models.get_model(name, weights=weights_enum, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{name}: {exc}") from None
+        except Exception as exc:
+            raise WeightsError(f"could not load the cached weights of {name}: {exc}") from None
+        weights_id = str(weights_enum)
+    else:
+        arch = dict(kwargs)
+        if name.startswith("vit_") and isinstance(pre.crop, int):
+            arch.setdefault("image_size", pre.crop)
+        if name in ("googlenet", "inception_v3"):  # PyTorch's initialisation (torchvision's own is
+            arch.setdefault("init_weights", False)  # slow, about to change, and warns)
+
+        def build(num_classes: int | None = None):
+            extra = {"num_classes": num_classes} if num_classes else {}
+            return _seeded(lambda: torchvision.models.get_model(name, weights=None, **{**arch, **extra}))
+
+        try:
+            model = build()
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{name}: {exc}") from None
+        weights_id = "random"
+        if weights is None:
+            note = _seeded(lambda: draw_zero_head(model, name), seed=1)
+            notes += [note] if note else []
         else:
-            model = _seeded(lambda: torchvision.models.get_model(name, weights=None))
-            weights_id = "random"
-            if weights is not None:
-                load_state_dict_file(model, weights)
-                weights_id = str(weights)
-        return make_bundle(
-            name, model, preprocess=preprocess, labels=labels,
-            weights=weights_id,  # the default layer by the rule (it gives the peers' choices: tested)
-        )
+            model, head_note = load_weights(model, weights, build)
+            notes += [head_note] if head_note else []
+            weights_id = str(weights)
+    if head_note or kwargs.get("num_classes", len(labels)) != len(labels):  # another head: no categories
+        labels, labels_from = None, "class indices"
+    return SourceModel(
+        model=model, preprocess=pre, labels=labels, labels_from=labels_from, weights=weights_id,
+        source="torchvision", channels=3,  # the default layer: the bundle's rule (the peers' choices, tested)
+        description=f"torchvision {name} (ImageNet)", notes=notes,
+    )
 
 
-for _name in TORCHVISION_DEFAULT_LAYERS:
-    _register_torchvision(_name)
+def _register(name: str) -> None:
+    register_source(source_spec(
+        name, "torchvision", f"torchvision {name} (ImageNet)",
+        lambda weights, kwargs: torchvision_source(name, weights, kwargs),
+        available=lambda: pretrained_available(name),
+    ))
 
+
+for _name in torchvision_names():
+    _register(_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,3 +73,46 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:
     check_state_dict(model, state, Path(path).name)
     model.load_state_dict(state)
 
+
+
+def head_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The number of classes of a state dict whose only difference from ``model`` is the size of its
+    classifier head: every key present in both, and the keys whose shapes differ all differ only in
+    their first dimension, from the same model size to the same file size. None otherwise."""
+    own = model.state_dict()
+    if set(own) != set(state):
+        return None
+    differing = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if not differing or any(own[k].dim() == 0 or state[k].dim() != own[k].dim()
+                            or tuple(own[k].shape[1:]) != tuple(state[k].shape[1:]) for k in differing):
+        return None
+    pairs = {(own[k].shape[0], state[k].shape[0]) for k in differing}
+    return int(state[differing[0]].shape[0]) if len(pairs) == 1 else None
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    rebuild: Callable[[int], nn.Module] | None = None,
+) -> tuple[nn.Module, str | None]:
+    """Load the state dict at ``path`` into ``model``; returns (model, note).
+
+    Where the file's classifier head has another number of classes and ``rebuild(n)`` can build the
+    architecture with ``n`` classes, the model is rebuilt with that number and the note says so.
+    Any other difference stays a :class:`WeightsError` naming the keys and shapes.
+    """
+    state = read_state_dict(path)
+    name = Path(path).name
+    note = None
+    n = head_classes(model, state) if rebuild is not None else None
+    if n is not None:
+        try:
+            rebuilt = rebuild(n)
+        except Exception:
+            rebuilt = None
+        if rebuilt is not None and head_classes(rebuilt, state) is None:
+            model = rebuilt
+            note = f"{name} has a {n}-class head: the model was built with {n} classes"
+    check_state_dict(model, state, name)
+    model.load_state_dict(state)
+    return model, note
