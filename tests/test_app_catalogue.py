@@ -4,6 +4,7 @@ not load (an upload of another session, Python code)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -121,29 +122,37 @@ def test_random_weights_and_the_offline_note(monkeypatch):
     assert len(notes) == 1 and "resnet18-" in notes[0] and "checkpoints" in notes[0]
 
 
-def _weights(classes: int = 4) -> bytes:
+UPLOAD_ARCH = "shapes_resnet"  # a bundled architecture: the library builds it with the file's classes
+
+
+def _weights(classes: int) -> bytes:
+    """The bundled architecture's state dict with a ``classes``-way head."""
+    state = dict(vislib.load_model(UPLOAD_ARCH, weights=None, device="cpu").model.state_dict())
     torch.manual_seed(3)
-    net = GapNet(channels=6, classes=4)
-    state = dict(net.state_dict())
-    state["fc.weight"], state["fc.bias"] = torch.randn(classes, 6), torch.zeros(classes)
+    state["fc.weight"] = torch.randn(classes, state["fc.weight"].shape[1])
+    state["fc.bias"] = torch.zeros(classes)
     return save_safetensors({k: v.contiguous() for k, v in state.items()})
 
 
-def test_upload_a_model_with_labels(test_models):
-    at = run_app(methods="gradcam", model=test_models[0])
-    at.selectbox(key="upload_arch").set_value(test_models[0]).run()
-    at.file_uploader(key="upload_w0").set_value(("pond.safetensors", _weights(3), "application/octet-stream"))
-    at.file_uploader(key="upload_l0").set_value(("pond.txt", b"frog\ntoad\nnewt\n", "text/plain"))
+def _upload(at: AppTest, weights: bytes, labels: bytes) -> AppTest:
+    at.selectbox(key="upload_arch").set_value(UPLOAD_ARCH).run()
+    at.file_uploader(key="upload_w0").set_value(("pond.safetensors", weights, "application/octet-stream"))
+    at.file_uploader(key="upload_l0").set_value(("pond.txt", labels, "text/plain"))
     at.run()
-    at.button(key="upload_add").click().run()
+    return at.button(key="upload_add").click().run()
+
+
+def test_upload_a_model_with_labels():
+    at = _upload(run_app(methods="gradcam"), _weights(3), b"frog\ntoad\nnewt\n")
     assert_clean(at)
     assert not at.error, [e.value for e in at.error]
     assert at.session_state["model"] == "upload:pond"
     assert at.selectbox(key="model_group").value == "upload"
     rows = card(at)
-    assert rows["Source"].startswith("uploaded in this session") and test_models[0] in rows["Source"]
+    assert rows["Source"].startswith("uploaded in this session") and UPLOAD_ARCH in rows["Source"]
     assert rows["Classes"] == "3 · labels: your file pond.txt"
     assert rows["Weights"].startswith("pond.safetensors (upload ")
+    assert any("3-class head" in note for label, note in rows.items() if label == "Note")
     target = at.selectbox(key="target")
     assert {o.split(" · ")[0].replace("Top class: ", "") for o in target.options} == {"frog", "toad", "newt"}
     assert any("a link cannot carry it" in c.value for c in at.caption)
@@ -151,16 +160,11 @@ def test_upload_a_model_with_labels(test_models):
     assert at.file_uploader(key="upload_w1") is not None
 
 
-def test_an_upload_that_does_not_fit_is_an_error_in_the_panel(test_models):
-    at = run_app(methods="gradcam", model=test_models[0])
-    at.selectbox(key="upload_arch").set_value(test_models[0]).run()
-    at.file_uploader(key="upload_w0").set_value(("pond.safetensors", _weights(3), "application/octet-stream"))
-    at.file_uploader(key="upload_l0").set_value(("pond.txt", b"frog\ntoad\n", "text/plain"))
-    at.run()
-    at.button(key="upload_add").click().run()
+def test_an_upload_that_does_not_fit_is_an_error_in_the_panel():
+    at = _upload(run_app(methods="gradcam"), _weights(3), b"frog\ntoad\n")
     assert_clean(at)
     assert any("pond.txt: 2 labels, but pond.safetensors gives" in e.value for e in at.error)
-    assert at.session_state["model"] == test_models[0]
+    assert at.session_state["model"] == models.DEFAULT_MODEL
 
 
 def test_a_link_to_an_upload_says_so_and_shows_the_default():
@@ -180,3 +184,58 @@ def test_a_link_naming_python_code_is_refused_without_importing(tmp_path, monkey
     assert_clean(at)
     assert any("Python code" in w.value for w in at.warning)
     assert not marker.exists() and "sidefx_link_test" not in sys.modules
+
+
+def test_timm_by_filter_and_a_transformer_in_the_sidebar():
+    """timm's long list behind the filter; DeiT-tiny (random weights, offline): token layers on their
+    patch grid in the layer picker, and the ReLU-rule methods and CAM shown disabled with the reason."""
+    at = run_app(methods="gradcam")
+    at.selectbox(key="model_group").set_value("timm").run()
+    total = len(ui.catalogue("timm"))
+    assert total > 1000 and any(f"{ui.SEARCH_LIMIT} of {total:,} shown" in c.value for c in at.sidebar.caption)
+    at.text_input(key="model_filter").set_value("deit tiny patch16").run()
+    pick = at.selectbox(key="model_pick")
+    assert pick.options[0] == "timm:deit_tiny_patch16_224" and len(pick.options) < 10
+    pick.set_value("timm:deit_tiny_patch16_224").run()
+    assert_clean(at)
+    assert at.radio(key="weights").value == "random"  # no cached pretrained weights here
+    rows = card(at)
+    assert rows["Source"] == "timm" and rows["Input"] == "3×224×224 · RGB"
+    layer = at.selectbox(key="layer")
+    assert layer.value == "blocks.11.norm1" and "blocks.11.norm1 · 192×14×14 (tokens)  (default)" in layer.options
+    off = [p for p in at.sidebar.get("button_group") if p.disabled]
+    disabled = {o for p in off for o in p.options}
+    assert {"CAM", "Deconvnet", "Guided backprop"} <= disabled
+    assert any("**Deconvnet**" in c.value and "GELU" in c.value for c in at.sidebar.caption)
+    assert at.query_params["model"] == "timm:deit_tiny_patch16_224" and at.query_params["weights"] == "random"
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture
+def spec_files(tmp_path, monkeypatch):
+    (tmp_path / "kinds.txt").write_text("\n".join(f"kind {c}" for c in "ABCDEFGH"))
+    good = tmp_path / "class_models.toml"
+    good.write_text('[models.teacher_net]\nsource = "shapes_resnet"\nlabels = "kinds.txt"\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[models.oops]\nsource = "shapes_resnet"\nlayers = "layer3"\n')
+    monkeypatch.setenv("VISLIB_MODELS", f"{good}{os.pathsep}{broken}")
+    st.cache_resource.clear()
+    yield good, broken
+    models.unregister_models(good)
+    st.cache_resource.clear()
+
+
+def test_spec_files_add_models_and_a_broken_one_says_why(spec_files):
+    good, broken = spec_files
+    at = run_app(methods="gradcam")
+    assert_clean(at)
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and str(broken) in errors[0] and "[models.oops]" in errors[0] and "'layers'" in errors[0]
+    assert "Spec files" in at.selectbox(key="model_group").options
+    at.selectbox(key="model_group").set_value("spec").run()
+    at.selectbox(key="model_pick").set_value("teacher_net").run()
+    assert_clean(at)
+    rows = card(at)
+    assert rows["Source"] == f"spec file {good.name}" and "kinds.txt" in rows["Classes"]
+    assert any(o.startswith("Top class: kind ") for o in at.selectbox(key="target").options)
+    assert at.query_params["model"] == "teacher_net"

@@ -289,13 +289,14 @@ def _reference(bundle, sample: str, methods: list[str]) -> dict[str, np.ndarray]
 def test_four_sessions_at_once_equal_one_at_a_time(server, browser, teacher_weights):
     """Four browser sessions, each its own model and image, computing at the same time: every view
     equals the same request computed alone (in this process, through the same library calls)."""
-    methods = ["gradcam", "guided_backprop"]
-    sessions = [("shapes_resnet", SAMPLES[0]), ("shapes_zf", SAMPLES[3]), ("resnet18", SAMPLES[5]),
+    methods = ["gradcam", "gradient"]
+    transformer = "timm:deit_tiny_patch16_224"
+    sessions = [("shapes_resnet", SAMPLES[0]), ("shapes_zf", SAMPLES[3]), (transformer, SAMPLES[5]),
                 ("upload", SAMPLES[7])]
     pages = []
     for model, sample in sessions:
         query = f"/?methods=&sample={sample}" + ("" if model == "upload" else f"&model={model}&weights=random"
-                                                  if model == "resnet18" else f"&model={model}")
+                                                  if model == transformer else f"&model={model}")
         page = _open(browser, server.url + query, height=1300)
         page.get_by_text("Choose at least one method").wait_for()
         if model == "upload":
@@ -306,19 +307,16 @@ def test_four_sessions_at_once_equal_one_at_a_time(server, browser, teacher_weig
         sidebar(page).locator("button").filter(has_text=re.compile(r"^Grad-CAM$")).click()
     for page in pages:
         page.get_by_text(re.compile(PANEL.format("Grad-CAM"))).wait_for()
-        sidebar(page).locator("button").filter(has_text=re.compile(r"^Guided backprop")).click()
+        sidebar(page).locator("button").filter(has_text=re.compile(r"^Gradient \(saliency\)")).click()
     got = []
     for page in pages:
-        page.get_by_text(re.compile(PANEL.format("Guided backprop"))).wait_for()
+        page.get_by_text(re.compile(PANEL.format(re.escape("Gradient (saliency)")))).wait_for()
         settle(page)
         assert panel_count(page) == 2
         got.append(download_npz(page))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        resnet = vislib.load_model("resnet18", weights=None, device="cpu")
     mine = uploads.build_upload(UPLOAD_ARCH, teacher_weights, "mine.safetensors", device="cpu").bundle
     bundles = [vislib.load_model("shapes_resnet", device="cpu"), vislib.load_model("shapes_zf", device="cpu"),
-               resnet, mine]
+               vislib.load_model(transformer, weights=None, device="cpu"), mine]
     for (model, sample), bundle, arrays in zip(sessions, bundles, got, strict=True):
         for key, expected in _reference(bundle, sample, methods).items():
             np.testing.assert_allclose(arrays[key], expected, rtol=1e-4, atol=1e-5, err_msg=f"{model} {key}")

@@ -237,12 +237,7 @@ def build_upload(
         path = Path(folder) / f"weights{suffix}"
         path.write_bytes(weights)
         try:
-            try:
-                bundle = load_model(architecture, weights=path, device=device)
-            except WeightsError:
-                bundle = _with_files_head(architecture, path, weights_file, device)
-                if bundle is None:
-                    raise
+            bundle = load_model(architecture, weights=path, device=device)
         except VislibError as exc:
             text = _without(str(exc), str(path), weights_file)
             raise type(exc)(f"{weights_file} on {architecture}: {text}") from None
@@ -265,45 +260,6 @@ def build_upload(
     return UploadedModel(name=name, architecture=architecture, weights_file=weights_file,
                          labels_file=labels_file if names is not None else None, digest=digest,
                          nbytes=model_bytes(bundle.model), bundle=bundle)
-
-
-def _with_files_head(architecture: str, path: Path, filename: str, device) -> object | None:
-    """The architecture with the file's classifier head, or None when the file differs otherwise.
-
-    Rule: every key of the file is a key of the model and the other way round, and the keys whose
-    shapes differ are the weight (N×in) and bias (N) of one ``nn.Linear`` whose input size fits: that
-    layer is replaced by an N-class one, the weights loaded, and the model probed again.
-    """
-    from torch import nn
-
-    from .models import load_model, make_bundle, read_state_dict
-
-    state = read_state_dict(path)
-    base = load_model(architecture, weights=None, device=device)
-    model, own = base.model, base.model.state_dict()
-    if set(own) != set(state):
-        return None
-    differing = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
-    owners = {k.rsplit(".", 1)[0] for k in differing}
-    if not differing or len(owners) != 1:
-        return None
-    name = owners.pop()
-    head = model.get_submodule(name)
-    weight = state.get(f"{name}.weight")
-    if not isinstance(head, nn.Linear) or weight is None or weight.dim() != 2 \
-            or weight.shape[1] != head.in_features or set(differing) - {f"{name}.weight", f"{name}.bias"}:
-        return None
-    classes = int(weight.shape[0])
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr,
-            nn.Linear(head.in_features, classes, bias=head.bias is not None).to(weight.dtype))
-    model.load_state_dict(state)
-    note = f"{filename} has a {classes}-class head: {architecture} was built with {classes} classes"
-    return make_bundle(
-        base.name, model, preprocess=base.preprocess, default_layer=base.default_layer,
-        default_reason=base.default_reason, device=base.device, weights=str(path), card=base.card,
-        output=base.output, channels=base.channels, source=base.source, labels_from="class numbers",
-        notes=[*base.notes, note])
 
 
 def _without(text: str, path: str, filename: str) -> str:

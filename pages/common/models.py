@@ -106,10 +106,8 @@ def session_uploads() -> uploads.SessionUploads:
 
 def _spec_files() -> tuple[tuple[str, float], ...]:
     """(path, mtime) of each spec file in ``VISLIB_MODELS`` (an edited file is read again)."""
-    try:
-        from vislib.models import spec_files_from_env
-    except ImportError:  # TODO(sources): spec files arrive with the sources branch
-        return ()
+    from vislib.models import spec_files_from_env
+
     out = []
     for path in spec_files_from_env():
         try:
