@@ -11,7 +11,16 @@ import time
 import streamlit as st
 
 import vislib
-from pages.common import Miss, cached_or_run, input_and_model, keep_state, show_error
+from pages.common import (
+    Miss,
+    cached_or_run,
+    input_and_model,
+    keep_state,
+    show_error,
+    show_unavailable,
+    unavailable_methods,
+    uploaded_model_note,
+)
 from vislib import ui
 from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.render import COLORMAPS, to_png_bytes
@@ -46,7 +55,8 @@ def load_url_state() -> None:
     if state.get("_url_loaded"):
         return
     state["_url_loaded"] = True
-    parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS))
+    parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS),
+                                   check_model=ui.dashboard_refusal)
     state["_url_notes"] = notes
     for name in ("model", "weights", "layer", "score"):
         if getattr(parsed, name):
@@ -83,28 +93,32 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
             state["layer"] = bundle.default_layer
         st.selectbox(
             "Target layer", layers, key="layer",
-            format_func=lambda n: ui.layer_label(n, bundle.layers[n]) + (
+            format_func=lambda n: ui.bundle_layer_label(bundle, n) + (
                 "  (default)" if n == bundle.default_layer else ""),
-            help="The layer whose activations the CAM family weighs: later layers are more semantic "
-                 "and coarser, earlier ones finer.",
+            help="The layer whose activations the CAM family weighs, with its map as the methods see it "
+                 "(channels×height×width; transformer tokens on their patch grid): later layers are more "
+                 "semantic and coarser, earlier ones finer.",
         )
         layer = state["layer"]
         state["layers"] = [x for x in state.get("layers", []) if x in bundle.layers and x != layer]
         st.multiselect("Compare layers (extra rows)", [n for n in layers if n != layer], key="layers",
-                       format_func=lambda n: ui.layer_label(n, bundle.layers[n]),
+                       format_func=lambda n: ui.bundle_layer_label(bundle, n),
                        placeholder="Add layers to compare…")
         extra_layers = list(state["layers"])
     st.markdown("### :material/tune: Methods")
+    unavailable = unavailable_methods(bundle, layer)
     for family, names in ui.methods_by_family().items():
         key = _family_key(family)
         if key not in state:
             state[key] = [m for m in ui.default_methods() if m in names]
-        state[key] = [m for m in state[key] if m in names]
-        st.pills(ui.family_title(family), names, selection_mode="multi", key=key,
+        usable = [m for m in names if m not in unavailable]
+        state[key] = [m for m in state[key] if m in usable]
+        st.pills(ui.family_title(family), usable, selection_mode="multi", key=key,
                  format_func=_method_label,
                  help=":material/hourglass_top: methods need many passes: they show a progress bar and "
                       "can be stopped.")
         methods += list(state[key])
+        show_unavailable({m: unavailable[m] for m in names if m in unavailable}, key=f"{key}_off")
     return layer, extra_layers, ui.display_order(methods)
 
 
@@ -201,6 +215,9 @@ st.caption("Class activation maps, backprop signals and perturbation maps for on
            "Pick the image, model, layer and methods on the left.")
 for note in state.pop("_url_notes", []):
     st.warning(note)
+link_note = uploaded_model_note(state.get("model"))
+if link_note:
+    st.caption(f":material/link_off: {link_note}")
 if picked is None:
     st.info("Upload an image, take a photo, or pick a sample in the sidebar.", icon=":material/image:")
     st.stop()

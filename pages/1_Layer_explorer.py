@@ -239,9 +239,10 @@ try:
     view, info = st.columns([1, 5], vertical_alignment="center")
     view.image(cached_view(digest, bundle.name, bundle, data), width="stretch")
     info.markdown(f"#### `{layer}` · {kind}")
-    info.caption(f"Output: {shape[0]} channels of {shape[1]}×{shape[2]} · step {walk.index(layer) + 1} of "
-                 f"{len(walk)} from the input" + (" · the Explain page's default target layer"
-                                                  if layer == bundle.default_layer else ""))
+    layout = bundle.view(layer).describe()
+    info.caption(f"Output: {shape[0]} channels of {shape[1]}×{shape[2]} ({layout}) · step "
+                 f"{walk.index(layer) + 1} of {len(walk)} from the input"
+                 + (" · the Explain page's default target layer" if layer == bundle.default_layer else ""))
     st.caption(" → ".join(f"**{n}**" if n == layer else n for n in walk))
     tabs = st.tabs(TABS, key="explorer_tab", on_change="rerun")
     for tab, name in zip(tabs, TABS, strict=True):

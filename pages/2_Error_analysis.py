@@ -13,7 +13,17 @@ import os
 import pandas as pd
 import streamlit as st
 
-from pages.common import Miss, cached_or_run, keep_state, model_picker, nav, show_error
+from pages.common import (
+    Miss,
+    cached_or_run,
+    is_upload,
+    keep_state,
+    model_picker,
+    nav,
+    show_error,
+    show_unavailable,
+    unavailable_methods,
+)
 from vislib import METHODS, datasets, evaluate, ui
 from vislib.render import overlay
 
@@ -83,18 +93,21 @@ def sidebar(bundle) -> dict | None:
         state["ea_limit"] = 1000
     limit = st.select_slider("Images to evaluate (at most)", LIMITS, key="ea_limit")
     st.markdown("### :material/tune: Explanations")
-    fast = [m for m in METHODS if not ui.is_slow(m)]
+    layer_now = state["ea_layer"] if state.get("ea_layer") in bundle.layers else bundle.default_layer
+    off = unavailable_methods(bundle, layer_now)
+    fast = [m for m in METHODS if not ui.is_slow(m) and m not in off]
     if "ea_methods" not in state:
         state["ea_methods"] = ["gradcam"] if "gradcam" in fast else fast[:1]
     state["ea_methods"] = [m for m in state["ea_methods"] if m in fast]
     st.multiselect("Methods", fast, key="ea_methods", format_func=ui.method_title,
                    help="Maps computed for every image. The many-pass methods (Score-CAM, occlusion, …) "
                         "are left out here; use them on one image in Explain.")
+    show_unavailable({m: why for m, why in off.items() if not ui.is_slow(m)}, key="ea_methods_off")
     layers = list(bundle.layers)
     if state.get("ea_layer") not in layers:
         state["ea_layer"] = bundle.default_layer
     st.selectbox("Target layer", layers, key="ea_layer",
-                 format_func=lambda n: ui.layer_label(n, bundle.layers[n]))
+                 format_func=lambda n: ui.bundle_layer_label(bundle, n))
     explained = st.radio("Maps explain", ["predicted", "true"], key="ea_explained", horizontal=True,
                          format_func={"predicted": "predicted class", "true": "true class"}.get,
                          help="Predicted: why did it say that? True: what did it see of the right class?")
@@ -112,6 +125,8 @@ def engine_picker() -> tuple[str, int | None]:
     """Where the evaluation runs: this process, or Ray workers on this machine (only offered when
     Ray is installed). The answers are the same, so the engine is not part of the cache key."""
     if not evaluate.ray_available():
+        return "local", None
+    if is_upload(state.get("model")):  # Ray workers build the model from its name: an upload has none
         return "local", None
     st.markdown("### :material/hub: Engine")
     if state.get("ea_engine") not in ("local", "ray"):

@@ -484,7 +484,7 @@ with st.sidebar:
         if state.get("layer") not in bundle.layers:
             state["layer"] = bundle.default_layer
         st.selectbox("Target layer", list(bundle.layers), key="layer",
-                     format_func=lambda n: ui.layer_label(n, bundle.layers[n]))
+                     format_func=lambda n: ui.bundle_layer_label(bundle, n))
         if not isinstance(state.get("learn_target"), int) or not TOP_CLASS <= state["learn_target"] < len(
                 bundle.labels):
             state["learn_target"] = TOP_CLASS

@@ -138,7 +138,7 @@ def test_the_bundled_model_is_the_default():
     at = run_app(methods="gradcam")
     assert_clean(at)
     expected = models.DEFAULT_MODEL if models.DEFAULT_MODEL in vislib.list_models() else "resnet18"
-    assert at.selectbox(key="model").value == expected
+    assert at.selectbox(key="model_pick").value == expected
     assert panel_titles(at) == ["Grad-CAM"]
 
 
@@ -200,11 +200,17 @@ def test_broken_upload_gives_a_message():
     assert not at.error and panel_titles(at) == ["Grad-CAM"]
 
 
-def test_cam_on_a_head_without_gap_fails_alone():
+def test_cam_on_a_head_without_gap_is_shown_disabled_with_the_reason():
     at = run_app(model="tiny_flat", methods="cam,gradcam,hirescam,guided_backprop")
     assert_clean(at)
-    assert len(at.error) == 1 and "CAM needs a global-average-pool + linear head" in errors(at)[0]
+    assert not at.error  # never an error panel after the fact
+    off = at.sidebar.get("button_group")
+    disabled = [p for p in off if p.disabled]
+    assert len(disabled) == 1 and disabled[0].options == ["CAM"]
+    assert any("**CAM**" in c.value and "global-average-pool + linear head" in c.value
+               for c in at.sidebar.caption)
     assert panel_titles(at) == ["Grad-CAM", "HiResCAM", "Guided backprop"]
+    assert at.query_params["methods"] == "gradcam,hirescam,guided_backprop"
     assert len(at.get("plotly_chart")) == 1
 
 
@@ -212,8 +218,10 @@ def test_a_layer_that_does_not_fit_the_method():
     # features.0 has 8 channels, the linear head reads 6: CAM does not apply there, Grad-CAM does
     at = run_app(model="tiny_gap", methods="cam,gradcam", layer="features.0")
     assert_clean(at)
-    assert len(at.error) == 1 and "features.0" in errors(at)[0]
-    assert panel_titles(at) == ["Grad-CAM"]
+    assert not at.error and panel_titles(at) == ["Grad-CAM"]
+    assert any("**CAM**" in c.value and "8 channels" in c.value for c in at.sidebar.caption)
+    at.selectbox(key="layer").set_value("features").run()  # at the GAP layer CAM is offered again
+    assert not [p for p in at.sidebar.get("button_group") if p.disabled]
 
 
 def test_unknown_layer_in_the_link_falls_back_to_the_default():

@@ -463,8 +463,9 @@ def reinitialise(model: nn.Module, names: Sequence[str], seed: int) -> None:
     touching the global random state); batch norms get fresh statistics too."""
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    from .seeding import seeded
+
+    with seeded(seed, devices), torch.no_grad():  # no other thread's seeded draw interleaves
         for name in names:
             for module in model.get_submodule(name).modules():
                 if hasattr(module, "reset_parameters"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -110,9 +111,21 @@ SLOW_METHODS = frozenset(name for name in METHODS if is_slow(name))
 # Layers
 
 
-def layer_label(name: str, shape: Sequence[int]) -> str:
-    """``layer4 · 512×7×7``."""
-    return f"{name} · {'×'.join(str(s) for s in shape)}"
+#: How the layer picker names a layer's layout when it is not a plain feature map.
+LAYOUT_WORDS = {"tokens": "tokens", "nhwc": "channels-last"}
+
+
+def layer_label(name: str, shape: Sequence[int], view=None) -> str:
+    """``layer4 · 512×7×7``; with the layer's :class:`~vislib.layers.LayerView`, its layout too:
+    ``blocks.11.norm1 · 192×14×14 (tokens)`` — the map as the methods see it."""
+    text = f"{name} · {'×'.join(str(s) for s in shape)}"
+    word = LAYOUT_WORDS.get(getattr(view, "layout", "nchw"))
+    return f"{text} ({word})" if word else text
+
+
+def bundle_layer_label(bundle, name: str) -> str:
+    """:func:`layer_label` of one of ``bundle``'s layers (its grid and layout as the methods see it)."""
+    return layer_label(name, bundle.layers[name], bundle.view(name))
 
 
 _SKIP_IN_WALK = ("BatchNorm", "Dropout", "Identity")
@@ -154,6 +167,330 @@ def walk_layers(bundle, *, everything: bool = False) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Model catalogue: sources, search, the card
+
+
+#: The catalogue's groups, in the order the model picker shows them.
+CATALOGUE_SOURCES = ("bundled", "spec", "torchvision", "timm", "hf", "upload")
+SOURCE_TITLES = {
+    "bundled": "Bundled", "spec": "Spec files", "torchvision": "torchvision", "timm": "timm",
+    "hf": "Hugging Face", "upload": "Your uploads",
+}
+#: Names of models uploaded in a browser session (they live in that session only: never in a link).
+UPLOAD_PREFIX = "upload:"
+#: How many matches the model picker lists at once (refine the filter for the others).
+SEARCH_LIMIT = 100
+_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_LISTING_CACHE: dict[str, list[str]] = {}
+
+
+def model_source(name: str) -> str:
+    """The catalogue group of a model name, without building anything: one of
+    :data:`CATALOGUE_SOURCES`, ``"factory"`` (``package.module:callable``) or ``"unknown"``."""
+    from .models import model_spec
+
+    if name.startswith(UPLOAD_PREFIX):
+        return "upload"
+    if name.startswith("timm:"):
+        return "timm"
+    if name.startswith("hf:"):
+        return "hf"
+    if _FACTORY.match(name):
+        return "factory"
+    try:
+        return model_spec(name).source
+    except VislibError:
+        return "unknown"
+
+
+def catalogue(source: str) -> list[str]:
+    """The model names of one catalogue group (uploads are the session's own: the page adds them).
+
+    timm's listing (about 1,300 names) is read once per process, and only when that group is opened.
+    """
+    from .models import list_models
+
+    if source == "upload":
+        return []
+    if source == "timm":
+        if "timm" not in _LISTING_CACHE:
+            _LISTING_CACHE["timm"] = list(list_models("timm"))
+        return list(_LISTING_CACHE["timm"])
+    return list(list_models(source))
+
+
+def _search_key(name: str) -> str:
+    return name.split(":", 1)[1].lower() if name.startswith(("timm:", "hf:", UPLOAD_PREFIX)) else name.lower()
+
+
+def search_models(names: Sequence[str], query: str, limit: int = SEARCH_LIMIT) -> tuple[list[str], int]:
+    """(the best ``limit`` matches, how many match) of ``query`` among ``names``.
+
+    Every word of the query must occur in the name (case-insensitive; the ``timm:`` / ``hf:`` prefix
+    is not searched). Order: exact name, then names that start with the query, then names where a
+    word starts a part (after ``_ . - /``), then the others; shorter names first within each.
+    """
+    words = query.lower().split()
+    if not words:
+        return list(names)[:limit], len(names)
+    phrase = " ".join(words)
+    ranked = []
+    for name in names:
+        key = _search_key(name)
+        if not all(w in key for w in words):
+            continue
+        if key == phrase:
+            rank = 0
+        elif key.startswith(words[0]):
+            rank = 1
+        elif any(re.search(rf"(^|[_.\-/]){re.escape(w)}", key) for w in words):
+            rank = 2
+        else:
+            rank = 3
+        ranked.append((rank, len(key), key, name))
+    ranked.sort()
+    return [name for *_, name in ranked[:limit]], len(ranked)
+
+
+def dashboard_refusal(name: str) -> str | None:
+    """Why the dashboard will not load ``name`` (a link or a typed name), or None when it may.
+
+    ``package.module:callable`` names import and run code: only the operator's spec files may name
+    them; an uploaded model lives in the browser session that uploaded it; anything else must
+    resolve to a model (a registered name, ``timm:<name>`` or ``hf:<repo>``).
+    """
+    from .models import model_spec
+
+    source = model_source(name)
+    if source == "upload":
+        return (f"{name!r} is a model uploaded in another browser session: an uploaded model lives only in "
+                f"the session that uploaded it and cannot be in a link; upload it again (Model → Upload a "
+                f"model)")
+    if source == "factory":
+        return (f"{name!r} names Python code (package.module:callable): the dashboard runs only the code "
+                f"that the operator's spec files name (scripts/dashboard.sh --models FILE)")
+    if source == "hf":
+        from .models.huggingface import local_folder
+
+        if local_folder(name):
+            return (f"{name!r} is not a Hugging Face hub repo id (namespace/name): the dashboard reads model "
+                    f"folders on the server only through the operator's spec files "
+                    f"(scripts/dashboard.sh --models FILE)")
+    try:
+        model_spec(name)
+    except VislibError as exc:
+        return str(exc)
+    return None
+
+
+def weights_choices(source: str) -> dict[str, str]:
+    """The weights radio of a catalogue group: choice → label ("pretrained" is the source's own)."""
+    trained = {"bundled": "Trained (bundled)", "spec": "The spec file's", "upload": "Your file"}
+    return {"pretrained": trained.get(source, "Pretrained"), "random": "Random init"}
+
+
+_CHANNEL_WORDS = {1: "greyscale", 3: "RGB", 4: "RGBA"}
+
+
+def weights_text(weights: str) -> str:
+    return "random initialisation (seeded: the same in every session)" if weights == "random" else weights
+
+
+def model_card(bundle, *, source: str | None = None, origin: str | None = None) -> list[tuple[str, str]]:
+    """The rows of a model's card in the sidebar: (label, text).
+
+    Source, weights (file, pretrained tag or random), classes and where their labels come from, input
+    size and channels, default layer (as the methods see it) and why it was chosen, then the notes.
+    """
+    source = source or getattr(bundle, "source", None) or "module"
+    where = {"bundled": "bundled (assets/models)", "hf": "Hugging Face", "upload": "uploaded in this session"}
+    text = where.get(source, source)
+    if source == "spec" and origin:
+        text = f"spec file {Path(origin).name}"
+    architecture = getattr(bundle, "upload_architecture", None)
+    if architecture:
+        text += f" · architecture {architecture}"
+    c, h, w = bundle.input_shape
+    labels_from = getattr(bundle, "labels_from", "") or "given"
+    reason = getattr(bundle, "default_reason", "") or "given"
+    rows = [
+        ("Source", text),
+        ("Weights", weights_text(bundle.weights)),
+        ("Classes", f"{len(bundle.labels)} · labels: {labels_from}"),
+        ("Input", f"{c}×{h}×{w} · {_CHANNEL_WORDS.get(c, f'{c} channels')}"),
+        ("Default layer", f"{bundle_layer_label(bundle, bundle.default_layer)} · {reason}"),
+    ]
+    rows += [("Note", note) for note in getattr(bundle, "notes", []) or []]
+    return rows
+
+
+def offline_note(name: str) -> str | None:
+    """For a model whose pretrained weights are not on this machine: what to fetch and where it goes
+    (torchvision: the file and the torch hub folder; timm and Hugging Face: the repo and the cache
+    folder), and that a random initialisation is offered meanwhile. None when they are at hand."""
+    from .models import model_spec, pretrained_available
+
+    source = model_source(name)
+    if source not in ("torchvision", "timm", "hf"):
+        return None
+    try:
+        if pretrained_available(name):
+            return None
+        model_spec(name)
+    except VislibError as exc:
+        return str(exc)
+    meanwhile = ("Meanwhile you can explore the randomly initialised network: its maps show the "
+                 "architecture's bias, not what it learned.")
+    where = _weights_location_text(name, source)
+    return f"Pretrained weights for **{name}** are not on this machine. {where} {meanwhile}"
+
+
+def _weights_location_text(name: str, source: str) -> str:
+    """Where the pretrained weights of ``name`` come from and where they go, in one sentence."""
+    if source == "torchvision":
+        import torchvision
+
+        from .models import pretrained_cache_path
+
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        path = pretrained_cache_path(weights)
+        return (f"To use them, download [{path.name}]({weights.url}) into `{path.parent}` (or start the app "
+                f"once with internet access).")
+    try:
+        from .models import cache
+    except ImportError:  # an older models package without the shared cache helpers
+        return "Start the app once with internet access to download them."
+    if source == "hf":
+        repo = name[3:]
+        folder = cache.hf_cache_dir() / ("models--" + repo.replace("/", "--"))
+        return (f"To use them, run once with internet access: the Hugging Face repo `{repo}` goes into "
+                f"`{folder}`.")
+    try:
+        from .models.timm_zoo import _weights_location
+
+        location = _weights_location(name[5:])
+    except Exception:  # noqa: BLE001  (no pretrained weights at all: the loader says so)
+        return "timm has no pretrained weights for it."
+    if location[0] == "hf":
+        folder = cache.hf_cache_dir() / ("models--" + location[1].replace("/", "--"))
+        return (f"To use them, run once with internet access: the Hugging Face repo `{location[1]}` "
+                f"({' or '.join(location[2])}) goes into `{folder}`.")
+    path = cache.torch_checkpoint_path(location[1])
+    return f"To use them, download [{path.name}]({location[1]}) into `{path.parent}`."
+
+
+# --------------------------------------------------------------------------------------------------
+# Which methods apply to a model and layer
+
+
+#: ReLU-family activations the backprop rules act on; other activations keep their gradient.
+_ACTIVATION_NAMES = ("GELU", "SiLU", "Hardswish", "ReLU6", "Mish", "ELU", "LeakyReLU", "Tanh", "Sigmoid",
+                     "Hardsigmoid", "Softplus", "QuickGELU", "GELUTanh", "Swish")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What decides which methods apply (computed once per bundle and layer)."""
+
+    relus: int  # ReLUs the backprop family's rules reach (modules, or functional calls on one probe)
+    activations: tuple[str, ...]  # other activation types in the network, for the reasons
+    cam: str | None  # why CAM cannot run at this layer, or None
+
+
+class _ReluCounter(torch.overrides.TorchFunctionMode):
+    """Counts the ReLU calls (modules and functions) of this thread's forward passes in the block: the
+    calls the backprop family's ReLU rules reach."""
+
+    FUNCS = frozenset({torch.nn.functional.relu, torch.relu, torch.relu_, torch.Tensor.relu,
+                       torch.Tensor.relu_})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FUNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _probe_input(bundle) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, *bundle.input_shape, generator=generator).to(bundle.device)
+
+
+def model_facts(bundle, layer: str) -> ModelFacts:
+    """:class:`ModelFacts` of ``bundle`` at ``layer``: from the structure, plus at most one probe
+    forward (hooks on this thread only, removed in ``finally``) when the structure cannot tell: a
+    model without ``nn.ReLU`` modules (are there functional ReLUs?), a layer that may sit under a
+    GAP + linear head (does the head reproduce the logits?)."""
+    from .hooks import capture_layer
+    from .methods.cam import gap_linear_head
+
+    modules = list(bundle.model.modules())
+    relus = sum(isinstance(m, torch.nn.ReLU) for m in modules)
+    activations = tuple(sorted({type(m).__name__ for m in modules
+                                if type(m).__name__ in _ACTIVATION_NAMES}))
+    cam = None
+    need_head = cam_head_possible(bundle, layer)
+    if not need_head:
+        c = bundle.layers[layer][0]
+        cam = (f"CAM needs a global-average-pool + linear head on this layer: no linear layer maps its {c} "
+               f"channels to the {len(bundle.labels)} classes. Grad-CAM generalises CAM to any head")
+    if need_head or not relus:
+        from contextlib import nullcontext
+
+        module = bundle.model.get_submodule(layer)
+        counting = _ReluCounter() if not relus else nullcontext()
+        with torch.no_grad(), capture_layer(module, view=bundle.view(layer)) as captured, counting:
+            logits = bundle.logits(_probe_input(bundle))
+        relus = relus or counting.count
+        if need_head:
+            try:
+                gap_linear_head(bundle.model, captured.activation, logits, layer)
+            except VislibError as exc:
+                cam = f"{exc}"
+    return ModelFacts(relus=relus, activations=activations, cam=cam)
+
+
+def _builtin_reason(cls, bundle, layer: str, facts: ModelFacts) -> str | None:
+    if cls.name == "cam":
+        return facts.cam
+    rule = getattr(cls, "rule", "gradient")
+    if rule != "gradient" and not facts.relus:
+        uses = f" (it uses {', '.join(facts.activations)})" if facts.activations else ""
+        return (f"{cls.title} changes the backward pass at ReLUs only, and this network has none{uses}: "
+                f"it would show the plain gradient. Use Gradient (saliency)")
+    return None
+
+
+def method_availability(bundle, layer: str) -> dict[str, str | None]:
+    """Every registered method → why it cannot run on ``bundle`` at ``layer`` (one line for the UI), or
+    None when it can.
+
+    Built-in rules: CAM needs a GAP + linear head that reproduces the logits at this layer; Deconvnet,
+    guided backprop and guided Grad-CAM need ReLUs. A method class may add its own with a classmethod
+    ``unavailable(bundle, layer) -> str | None`` (see :class:`vislib.methods.base.Method`). Cached on
+    the bundle per layer, so it costs one probe forward at most per model and layer.
+    """
+    cache = bundle.__dict__.setdefault("_ui_availability", {})
+    if layer in cache:
+        return dict(cache[layer])
+    facts = model_facts(bundle, layer)
+    found: dict[str, str | None] = {}
+    for name, cls in METHODS.items():
+        reason = _builtin_reason(cls, bundle, layer, facts)
+        if reason is None and hasattr(cls, "unavailable"):
+            try:
+                reason = cls.unavailable(bundle, layer)
+            except VislibError as exc:
+                reason = str(exc)
+        found[name] = reason
+    cache[layer] = found
+    return dict(found)
+
+
+# --------------------------------------------------------------------------------------------------
 # Page state in the URL
 
 
@@ -186,20 +523,25 @@ def _split(value) -> list[str]:
 
 
 def parse_query(
-    params: Mapping, *, models: Sequence[str], methods: Sequence[str],
+    params: Mapping, *, models: Sequence[str] = (), methods: Sequence[str],
+    check_model: Callable[[str], str | None] | None = None,
 ) -> tuple[ViewState, list[str]]:
     """Parse ``st.query_params`` into a :class:`ViewState`; unknown values are dropped with a note.
 
-    Layers are checked later against the loaded model.
+    A model is accepted when it is in ``models``, or, with ``check_model(name)`` (which returns why a
+    name is refused, e.g. :func:`dashboard_refusal`), when that gives no reason. Layers are checked
+    later against the loaded model.
     """
     notes: list[str] = []
     state = ViewState()
     model = _one(params.get("model"))
     if model is not None:
-        if model in models:
+        refusal = None if model in models else (
+            check_model(model) if check_model is not None else f"unknown model {model!r}")
+        if refusal is None:
             state.model = model
         else:
-            notes.append(f"unknown model {model!r} in the link; using the default")
+            notes.append(f"The link's model cannot be shown: {refusal}. Showing the default model instead.")
     weights = _one(params.get("weights"))
     if weights in ("pretrained", "random"):
         state.weights = weights

@@ -7,17 +7,16 @@ Streamlit). This folder is not a page: Streamlit only lists the ``*.py`` files d
 from __future__ import annotations
 
 import os
+import sys
 
 import streamlit as st
 import torch
 
-import vislib
-from vislib import ui
+from vislib import ui, uploads
 from vislib.errors import VislibError
-from vislib.models import DEFAULT_MODEL, model_spec, pretrained_available
 
 #: Session keys that must survive a switch between pages (widget state alone does not).
-PERSISTENT = ("model", "weights", "source", "sample", "layer")
+PERSISTENT = ("model", "weights", "source", "sample", "layer", "model_group", "model_filter", "upload_arch")
 SOURCES = ("Sample", "Upload", "Camera")
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
 
@@ -45,94 +44,21 @@ def keep_state() -> None:
             st.session_state[key] = st.session_state[key]
 
 
-@st.cache_resource(max_entries=3, show_spinner=False)
-def load_bundle(name: str, weights: str):
-    """One model per (name, weights) per process; the bundle carries its own lock for hooked passes.
-
-    A random initialisation is seeded (without touching the global RNG), so a link reproduces it.
-    """
-    if weights != "random":
-        return vislib.load_model(name, weights="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return vislib.load_model(name, weights=None)
-
-
-def default_model(models: list[str]) -> str:
-    if DEFAULT_MODEL in models:
-        return DEFAULT_MODEL
-    bundled = [m for m in models if model_spec(m).source == "bundled"]
-    if bundled:
-        return bundled[0]
-    return "resnet18" if "resnet18" in models else models[0]
-
-
-def default_weights(name: str) -> str:
-    spec = model_spec(name)
-    if spec.source == "torchvision" and not pretrained_available(name):
-        return "random"
-    return "pretrained"
-
-
-def _model_label(name: str) -> str:
-    spec = model_spec(name)
-    return f"{name} · bundled" if spec.source == "bundled" else f"{name} · torchvision"
-
-
-def _weights_label(source: str):
-    return {"pretrained": "Trained (bundled)" if source == "bundled" else "Pretrained (ImageNet)",
-            "random": "Random init"}.get
-
-
-def _on_model_change() -> None:
-    st.session_state["weights"] = default_weights(st.session_state["model"])
-    for key in ("layer", "layers", "target"):
-        st.session_state.pop(key, None)
-
-
-def missing_weights_note(name: str) -> str:
-    import torchvision
-
-    from vislib.models import pretrained_cache_path
-
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    path = pretrained_cache_path(weights)
-    return (
-        f"ImageNet weights for **{name}** are not on this machine. To use them, download "
-        f"[{path.name}]({weights.url}) into `{path.parent}` (or start the app once with internet "
-        f"access). Meanwhile you can explore the randomly initialised network: its maps show the "
-        f"architecture's bias, not what it learned."
-    )
-
-
-def model_picker():
-    """Model and weights pickers (in the current container); the loaded bundle, or None after an error."""
-    models = vislib.list_models()
-    state = st.session_state
-    if state.get("model") not in models:
-        state["model"] = default_model(models)
-    st.selectbox("Model", models, key="model", format_func=_model_label, on_change=_on_model_change)
-    name = state["model"]
-    spec = model_spec(name)
-    if state.get("weights") not in ("pretrained", "random"):
-        state["weights"] = default_weights(name)
-    st.radio("Weights", ("pretrained", "random"), key="weights", horizontal=True,
-             format_func=_weights_label(spec.source))
-    if spec.source == "torchvision" and not pretrained_available(name):
-        st.caption(missing_weights_note(name))
-    try:
-        with st.spinner(f"Loading {name}…"):
-            return load_bundle(name, state["weights"])
-    except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
-        show_error(exc)
-        return None
-
-
 def _forget_image(key: str) -> None:
     """The user removed the upload or the photo: forget the stored copy too."""
     if st.session_state.get(key) is None:
         st.session_state.pop("image_bytes", None)
         st.session_state.pop("image_from", None)
+
+
+def _image_fits(nbytes: int) -> bool:
+    """The image path's own 20 MB cap (the server accepts larger files, for weights uploads)."""
+    try:
+        uploads.check_image_size(nbytes)
+    except VislibError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return False
+    return True
 
 
 def _remember(data: bytes, name: str) -> None:
@@ -161,13 +87,14 @@ def image_picker() -> tuple[bytes, str] | None:
         return _sample_bytes(state["sample"]), state["sample"]
     if source == "Upload":
         upload = st.file_uploader("Upload an image (JPEG, PNG, WebP, BMP)", type=UPLOAD_TYPES, key="upload",
-                                  on_change=_forget_image, args=("upload",))
-        if upload is not None:
+                                  on_change=_forget_image, args=("upload",),
+                                  max_upload_size=uploads.MAX_IMAGE_MB)
+        if upload is not None and _image_fits(upload.size):
             _remember(upload.getvalue(), upload.name)
             state["image_from"] = "Upload"
     else:
         photo = st.camera_input("Take a photo", key="camera", on_change=_forget_image, args=("camera",))
-        if photo is not None:
+        if photo is not None and _image_fits(photo.size):
             _remember(photo.getvalue(), "camera photo")
             state["image_from"] = "Camera"
     if state.get("image_from") == source and state.get("image_bytes"):
@@ -183,6 +110,23 @@ def input_and_model():
     picked = image_picker()
     st.markdown("### :material/neurology: Model")
     return picked, model_picker()
+
+
+from pages.common.models import (  # noqa: E402  (the model section uses show_error from above)
+    default_model,
+    default_weights,
+    is_upload,
+    load_bundle,
+    model_picker,
+    session_alive,
+    session_id,
+    session_uploads,
+    uploaded_model_note,
+)
+
+__all__ = ["Miss", "cached_or_run", "default_model", "default_weights", "input_and_model", "is_upload",
+           "keep_state", "load_bundle", "model_picker", "nav", "session_alive", "session_id",
+           "session_uploads", "show_error", "show_unavailable", "unavailable_methods", "uploaded_model_note"]
 
 
 def nav() -> None:
@@ -201,6 +145,27 @@ def show_error(exc: Exception) -> None:
         st.error(str(exc), icon=":material/error:")
     else:
         st.error(f"Something went wrong ({type(exc).__name__}: {exc}).", icon=":material/error:")
+
+
+def unavailable_methods(bundle, layer: str | None) -> dict[str, str]:
+    """Methods that cannot run on this model and layer, with the reason (one cheap probe, cached)."""
+    if bundle is None or layer is None:
+        return {}
+    try:
+        found = ui.method_availability(bundle, layer)
+    except Exception as exc:  # the probe itself failed: the methods say why when they run
+        print(f"vislib: method availability probe failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return {}
+    return {m: why for m, why in found.items() if why}
+
+
+def show_unavailable(reasons: dict[str, str], *, key: str) -> None:
+    """Methods that do not apply, shown disabled with the reason (never an error after the fact)."""
+    if not reasons:
+        return
+    st.pills("Not for this model", list(reasons), selection_mode="multi", key=key, disabled=True,
+             format_func=ui.method_title, label_visibility="collapsed")
+    st.caption("  \n".join(f":material/block: **{ui.method_title(m)}**: {why}" for m, why in reasons.items()))
 
 
 class Miss(Exception):
@@ -230,8 +195,13 @@ def cached_or_run(key: str, job_fn, store, *, name: str, verb: str = "Computing"
         st.session_state.pop(stopped, None)
     job = ui.BackgroundJob(job_fn).start()
     slot, bar = st.empty(), None
+    sid = session_id()
     try:
         while not job.wait(0.05):
+            if not session_alive(sid):  # the tab was closed: stop the work now (finally cancels it)
+                print(f"vislib: browser session {sid[:8]} closed during {name!r}: cancelling it",
+                      file=sys.stderr, flush=True)
+                break
             if bar is None and job.elapsed > 0.3:
                 with slot.container():
                     bar = st.progress(0.0, text=f"{verb}…")
@@ -242,6 +212,11 @@ def cached_or_run(key: str, job_fn, store, *, name: str, verb: str = "Computing"
     finally:
         if not job.done:
             job.cancel()
+            if not session_alive(sid):
+                print(f"vislib: browser session {sid[:8]} closed: {name!r} stopped after "
+                      f"{job.elapsed:.1f} s", file=sys.stderr, flush=True)
+    if not job.done or not session_alive(sid):
+        st.stop()
     slot.empty()
     result = job.result()
     store(key, _result=result)

@@ -32,6 +32,13 @@ class Method:
     def __init__(self, **options):
         self.options = options
 
+    @classmethod
+    def unavailable(cls, bundle, layer: str) -> str | None:  # noqa: ARG003
+        """Why this method cannot run on ``bundle`` at ``layer`` (one line for the dashboard, which then
+        shows it disabled with this reason), or None. Cheap: structure, at most one probe forward;
+        the method itself still refuses with a :class:`MethodError` when called anyway."""
+        return None
+
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator adding ``cls`` to :data:`METHODS`; refuses duplicate names."""

@@ -398,5 +398,12 @@ class LRP(BackpropMethod):
     defaults = {"composite": "epsilon_plus_flat", "epsilon": 1e-6, "gamma": 0.25}
     standalone = True
 
+    @classmethod
+    def unavailable(cls, bundle, layer: str) -> str | None:  # noqa: ARG003  (any layer: input-space)
+        """zennit missing, or a model its rules do not cover (from the module types, no forward)."""
+        _zennit()
+        reason = unsupported_reason(bundle.model)
+        return reason
+
     def run(self, ctx: ExplainContext) -> MethodResult:
         return run_lrp(ctx, self.options)

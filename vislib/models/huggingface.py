@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 from ..errors import ModelError, WeightsError
@@ -48,6 +49,23 @@ def _transformers():
     return transformers
 
 
+# The hub's repo ids: "name" or "namespace/name" of letters, digits, "-", "_" and "." (no "--" or
+# "..", not starting or ending with "-" or ".").
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+
+
+def is_repo_id(ref: str) -> bool:
+    """Whether ``ref`` is shaped like a hub repo id (``google/vit-base-patch16-224``), not a path."""
+    return bool(REPO_ID.match(ref)) and "--" not in ref and ".." not in ref
+
+
+def local_folder(name: str) -> bool:
+    """Whether ``hf:<ref>`` names a folder on this machine rather than a hub repo (no file is read)."""
+    ref = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return ref.startswith(("/", ".", "~")) or not is_repo_id(ref) or Path(ref).expanduser().is_dir()
+
+
 def _split(name: str) -> tuple[str, Path | None]:
     """(reference, local folder or None) of ``hf:<repo id or folder>``."""
     ref = name[len(PREFIX):] if name.startswith(PREFIX) else name
@@ -60,6 +78,9 @@ def _split(name: str) -> tuple[str, Path | None]:
             raise ModelError(f"hf:{ref}: no Hugging Face model folder there (a folder with config.json, "
                              f"as save_pretrained writes it)")
         return ref, path
+    if not is_repo_id(ref):
+        raise ModelError(f"hf:{ref}: not a Hugging Face repo id (namespace/name, e.g. "
+                         f"hf:google/vit-base-patch16-224) nor a model folder (hf:/path/to/model)")
     return ref, None
 
 

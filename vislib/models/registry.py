@@ -290,8 +290,9 @@ def model_ref(bundle: ModelBundle) -> ModelRef:
 def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     """Build with a fixed seed, so "random" weights are the same in every process (links, caches),
     without touching the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    from ..seeding import seeded
+
+    with seeded(seed):  # one seeded draw at a time in this process: the same weights in every thread
         return build()
 
 
