@@ -4,22 +4,12 @@ strongest activations of a channel appear as patch / projection pairs."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from test_e2e_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    OUT,
-    ROOT,
-    _free_port,
-    _require_browser,
-    _settle,
-    _wait_healthy,
-)
+from test_e2e_browser import OUT, _require_browser
+
+from benchmarks.dashboard_harness import CHROMIUM, CHROMIUM_ARGS, run_server, settle
 
 pytestmark = pytest.mark.browser
 
@@ -27,29 +17,9 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _require_browser()
-    port = _free_port()
-    env = {**os.environ, "VISLIB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "VISLIB_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    OUT.mkdir(exist_ok=True)
-    log = open(OUT / "e2e-dataset-streamlit.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    env = {"VISLIB_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    with run_server(OUT / "e2e-dataset-streamlit.log", env=env) as srv:
+        yield srv.url
 
 
 def test_across_the_dataset_in_the_browser(server):
@@ -70,7 +40,7 @@ def test_across_the_dataset_in_the_browser(server):
                 "() => [...document.querySelectorAll('[data-testid=\"stProgress\"]')]"
                 ".some(e => / at [\\d.]+\\/s/.test(e.innerText))")
             page.get_by_text(re.compile(r"^#9 · test/\d{5} · activation")).wait_for()
-            _settle(page)
+            settle(page)
             assert page.get_by_text(re.compile(r"^#\d · test/\d{5} · activation")).count() == 9
             assert page.get_by_text(re.compile(r"strongest activations of channel \d+ of stem over 2000 "
                                                r"images")).count() == 1
