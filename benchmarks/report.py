@@ -6,9 +6,10 @@ import json
 import math
 from pathlib import Path
 
-from .suite import ALL_CAMS_ROW, PROMISE_RATIO
+from .suite import ADD_ONE_ROW, ALL_CAMS_ROW, DEFAULT_VIEW_ROW, PROMISE_RATIO, VIEW_RATIO
 
 PROMISE_MODELS = ("resnet50",)
+VIEW_MODELS = ("resnet50", "densenet121")  # where the default view's promise is stated
 BACKPROP_RULES = ("gradient", "deconvnet", "guided_backprop")
 BACKPROP_RATIO = 1.1  # each at most this many times a forward + backward to the input
 # Score-CAM against the fastest peer, batch 1, layer4 at 224×224: a target where one is stated (on the
@@ -124,6 +125,28 @@ def peer_table(run: dict, footnotes: dict[str, int]) -> list[str]:
     return _table(header, body)
 
 
+def view_lines(run: dict) -> list[str]:
+    """The dashboard's default view (one call) with its passes, and adding one CAM to it from the cache."""
+    lines = []
+    for row in run.get("views", []):
+        head = f"- **{row['method']}** b={row['batch']}: "
+        if row["status"] != "ok":
+            lines.append(head + f"{row['status']}: {row.get('message', '')}")
+            continue
+        text = f"{fmt_ms(row['per_image_s'])} ms/img, {fmt_x(row['x_forward'])} forward"
+        if row["method"] == DEFAULT_VIEW_ROW:
+            text += f" ({', '.join(row['methods'])})"
+            if row.get("left_out"):
+                text += "; left out: " + "; ".join(f"{m}: {why}" for m, why in row["left_out"].items())
+            if row.get("pass_timings"):
+                text += "; passes: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["pass_timings"].items())
+        elif row["method"] == ADD_ONE_ROW:
+            passes = ", ".join(row.get("passes_run") or {}) or "none"
+            text += f" (added {row['added']}; served from the cache: {len(row['reused'])} methods; passes run: {passes})"
+        lines.append(head + text)
+    return ["", "The dashboard's default view:", ""] + lines if lines else []
+
+
 def promise_lines(results: dict) -> list[str]:
     lines = []
     for check in results.get("promises", []):
@@ -166,6 +189,18 @@ def evaluate_promises(results: dict) -> list[dict]:
                 "ratio": ratio, "target": BACKPROP_RATIO, "met": ratio <= BACKPROP_RATIO,
                 "measured": f"{ratio:.2f}× forward + backward to the input",
                 "target_text": f"≤ {BACKPROP_RATIO:.1f}×",
+            })
+    for run in _promise_runs(results, VIEW_MODELS):
+        where = f"{run['model']} {'×'.join(map(str, run['input']))}"
+        for row in run.get("views", []):
+            if row["method"] != DEFAULT_VIEW_ROW or row.get("x_forward") is None or row["status"] != "ok":
+                continue
+            left = f" (without {', '.join(row['left_out'])}: not applicable)" if row.get("left_out") else ""
+            checks.append({
+                "what": f"{DEFAULT_VIEW_ROW}{left}, {where} batch {row['batch']} on {run['device']}",
+                "model": run["model"], "device": run["device"], "batch": row["batch"],
+                "ratio": row["x_forward"], "target": VIEW_RATIO, "met": row["x_forward"] <= VIEW_RATIO,
+                "measured": f"{row['x_forward']:.2f}× forward", "target_text": f"≤ {VIEW_RATIO:.1f}×",
             })
     for run in _promise_runs(results, SCORECAM_MODELS):
         checks += _scorecam_promise(run, f"{run['model']} {'×'.join(map(str, run['input']))}")
@@ -263,6 +298,7 @@ def render_markdown(results: dict) -> str:
             out += ["Nothing measured: the run's deadline had passed."]
             continue
         out += method_table(run)
+        out += view_lines(run)
         if run["peers"]:
             out += ["", f"### {run['model']}: side by side with the peer libraries", ""]
             out += peer_table(run, footnotes)

@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks.run                            # resnet50 + shapes_resnet, batch 1 and 16
     python -m benchmarks.run --methods gradcam,gradcam++ --batches 1 --no-scaling
     python -m benchmarks.run --scorecam                 # Score-CAM head to head: resnet50 layer4, batch 1
+    python -m benchmarks.run --view                     # the dashboard's default view: ≤ 4.0× a forward
 
 resnet50 runs with random weights unless ``--pretrained`` finds torchvision's checkpoint in the local
 cache (nothing is ever downloaded): timing does not depend on the weights. Results go to
@@ -74,6 +75,13 @@ GPU = {
     "variants": [("scorecam[bf16]", "scorecam", {"precision": "bf16"}),
                  ("scorecam[fp16]", "scorecam", {"precision": "fp16"})],
 }
+# --view: the dashboard's default view (six CAMs + guided backprop + Deconvnet, one call) and adding one
+# CAM to it from the cache, on resnet50 and densenet121 at batch 1 and 16 (issue 17's promise: ≤ 4.0×
+# a forward), nothing else: about 5 minutes on 2 CPU cores.
+VIEW = {
+    "models": ["resnet50", "densenet121"], "methods": [], "batches": [1, 16], "repeats": 5, "warmup": 1,
+    "budget": 120.0, "no_peers": True, "no_scaling": True, "no_agreement": True, "options": {},
+}
 FULL = {
     "scaling_model": "resnet50", "options": {},
     "models": ["resnet50", "shapes_resnet"], "batches": [1, 16], "repeats": 3, "warmup": 1, "budget": 30.0,
@@ -96,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scorecam", action="store_true",
                    help="Score-CAM head to head: resnet18 and resnet50 layer4, batch 1 (about 20 minutes "
                         "on 2 CPU cores)")
+    p.add_argument("--view", action="store_true",
+                   help="the dashboard's default view and adding one CAM to it from the cache: resnet50 and "
+                        "densenet121, batch 1 and 16 (about 5 minutes on 2 CPU cores)")
     p.add_argument("--gpu", action="store_true",
                    help="the CUDA preset of scripts/gpu-check.sh (resnet50, batches 1, 16, 64, peers, "
                         "autocast)")
@@ -128,7 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--options", type=json.loads,
                    help='per-method options as JSON, e.g. \'{"smoothgrad": {"n_samples": 10}}\'')
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else SCORECAM if args.scorecam else GPU if args.gpu else FULL
+    preset = (QUICK if args.quick else SCORECAM if args.scorecam else GPU if args.gpu
+              else VIEW if args.view else FULL)
     for key, value in preset.items():
         current = getattr(args, key, None)
         if current is None or current is False:  # not given (a flag left off); an explicit 0 stays

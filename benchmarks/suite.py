@@ -40,6 +40,9 @@ PAST_DEADLINE = "skipped: past the run's deadline (--deadline)"
 SIX_CAMS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 ALL_CAMS_ROW = "all six CAMs"
 PROMISE_RATIO = 1.3  # the six CAMs together cost at most this many forward passes
+DEFAULT_VIEW_ROW = "default view"  # the dashboard's first view: the six CAMs + guided backprop + Deconvnet
+VIEW_RATIO = 4.0  # the default view costs at most this many forward passes
+ADD_ONE_ROW = "add one CAM to a cached view"
 
 
 @dataclass
@@ -61,6 +64,7 @@ class BenchConfig:
     variants: Sequence[tuple[str, str, dict]] = ()  # (label, method, options): rows compared to the method's
     deadline: float | None = None  # time.perf_counter() after which rows are skipped (results still written)
     peer_budget_s: float | None = None  # a peer's row budget (None: budget_s); its calls are not interrupted
+    view: bool = True  # the dashboard's default view and "add one CAM to a cached view" rows
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
 
@@ -382,6 +386,10 @@ def bench_bundle(bundle, config: BenchConfig, *, device_label: str | None = None
         if not config.out_of_time():
             config.log(f"  {ALL_CAMS_ROW}")
             result["all_cams"].append(all_cams_row(bundle, inputs, targets, refs, config))
+        if config.view and not config.out_of_time():
+            config.log(f"  {DEFAULT_VIEW_ROW}, then {ADD_ONE_ROW}")
+            result.setdefault("views", []).append(default_view_row(bundle, inputs, targets, refs, config))
+            result["views"].append(add_one_row(bundle, inputs, targets, config))
     return result
 
 
@@ -405,6 +413,69 @@ def all_cams_row(bundle, inputs, targets, refs: dict, config: BenchConfig) -> di
     cams = [m for m in SIX_CAMS if m in vislib.METHODS]
     row, _ = run_ours(bundle, inputs, targets, cams, refs, config, ALL_CAMS_ROW)
     row["methods"] = cams
+    return row
+
+
+def view_methods(bundle) -> tuple[list[str], dict[str, str]]:
+    """The dashboard's default methods that apply to ``bundle`` at its default layer (as the page
+    offers them), and why each of the others is left out (e.g. CAM without a GAP + linear head)."""
+    from vislib import ui
+
+    reasons = ui.method_availability(bundle, bundle.default_layer)
+    names = [m for m in ui.default_methods() if not reasons.get(m)]
+    return names, {m: reasons[m] for m in ui.default_methods() if reasons.get(m)}
+
+
+def default_view_row(bundle, inputs, targets, refs: dict, config: BenchConfig) -> dict:
+    """The dashboard's default view in one ``explain`` call (the promise: ≤ 4 forward passes), with
+    the passes it ran (the Explain page's caption)."""
+    names, left_out = view_methods(bundle)
+    row, out = run_ours(bundle, inputs, targets, names, refs, config, DEFAULT_VIEW_ROW)
+    row["methods"] = names
+    if left_out:
+        row["left_out"] = left_out
+    if out is not None:
+        row["pass_timings"] = dict(out.pass_timings)
+    return row
+
+
+def add_one_row(bundle, inputs, targets, config: BenchConfig) -> dict:
+    """Adding one CAM to a view already computed (``PassCache``): each repeat fills a fresh cache with
+    the default view minus one CAM (untimed), then times the call with the full view, paired with a
+    plain forward. Only the added method runs, from the recorded pass: no forward at all."""
+    names, _ = view_methods(bundle)
+    cams = [m for m in names if vislib.METHODS[m].family == "cam"]
+    row = _row_base(method=ADD_ONE_ROW, family="cam", batch=len(inputs))
+    if not cams:
+        return {**row, "status": "skipped", "message": "no CAM method applies at the default layer"}
+    added = cams[-1]
+    before = [m for m in names if m != added]
+    target_list = targets.tolist()
+    forward = forward_reference(bundle.model, inputs)
+    forward_runs, add_runs, out = [], [], None
+    for i in range(config.warmup + config.repeats):
+        cache = vislib.PassCache()
+        vislib.explain(bundle, inputs, before, target=target_list, cache=cache)
+        timed = []
+        for fn in (forward, lambda cache=cache: vislib.explain(bundle, inputs, names, target=target_list,
+                                                                cache=cache)):
+            sync(bundle.device)
+            start = time.perf_counter()
+            result = fn()
+            sync(bundle.device)
+            timed.append(time.perf_counter() - start)
+        if i >= config.warmup:
+            forward_runs.append(timed[0])
+            add_runs.append(timed[1])
+            out = result
+    ratios = sorted(b / a for a, b in zip(forward_runs, add_runs, strict=True))
+    row.update(
+        added=added, view=names, per_image_s=sorted(add_runs)[len(add_runs) // 2] / len(inputs),
+        runs_s=add_runs, paired_forward_runs_s=forward_runs, x_forward=ratios[len(ratios) // 2],
+        reused=list(out.reused), passes_run=dict(out.pass_timings),
+    )
+    if sorted(out.reused) != sorted(before):
+        row.update(status="error", message=f"the cache served {out.reused}, expected {before}")
     return row
 
 

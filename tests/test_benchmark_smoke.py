@@ -403,3 +403,34 @@ def test_gpu_preset_and_its_cpu_dry_run():
     scorecam = parse_args(["--scorecam"])
     assert scorecam.models[:2] == ["resnet18", "resnet50"] and scorecam.pairs["resnet18"] == 3
     assert parse_args(["--scorecam", "--pairs", "2"]).pairs == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The dashboard's default view and adding one CAM to it from the cache (issue 17's promise rows)
+
+
+def test_default_view_and_add_one_cam_rows(result):
+    from vislib import ui
+
+    view, add = result["views"][:2]
+    assert view["method"] == suite.DEFAULT_VIEW_ROW and view["status"] == "ok", view
+    assert view["methods"] == [m for m in ui.default_methods() if m not in view.get("left_out", {})]
+    assert {"guided_backprop", "deconvnet", "gradcam"} <= set(view["methods"])
+    # one recorded forward for both families: no separate backprop forward
+    assert "forward" in view["pass_timings"] and "backprop_forward" not in view["pass_timings"]
+    assert view["x_forward"] > 0
+    assert add["method"] == suite.ADD_ONE_ROW and add["status"] == "ok", add
+    assert sorted(add["reused"]) == sorted(m for m in view["methods"] if m != add["added"])
+    assert not any("forward" in name for name in add["passes_run"])  # served from the recorded pass
+    assert len(add["runs_s"]) == len(add["paired_forward_runs_s"]) == 2
+
+
+def test_the_view_promise_is_checked_where_it_is_stated(result):
+    run = {**result, "model": "densenet121", "input": [3, 224, 224],
+           "views": [{**result["views"][0], "left_out": {"cam": "no GAP + linear head"}, "x_forward": 4.5}]}
+    checks = [c for c in report.evaluate_promises({"runs": [run]}) if c["target"] == suite.VIEW_RATIO]
+    assert len(checks) == 1 and checks[0]["met"] is False and "without cam" in checks[0]["what"]
+    run["views"][0]["x_forward"] = 3.9
+    assert report.evaluate_promises({"runs": [run]})[-1]["met"] is True
+    text = report.render_markdown({"meta": {"started": "now"}, "runs": [result]})
+    assert suite.DEFAULT_VIEW_ROW in text and suite.ADD_ONE_ROW in text and "served from the cache" in text
