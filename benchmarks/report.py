@@ -139,10 +139,12 @@ def view_lines(run: dict) -> list[str]:
             if row.get("left_out"):
                 text += "; left out: " + "; ".join(f"{m}: {why}" for m, why in row["left_out"].items())
             if row.get("pass_timings"):
-                text += "; passes: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["pass_timings"].items())
+                timings = row["pass_timings"].items()
+                text += "; passes: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings)
         elif row["method"] == ADD_ONE_ROW:
             passes = ", ".join(row.get("passes_run") or {}) or "none"
-            text += f" (added {row['added']}; served from the cache: {len(row['reused'])} methods; passes run: {passes})"
+            text += (f" (added {row['added']}; served from the cache: {len(row['reused'])} methods; "
+                     f"passes run: {passes})")
         lines.append(head + text)
     return ["", "The dashboard's default view:", ""] + lines if lines else []
 

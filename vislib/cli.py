@@ -178,7 +178,7 @@ def _list_methods() -> int:
     rows = [(name, cls.family, cls.passes or "–", cls.paper or cls.title) for name, cls in METHODS.items()]
     widths = [max(len(r[i]) for r in rows + [("name", "family", "passes", "")]) for i in range(3)]
     for row in [("name", "family", "passes", "paper")] + rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     return 0
 
 
