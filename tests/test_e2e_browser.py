@@ -346,10 +346,18 @@ def test_closing_the_tab_stops_the_work_and_frees_the_upload(server, browser, te
     while "stopped after" not in server.log_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert re.search(r"closed: 'stop' stopped after", server.log_text()), server.log_text()[-2000:]
-    before = cpu_seconds(server.proc.pid)
-    time.sleep(2.0)
-    busy = cpu_seconds(server.proc.pid) - before
-    assert busy < 0.5, f"the server kept computing after the tab closed ({busy:.2f} s of CPU in 2 s)"
+    # Score-CAM on resnet18 left running would keep the server busy for tens of seconds; once stopped,
+    # the server goes quiet within a few seconds (a window of 1 s with under 0.25 s of CPU), whatever
+    # else (the allocator, the thread pool's spin) was still winding down.
+    windows = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        before = cpu_seconds(server.proc.pid)
+        time.sleep(1.0)
+        windows.append(cpu_seconds(server.proc.pid) - before)
+        if windows[-1] < 0.25:
+            break
+    assert windows[-1] < 0.25, f"the server kept computing after the tab closed (CPU s per 1 s: {windows})"
     # the upload is freed once the session is gone for disconnectedSessionTTL (2 s here)
     watcher = _open(browser, server.url + "/?methods=gradcam")
     counts = watcher.get_by_text(re.compile(r"This server holds \d+ uploaded models"))
