@@ -21,7 +21,7 @@ from PIL import Image
 
 from .. import metrics
 from ..datasets import Batch, ImageSet
-from ..explain import _compute_resilient, _Job, device_slot
+from ..explain import _compute_chunked, _Job, device_slot
 from ..models import ModelBundle, Preprocess
 from .records import CENTRE, KEYS, column
 
@@ -89,7 +89,7 @@ def explain_batch(bundle, inputs, names, layer, target, cancel, notes: list[str]
     and targets (numpy, batch first)."""
     job = _Job(names=list(names), layer=layer, score="logit", options={}, progress=None, cancel=cancel)
     with device_slot(bundle.device):  # as explain(): a bounded number of explanations per GPU
-        part = _compute_resilient(bundle, inputs, target, job)
+        part = _compute_chunked(bundle, inputs, target, job)
     notes += [n for n in job.notes if n not in notes]
     return part
 
