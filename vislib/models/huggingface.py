@@ -21,8 +21,7 @@ from pathlib import Path
 from ..errors import ModelError, WeightsError
 from .cache import hf_cache_dir, hf_cached, hf_missing, hf_reachable, offline
 from .registry import ModelSpec, _seeded, source_spec
-from .source import SourceModel, draw_zero_head, fit_stats, interpolation_mode, preprocess
-from .weights import load_weights
+from .source import SourceModel, fit_stats, interpolation_mode, preprocess, random_or_file
 
 PREFIX = "hf:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -250,15 +249,8 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
         model = _call(what, auto.from_pretrained, ref, config=config, **load)
         weights_id = f"hf:{ref}"
     else:
-        model = build()
-        weights_id = "random"
-        if weights is None:
-            note = _seeded(lambda: draw_zero_head(model, f"hf:{ref}"), seed=1)
-            notes += [note] if note else []
-        else:
-            model, note = load_weights(model, weights, build)
-            notes += [note] if note else []
-            weights_id = str(weights)
+        model, weights_id, note = random_or_file(build(), weights, build, f"hf:{ref}")
+        notes += [note] if note else []
     labels, labels_from = config_labels(model.config)
     channels = int(getattr(model.config, "num_channels", 3) or 3)
     if folder is None:  # the processor is optional: looked up online only when it is not cached

@@ -121,6 +121,23 @@ def draw_zero_head(model: nn.Module, what: str) -> str | None:
             f"vislib draws the head at random like any linear layer")
 
 
+def random_or_file(model: nn.Module, weights, build: Callable[..., nn.Module], what: str
+                   ) -> tuple[nn.Module, str, str | None]:
+    """A source model's weights other than its pretrained ones: ``None`` keeps the seeded random
+    initialisation (a zero head drawn at random: :func:`draw_zero_head`); a path loads the user's
+    state dict (:func:`~vislib.models.weights.load_weights`, which builds the model with the file's
+    number of classes through ``build`` when they differ). Returns (model, weights id, note or None)."""
+    if weights is None:
+        from ..seeding import seeded
+
+        with seeded(1):
+            return model, "random", draw_zero_head(model, what)
+    from .weights import load_weights
+
+    model, note = load_weights(model, weights, build)
+    return model, str(weights), note
+
+
 def finish(name: str, src: SourceModel, device: torch.device | None = None) -> ModelBundle:
     """Probe a source's model into a bundle.
 

@@ -17,8 +17,7 @@ import math
 from ..errors import ModelError, WeightsError
 from .cache import fetch_hf, fetch_url, hf_cached, torch_checkpoint_path
 from .registry import ModelSpec, _seeded, source_spec
-from .source import SourceModel, draw_zero_head, fit_stats, interpolation_mode, preprocess
-from .weights import load_weights
+from .source import SourceModel, fit_stats, interpolation_mode, preprocess, random_or_file
 
 PREFIX = "timm:"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -178,15 +177,8 @@ def timm_source(name: str, weights, kwargs: dict) -> SourceModel:
         weights_id = f"timm:{model.pretrained_cfg.get('architecture', model_name)}." \
                      f"{model.pretrained_cfg.get('tag') or ''}".rstrip(".")
     else:
-        model = build()
-        weights_id = "random"
-        if weights is None:
-            note = _seeded(lambda: draw_zero_head(model, f"timm:{model_name}"), seed=1)
-            notes += [note] if note else []
-        else:
-            model, note = load_weights(model, weights, build)
-            notes += [note] if note else []
-            weights_id = str(weights)
+        model, weights_id, note = random_or_file(build(), weights, build, f"timm:{model_name}")
+        notes += [note] if note else []
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes <= 0:
         raise ModelError(f"timm:{model_name} has no classifier head (num_classes=0): it gives features, not "

@@ -11,8 +11,7 @@ from ..errors import ModelError, WeightsError
 from .bundle import Preprocess
 from .cache import fetch_url, torch_checkpoint_path
 from .registry import _seeded, register_source, source_spec
-from .source import SourceModel, draw_zero_head, preprocess
-from .weights import load_weights
+from .source import SourceModel, preprocess, random_or_file
 
 #: The default layers of the eight torchvision models registered before the whole zoo was; the bundle's
 #: default-layer rule gives these same layers (tested) and chooses for every model.
@@ -100,14 +99,10 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
             model = build()
         except (TypeError, ValueError) as exc:
             raise ModelError(f"{name}: {exc}") from None
-        weights_id = "random"
-        if weights is None:
-            note = _seeded(lambda: draw_zero_head(model, name), seed=1)
-            notes += [note] if note else []
-        else:
-            model, head_note = load_weights(model, weights, build)
-            notes += [head_note] if head_note else []
-            weights_id = str(weights)
+        model, weights_id, note = random_or_file(model, weights, build, name)
+        notes += [note] if note else []
+        if weights is not None:
+            head_note = note  # the file's head has another number of classes
     if head_note or kwargs.get("num_classes", len(labels)) != len(labels):  # another head: no categories
         labels, labels_from = None, "class indices"
     return SourceModel(
