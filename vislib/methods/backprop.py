@@ -189,10 +189,7 @@ class BackpropMethod(Method):
     passes: ClassVar[str] = ""  # the passes it costs, for listings
 
     def __init__(self, **options):
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(self.defaults) or "none"
-            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
+        self.check_options(options, self.defaults)
         super().__init__(**{**self.defaults, **options})
 
     def run(self, ctx: ExplainContext) -> MethodResult:

@@ -32,6 +32,13 @@ class Method:
     def __init__(self, **options):
         self.options = options
 
+    def check_options(self, options: dict, allowed) -> None:
+        """Refuse options outside ``allowed``, naming the valid ones."""
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            valid = ", ".join(allowed) or "none"
+            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
+
     @classmethod
     def unavailable(cls, bundle, layer: str) -> str | None:  # noqa: ARG003
         """Why this method cannot run on ``bundle`` at ``layer`` (one line for the dashboard, which then

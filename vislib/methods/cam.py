@@ -49,10 +49,7 @@ class CAMMethod(Method):
     defaults: ClassVar[dict] = SHARED_OPTIONS
 
     def __init__(self, **options):
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(self.defaults) or "none"
-            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
+        self.check_options(options, self.defaults)
         super().__init__(**{**self.defaults, **options})
         for key in ("aug_smooth", "eigen_smooth"):
             if key in self.options and not isinstance(self.options[key], bool):

@@ -182,10 +182,7 @@ class PerturbationMethod(Method):
     cuda_batch_size: ClassVar[int | None] = None  # a larger default on CUDA (None: the CPU default)
 
     def __init__(self, **options):
-        unknown = sorted(set(options) - set(self.options_allowed))
-        if unknown:
-            allowed = ", ".join(self.options_allowed)
-            raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
+        self.check_options(options, self.options_allowed)
         super().__init__(**options)
 
     def plan(self, session: Session) -> Plan:
