@@ -285,7 +285,10 @@ def _compute_chunked(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Jo
 
 
 def _rows(spec, start: int, stop: int):
-    """The rows [start, stop) of a per-sample target / contrast list; a single spec as it is."""
+    """The rows [start, stop) of a per-sample target / contrast (a list, array or tensor); a single
+    spec (one class for every sample, None) as it is."""
+    if isinstance(spec, torch.Tensor):
+        spec = spec.tolist()
     if isinstance(spec, (list, tuple, np.ndarray)):
         return list(spec[start:stop])
     return spec
@@ -305,10 +308,10 @@ def _compute_resilient(bundle: ModelBundle, inputs: torch.Tensor, target, job: _
         if n > 1:
             job.notes.append(f"out of GPU memory with a batch of {n}: retried in two halves")
             half = n // 2
-            first, second = _split_target(target, half)
-            c_first, c_second = _split_target(job.contrast, half)
-            a = _compute_resilient(bundle, inputs[:half], first, replace(job, contrast=c_first))
-            b = _compute_resilient(bundle, inputs[half:], second, replace(job, contrast=c_second))
+            a = _compute_resilient(bundle, inputs[:half], _rows(target, 0, half),
+                                   replace(job, contrast=_rows(job.contrast, 0, half)))
+            b = _compute_resilient(bundle, inputs[half:], _rows(target, half, n),
+                                   replace(job, contrast=_rows(job.contrast, half, n)))
             return _merge(a, b)
         if not can_fall_back_to_cpu(bundle):
             raise
@@ -329,14 +332,6 @@ def cpu_copy(bundle: ModelBundle) -> ModelBundle:
                 lock=threading.RLock(), cpu_fallback=None,
             )
         return bundle.cpu_fallback
-
-
-def _split_target(target, half: int):
-    if isinstance(target, torch.Tensor):
-        target = target.tolist()
-    if isinstance(target, (list, tuple, np.ndarray)):
-        return list(target[:half]), list(target[half:])
-    return target, target
 
 
 def _merge(a: _Part, b: _Part) -> _Part:
