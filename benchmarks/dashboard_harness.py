@@ -197,11 +197,26 @@ def sidebar(page):
     return page.locator('[data-testid="stSidebar"]')
 
 
-def choose(page, key: str, option: str) -> None:
-    """Pick ``option`` in the selectbox with widget key ``key`` (by typing, as a person does)."""
-    page.locator(f".st-key-{key}").locator('[data-testid="stSelectbox"]').first.click()
-    page.keyboard.type(option)
-    page.get_by_role("option", name=option, exact=True).first.click()
+def choose(page, key: str, option: str, attempts: int = 3) -> None:
+    """Pick ``option`` in the selectbox with widget key ``key`` (by typing, as a person does).
+
+    Waits for the page to be idle first; a dropdown that a late rerun closed before the option showed
+    is opened again (up to ``attempts`` times)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.locator(f".st-key-{key}").locator('[data-testid="stSelectbox"]').first
+    wanted = page.get_by_role("option", name=option, exact=True).first
+    for attempt in range(attempts):
+        settle(page)
+        box.click()
+        page.keyboard.type(option)
+        try:
+            wanted.click(timeout=20_000 if attempt < attempts - 1 else None)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+            page.keyboard.press("Escape")
 
 
 def upload_model(page, architecture: str, weights: tuple[str, bytes],
