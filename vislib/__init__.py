@@ -10,6 +10,8 @@ Public API::
     image = vislib.load_image("photo.jpg")
     result = vislib.explain(bundle, image, methods=["gradcam", "gradcam++"])
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
+    vislib.detect(vislib.load_model("shapes_det"), image)   # boxes, labels, scores in view pixels
+    vislib.segment(vislib.load_model("shapes_seg"), image)  # class map and logits at view resolution
 """
 
 from .concepts import Concepts, concepts  # noqa: F401
@@ -37,6 +39,7 @@ from .models import (  # noqa: F401
     register_models,
     sample_images,
 )
+from .objects import Detections, Segmentation, detect, segment  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
 
 __version__ = "0.1.0"
@@ -45,7 +48,7 @@ __all__ = [
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
-    "evaluate",
+    "evaluate", "detect", "segment", "Detections", "Segmentation",
 ]
 
 # a callable module: vislib.evaluate(bundle, images, ...) is vislib.evaluate.evaluate

@@ -40,7 +40,7 @@ class ShapesBackbone(nn.Sequential):
         ))
 
 
-def ShapesFCOS(num_classes: int = 9, widths: tuple[int, ...] = (16, 32, 64, 96), fpn_channels: int = 64,
+def ShapesFCOS(num_classes: int = 9, widths: tuple[int, ...] = (16, 32, 64, 96), fpn_channels: int = 32,
                head_convs: int = 2, size: int = 128, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                std: tuple[float, ...] = (0.25, 0.25, 0.25), score_thresh: float = 0.3) -> nn.Module:
     """FCOS on :class:`ShapesBackbone` + FPN (strides 8, 16, 32); ``num_classes`` counts the background."""

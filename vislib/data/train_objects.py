@@ -54,11 +54,11 @@ class ObjectRecipe:
 OBJECT_RECIPES: dict[str, ObjectRecipe] = {
     "shapes_det": ObjectRecipe(
         task="detection", architecture="ShapesFCOS",
-        arch_kwargs={"num_classes": 9, "widths": [16, 32, 64, 96], "fpn_channels": 64, "head_convs": 2},
+        arch_kwargs={"num_classes": 9, "widths": [16, 32, 64, 96], "fpn_channels": 32, "head_convs": 2},
         default_layer="backbone.fpn.layer_blocks.0",
         description="FCOS (torchvision) on a small 4-stage CNN + FPN, trained on generated shapes scenes "
                     "(1-4 objects of 8 classes on cluttered backgrounds).",
-        train_size=10_000, epochs=4, lr=2e-3,
+        train_size=6000, epochs=5, batch_size=16, lr=2e-3,
         notes="Labels follow torchvision: 0 is the background (never predicted), c + 1 the shape class c. "
               "The model normalises inside (its GeneralizedRCNNTransform, min_size = max_size = 128).",
     ),
@@ -68,7 +68,7 @@ OBJECT_RECIPES: dict[str, ObjectRecipe] = {
         default_layer="backbone.layer4",
         description="LR-ASPP (torchvision) on a small 4-stage CNN, trained on generated shapes scenes: "
                     "a class per pixel (background + 8 shapes).",
-        train_size=8000, epochs=4, lr=3e-3,
+        train_size=5000, epochs=5, batch_size=16, lr=3e-3,
         notes="Output: a dict with 'out', N x 9 x H x W logits at the input size (class 0 = background).",
     ),
 }

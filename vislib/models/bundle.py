@@ -187,6 +187,7 @@ class ModelBundle:
     layer_table: list[LayerRow] = field(default_factory=list, repr=False)
     description: str = ""
     ref: object = field(default=None, repr=False)  # a ModelRef that rebuilds it elsewhere (vislib.model_ref)
+    task: str = "classification"  # or "detection" / "segmentation" (vislib.objects)
 
     def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Image.Image]]:
         """(the N×C×H×W input batch on the model's device, the input views): the model explains
@@ -338,12 +339,24 @@ def make_bundle(
     labels_from: str | None = None,
     notes: Sequence[str] = (),
     default_reason: str | None = None,
+    task: str | None = None,
 ) -> ModelBundle:
     """Put a model in eval mode on ``device`` and work out its input, layers, labels and default layer.
 
     ``channels``: the input channels (default: the preprocessing's, else the first convolution's
     ``in_channels``, else 3); ``output``: which part of the model's output holds the class scores.
+    ``task``: "classification", "detection" or "segmentation" (default: from the model's class,
+    :func:`vislib.objects.task_of`); a detector's or segmenter's class scores default to
+    :func:`vislib.objects.task_output`'s reading of its output.
     """
+    from ..objects.outputs import TASKS, choose_object_layer, detector_classes, task_of, task_output
+
+    task = task or task_of(model)
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    if output is None and task != "classification":
+        classes = len(labels) if labels is not None else detector_classes(model)
+        output = task_output(task, classes)
     device = device or default_device()
     model = model.to(device).eval()
     channels = channels or (preprocess.channels if isinstance(preprocess, Preprocess) else None) \
@@ -363,9 +376,12 @@ def make_bundle(
         name=name, model=model, preprocess=preprocess, labels=list(labels),
         layers={n: v.shape for n, v in probe.views.items()}, default_layer="", device=device, weights=weights,
         card=card, output=output, views=probe.views, input_shape=shape, source=source,
-        labels_from=labels_from or "given", notes=list(notes), layer_table=probe.table,
+        labels_from=labels_from or "given", notes=list(notes), layer_table=probe.table, task=task,
     )
-    if default_layer is None:
+    chosen = choose_object_layer(probe, task) if default_layer is None and task != "classification" else None
+    if chosen is not None:
+        default_layer, bundle.default_reason = chosen
+    elif default_layer is None:
         default_layer, bundle.default_reason = choose_default_layer(model, probe)
     else:
         bundle.default_reason = default_reason or "given"
