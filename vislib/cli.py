@@ -175,10 +175,19 @@ def _tags_text(tags: list[str]) -> str:
 def _list_methods() -> int:
     from .methods import METHODS
 
-    rows = [(name, cls.family, cls.passes or "–", cls.paper or cls.title) for name, cls in METHODS.items()]
-    widths = [max(len(r[i]) for r in rows + [("name", "family", "passes", "")]) for i in range(3)]
-    for row in [("name", "family", "passes", "paper")] + rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    short = {"classification": "cls", "detection": "det", "segmentation": "seg"}
+    rows = [(name, cls.family, cls.passes or "–", ",".join(short.get(t, t) for t in cls.tasks),
+             cls.paper or cls.title) for name, cls in METHODS.items()]
+    head = ("name", "family", "passes", "tasks", "paper")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    for row in [head] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    notes = [f"{name}: {cls.task_reason}" for name, cls in METHODS.items() if len(cls.tasks) < 3]
+    if notes:
+        print("\ntasks: cls = classification, det = detection (a box), seg = segmentation (a region); "
+              "not all:")
+        for note in notes:
+            print(f"  {note}")
     return 0
 
 

@@ -113,6 +113,9 @@ def explain(
     if score not in SCORES:
         raise MethodError(f"score must be one of {SCORES}, not {score!r}")
     names = parse_methods(methods)
+    refused = [r for n in names if (r := METHODS[n].refuses_task(getattr(bundle, "task", "classification")))]
+    if refused:
+        raise MethodError("; ".join(refused))
     batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
     layer_name, _ = resolve_layer(bundle, layer)
     if contrast is not None:

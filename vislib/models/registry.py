@@ -169,6 +169,7 @@ def load_model(
     channels: int | None = None,
     kwargs: dict | None = None,
     processor: object = None,
+    task: str | None = None,
 ) -> ModelBundle:
     """Load a model by name (see the module docstring), or wrap the user's own ``nn.Module``.
 
@@ -184,7 +185,8 @@ def load_model(
     source knows;
     ``kwargs`` go to the builder (``torchvision.models.get_model``, ``timm.create_model``, the
     Hugging Face config, a factory); ``processor`` is a Hugging Face image processor for a Hugging
-    Face model object.
+    Face model object. ``task``: "classification", "detection" or "segmentation" (default: the
+    source's, else from the model's class).
     """
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(model, nn.Module):
@@ -192,6 +194,7 @@ def load_model(
 
         src = module_source(model, weights, processor=processor)
         _override(src, labels, preprocess, default_layer, output, channels)
+        src.task = task or src.task
         bundle = finish(name or type(model).__name__, src, dev)
         bundle.ref = None
         return bundle
@@ -204,6 +207,7 @@ def load_model(
     else:
         src = spec.make(weights, dict(kwargs or {}))
         _override(src, labels, preprocess, default_layer, output, channels)
+        src.task = task or src.task
         bundle = finish(spec.name, src, dev)
     bundle.ref = ModelRef(
         name=spec.name, weights=weights if weights in (None, "default") else absolute(weights),

@@ -13,7 +13,8 @@ Keys (all but ``source`` optional): ``source``, ``kwargs`` (a table for the buil
 arguments, ``timm.create_model`` or ``torchvision.models.get_model`` keywords, Hugging Face config
 values), ``weights``, ``labels``, ``input_size`` (int or [H, W]), ``resize`` (int: the shorter side;
 [H, W]: exactly), ``channels``, ``mean``, ``std``, ``interpolation``, ``layer`` (the default layer),
-``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``.
+``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``,
+``task`` ("classification", "detection" or "segmentation"; default: from the model's class).
 Every problem is a :class:`ModelError` naming the file, the table and the key.
 
 **Spec files are trusted configuration.** A ``source`` or ``output`` of the form
@@ -40,7 +41,7 @@ from .source import FACTORY_PATTERN, SourceModel, interpolation_mode, preprocess
 ENV_VARIABLE = "VISLIB_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 KEYS = ("source", "kwargs", "weights", "labels", "input_size", "resize", "channels", "mean", "std",
-        "interpolation", "layer", "output", "description")
+        "interpolation", "layer", "output", "description", "task")
 MAX_SPEC_BYTES = 1024 * 1024
 
 
@@ -64,6 +65,7 @@ class ModelEntry:
     layer: str | None = None
     output: int | str | None = None
     description: str = ""
+    task: str | None = None  # "classification" | "detection" | "segmentation" (None: from the model)
 
     @property
     def context(self) -> str:
@@ -162,6 +164,10 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
                          f"not {type(output).__name__}")
     fields["output"] = output
     fields["description"] = get.text("description") or ""
+    task = get.text("task")
+    if task is not None and task not in ("classification", "detection", "segmentation"):
+        raise ModelError(f"{where} task: one of classification, detection, segmentation, not {task!r}")
+    fields["task"] = task
     return ModelEntry(**fields)
 
 
@@ -304,6 +310,8 @@ def entry_source(entry: ModelEntry, weights, kwargs: dict) -> SourceModel:
         src.output = _output(entry)
     if entry.channels is not None:
         src.channels = entry.channels
+    if entry.task is not None:
+        src.task = entry.task
     src.preprocess = _preprocess(entry, src)
     return src
 
