@@ -126,3 +126,20 @@ def test_region_and_box_targets_refuse_the_wrong_task_and_bad_masks(frcnn):
         box_bundle(seg, [[0, 0, 1, 1]], [1])
     with pytest.raises(TargetError, match="128×128"):
         region_bundle(seg, image, [1], [np.ones((5, 5), bool)])
+
+
+def test_boxes_from_one_forward_equal_one_explanation_per_box_and_per_box_normalisation(frcnn):
+    from vislib.objects import explain_boxes
+
+    image = make_scene("test", 0).image
+    dets = vislib.detect(frcnn, image)
+    boxes, labels = dets.boxes[[0, 4]], dets.labels[[0, 4]]
+    shared = explain_boxes(frcnn, image, boxes, labels, methods=["gradcam"])
+    assert shared.maps["gradcam"].shape == (2, 320, 320)
+    one = vislib.explain(box_bundle(frcnn, boxes, labels), image, methods=["gradcam"], target=1)
+    assert _pearson(shared.maps["gradcam"][1], one.maps["gradcam"]) >= 0.9999
+    normed = explain_boxes(frcnn, image, boxes, labels, normalise_per_box=True).maps["gradcam"]
+    for k, (x0, y0, x1, y1) in enumerate(boxes.round().astype(int)):
+        outside = np.ones((320, 320), bool)
+        outside[max(0, y0):y1, max(0, x0):x1] = False
+        assert (normed[k][outside] == 0).all() and normed[k].max() == 1.0

@@ -7,4 +7,6 @@
 """
 
 from .api import Detections, Segmentation, detect, segment  # noqa: F401
+from .explain import ObjectExplanation, explain_boxes, explain_regions, per_box_normalise  # noqa: F401
 from .outputs import TASKS, detections_of, segmentation_logits_of, task_of  # noqa: F401
+from .scores import BoxScores, RegionScores, box_bundle, box_score, region_bundle  # noqa: F401
