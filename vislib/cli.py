@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1[:LABEL]",
+                    help="detectors: explain this box (input-view pixels; label: index or name, default the "
+                         "overlapping detection's)")
+    ex.add_argument("--detection", type=int, default=None, metavar="K",
+                    help="detectors: explain the K-th detection (0 = the highest score)")
+    ex.add_argument("--region", default=None, metavar="LABEL",
+                    help="segmenters: explain the pixels predicted as LABEL (Seg-Grad-CAM with gradcam)")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
     add_models_parser(sub)
@@ -107,8 +114,12 @@ def _explain(args) -> int:
     image = load_image(args.image)
     weights = None if args.weights.lower() == "none" else args.weights
     bundle = load_model(args.model, weights=weights, device=args.device)
+    from .objects.cli import object_target
+
+    bundle, object_index, explained = object_target(bundle, image, box=args.box, detection=args.detection,
+                                                    region=args.region)
     result = explain(bundle, image, methods=args.methods, layer=args.layer,
-                     target=args.target, score=args.score)
+                     target=args.target if object_index is None else object_index, score=args.score)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +142,7 @@ def _explain(args) -> int:
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
         "pass_timings_s": result.pass_timings,
+        **({"explained": explained} if explained else {}),
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     top = result.top_k(1)[0]
@@ -224,7 +236,9 @@ def _add_data_options(parser, default_model: str) -> None:
     """Data, model and engine options shared by ``evaluate`` and ``features``."""
     parser.add_argument("data", help="an ImageFolder folder or .zip (one folder per class), 'shapes' (the "
                                      "generated test split, with masks) or 'shapes+mark' (every image "
-                                     "marked)")
+                                     "marked); evaluate also takes detection / segmentation sets: a COCO "
+                                     ".json, a YOLO folder (labels/, images/), a folder with masks/ (PNG), "
+                                     "or 'scenes[:N]' (the generated scenes)")
     parser.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
     parser.add_argument("--weights", default="default",
                         help="'default', 'none' (random) or a state-dict path")
@@ -324,6 +338,10 @@ def _evaluate(args) -> int:
     from .explain import parse_methods
 
     _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
+    from .objects.cli import evaluate_command, is_object_set
+
+    if is_object_set(args.data):  # a detection / segmentation set: mAP / mIoU and the error list
+        return evaluate_command(args)
     methods = parse_methods(args.methods)
     bundle, images, out = _prepare(args)
     maps_dir = out / "maps" if args.maps else None
