@@ -82,8 +82,8 @@ def test_gradcam_of_a_box_equals_pytorch_grad_cams_box_target(frcnn):
     image = make_scene("test", 1).image
     dets = vislib.detect(frcnn, image)
     for k in (3,):
-        view = box_bundle(frcnn, dets.boxes[k:k + 1], dets.labels[k:k + 1])
-        ours = vislib.explain(view, image, methods=["gradcam"], target=0).maps["gradcam"]
+        target = vislib.Box(dets.boxes[k], int(dets.labels[k]))
+        ours = vislib.explain(frcnn, image, methods=["gradcam"], target=target).maps["gradcam"]
         x, _ = frcnn.prepare([image])
         cam = pgc.GradCAM(frcnn.model, target_layers=[frcnn.model.get_submodule(frcnn.default_layer)])
         theirs = cam(x, targets=[FasterRCNNBoxScoreTarget(labels=[int(dets.labels[k])],
@@ -100,8 +100,7 @@ def test_region_gradcam_equals_pytorch_grad_cams_segmentation_target():
     seg = vislib.segment(bundle, image)
     assert seg.class_map.shape == (128, 128) and seg.logits.shape == (21, 128, 128)
     label = seg.present[0]
-    view = region_bundle(bundle, image, [label])
-    ours = vislib.explain(view, image, methods=["gradcam"], target=0).maps["gradcam"]
+    ours = vislib.explain(bundle, image, methods=["gradcam"], target=vislib.Region(label)).maps["gradcam"]
 
     class Wrapper(torch.nn.Module):
         def __init__(self, model):
@@ -126,6 +125,10 @@ def test_region_and_box_targets_refuse_the_wrong_task_and_bad_masks(frcnn):
         box_bundle(seg, [[0, 0, 1, 1]], [1])
     with pytest.raises(TargetError, match="128×128"):
         region_bundle(seg, image, [1], [np.ones((5, 5), bool)])
+    with pytest.raises(TargetError, match="needs a detection model"):
+        vislib.explain(seg, image, target=vislib.Box([0, 0, 5, 5], 1))
+    with pytest.raises(TargetError, match="x0 < x1"):
+        vislib.Box([5, 0, 1, 5], 1)
 
 
 def test_boxes_from_one_forward_equal_one_explanation_per_box_and_per_box_normalisation(frcnn):

@@ -12,6 +12,7 @@ Public API::
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
     vislib.detect(vislib.load_model("shapes_det"), image)   # boxes, labels, scores in view pixels
     vislib.segment(vislib.load_model("shapes_seg"), image)  # class map and logits at view resolution
+    vislib.explain(bundle, image, target=vislib.Label("dog", score="probability"))   # what to explain
 """
 
 from .concepts import Concepts, concepts  # noqa: F401
@@ -39,8 +40,10 @@ from .models import (  # noqa: F401
     register_models,
     sample_images,
 )
+from .models.embedding import as_embedding  # noqa: F401
 from .objects import Detections, Segmentation, detect, segment  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
+from .targets import Box, Class, Label, Region, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = [
@@ -48,7 +51,9 @@ __all__ = [
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
-    "evaluate", "detect", "segment", "Detections", "Segmentation",
+    "evaluate", "detect", "segment", "Detections", "Segmentation", "Box", "Region",
+    "Target", "Class", "Label", "Regression", "Similarity", "Text", "resolve_target",
+    "as_embedding",
 ]
 
 # a callable module: vislib.evaluate(bundle, images, ...) is vislib.evaluate.evaluate

@@ -186,20 +186,22 @@ def _tags_text(tags: list[str]) -> str:
 
 def _list_methods() -> int:
     from .methods import METHODS
+    from .targets import accepted_targets
 
     short = {"classification": "cls", "detection": "det", "segmentation": "seg"}
-    rows = [(name, cls.family, cls.passes or "–", ",".join(short.get(t, t) for t in cls.tasks),
-             cls.paper or cls.title) for name, cls in METHODS.items()]
-    head = ("name", "family", "passes", "tasks", "paper")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    for row in [head] + rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    rows = [(name, cls.family, cls.passes or "–", accepted_targets(cls),
+             ",".join(short.get(t, t) for t in cls.tasks), cls.paper or cls.title)
+            for name, cls in METHODS.items()]
+    header = ("name", "family", "passes", "targets", "tasks", "paper")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
     notes = [f"{name}: {cls.task_reason}" for name, cls in METHODS.items() if len(cls.tasks) < 3]
-    if notes:
-        print("\ntasks: cls = classification, det = detection (a box), seg = segmentation (a region); "
-              "not all:")
+    if notes:  # on stderr: stdout stays one row per method
+        print("tasks: cls = classification, det = detection (a box), seg = segmentation (a region); "
+              "why not all:", file=sys.stderr)
         for note in notes:
-            print(f"  {note}")
+            print(f"  {note}", file=sys.stderr)
     return 0
 
 

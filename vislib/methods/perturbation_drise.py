@@ -82,10 +82,10 @@ def target_detections(bundle, inputs: torch.Tensor, targets: torch.Tensor, detec
     classes = len(bundle.labels) if not isinstance(bundle.output, BoxScores) else _classes(bundle)
     boxes, vectors = [], []
     for n, det in enumerate(detections):
-        t = int(targets[n])
+        t = 0 if targets is None else int(targets[n])  # a Box target: the view's one column
         if isinstance(bundle.output, BoxScores):
             box, label = bundle.output.boxes[t].to(inputs.device), bundle.output.labels[t]
-            same = det["labels"] == label
+            same = (det["labels"] == label) | (label < 0)
             score = torch.tensor(1.0)
             if bool(same.any()):
                 iou = box_iou(box.view(1, 4), det["boxes"][same].float())[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torchvision.ops import box_iou
 
@@ -39,7 +40,8 @@ def box_score(det: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.T
     if len(scores) == 0:
         return scores.new_zeros(len(boxes)) + 0 * pred_boxes.sum()
     ious = box_iou(boxes.to(pred_boxes), pred_boxes)  # K×M
-    same = labels.to(det["labels"].device).view(-1, 1) == det["labels"].view(1, -1)
+    want = labels.to(det["labels"].device).view(-1, 1)
+    same = (want == det["labels"].view(1, -1)) | (want < 0)  # a label of -1: any label
     ious = torch.where(same, ious, torch.full_like(ious, -1.0))
     best_iou, best = ious.max(dim=1)
     score = best_iou + scores[best]
@@ -63,16 +65,31 @@ class BoxScores:
 
 class RegionScores:
     """Output selector: a segmenter's output → N×K region scores, ``Σ_{M_k} z_{c_k}``; ``masks``
-    K×H×W (bool or weights) at the logits' resolution, fixed."""
+    K×H×W (bool or weights) at the input view's size. A mask left None is the pixels predicted as
+    its class by the *first* output scored (the image explained: N masks, one per image), then kept
+    fixed, so that perturbed copies of an image are scored over the same pixels."""
 
-    def __init__(self, labels, masks: torch.Tensor) -> None:
+    def __init__(self, labels, masks: list, size: tuple[int, int]) -> None:
         self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-        self.masks = masks.float()
+        self.masks = [None if m is None else torch.as_tensor(m).float() for m in masks]
+        self.size = tuple(size)
+        self._fixed: torch.Tensor | None = None  # N×K×H×W once the first output was seen
+
+    def _masks(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._fixed is None:
+            predicted = logits.detach().argmax(1)  # N×H×W
+            self._fixed = torch.stack([
+                (predicted == c).float() if m is None else m.to(logits.device).expand_as(predicted)
+                for c, m in zip(self.labels.tolist(), self.masks, strict=True)], dim=1)
+        fixed = self._fixed.to(logits.device)
+        if fixed.shape[0] != logits.shape[0]:  # perturbed copies of one image
+            fixed = fixed[:1].expand(logits.shape[0], -1, -1, -1)
+        return fixed
 
     def __call__(self, out) -> torch.Tensor:
-        logits = segmentation_logits_of(out, tuple(self.masks.shape[-2:]))
+        logits = segmentation_logits_of(out, self.size)
         picked = logits[:, self.labels]  # N×K×H×W
-        return (picked * self.masks.to(picked.device).unsqueeze(0)).sum((2, 3))
+        return (picked * self._masks(logits)).sum((2, 3))
 
 
 def _label_index(bundle, label) -> int:
@@ -87,8 +104,9 @@ def box_bundle(bundle, boxes: Sequence, labels: Sequence, iou_threshold: float =
     Shares the model, its lock and its layers."""
     if bundle.task != "detection":
         raise TargetError(f"a box target needs a detection model; {bundle.name} is a {bundle.task} model")
-    idx = [_label_index(bundle, label) for label in labels]
-    names = [f"{bundle.labels[c]} box {i}" for i, c in enumerate(idx)]
+    idx = [-1 if isinstance(label, (int, np.integer)) and label == -1 else _label_index(bundle, label)
+           for label in labels]
+    names = [f"{bundle.labels[c] if c >= 0 else 'any'} box {i}" for i, c in enumerate(idx)]
     return replace(bundle, output=BoxScores(boxes, idx, iou_threshold), labels=names, cpu_fallback=None,
                    ref=None)
 
@@ -96,24 +114,19 @@ def box_bundle(bundle, boxes: Sequence, labels: Sequence, iou_threshold: float =
 def region_bundle(bundle, image, labels: Sequence, masks: Sequence | None = None):
     """A view of a segmentation ``bundle`` whose class scores are the region scores of ``labels``
     (indices or names) over ``masks`` (H×W bool each, at the input view's size; None or a None entry:
-    the pixels predicted as that label on ``image``)."""
+    the pixels predicted as that label on the image explained, fixed at its first forward).
+    ``image`` is not needed (kept for the callers that pass it)."""
     if bundle.task != "segmentation":
         raise TargetError(f"a region target needs a segmentation model; {bundle.name} is a "
                           f"{bundle.task} model")
-    from .api import segment
-
     idx = [_label_index(bundle, label) for label in labels]
     masks = list(masks) if masks is not None else [None] * len(idx)
     if len(masks) != len(idx):
         raise TargetError(f"{len(idx)} region labels but {len(masks)} masks")
-    predicted = segment(bundle, image).class_map if any(m is None for m in masks) else None
     h, w = bundle.input_hw
-    stack = []
-    for c, mask in zip(idx, masks, strict=True):
-        m = torch.as_tensor(predicted == c) if mask is None else torch.as_tensor(mask)
-        if tuple(m.shape) != (h, w):
-            raise TargetError(f"a region mask must be {h}×{w} (the input view), not {tuple(m.shape)}")
-        stack.append(m.float())
+    for mask in masks:
+        if mask is not None and tuple(np.shape(mask)) != (h, w):
+            raise TargetError(f"a region mask must be {h}×{w} (the input view), not {tuple(np.shape(mask))}")
     names = [f"{bundle.labels[c]} region" for c in idx]
-    return replace(bundle, output=RegionScores(idx, torch.stack(stack)), labels=names, cpu_fallback=None,
+    return replace(bundle, output=RegionScores(idx, masks, (h, w)), labels=names, cpu_fallback=None,
                    ref=None)
