@@ -477,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="torch intra-op threads (1 is fastest when the 2 cores are shared)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe (tests)")
     parser.add_argument("--train-size", type=int, default=None, help="use train[:N] (tests)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="detection / segmentation: the first run's .safetensors; only fine-tune")
     args = parser.parse_args(argv)
     from .train_objects import OBJECT_RECIPES
     from .train_objects import run as run_objects
@@ -490,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     for name in names:
         if name in OBJECT_RECIPES:
-            run_objects(name, args.out_dir, args.workers, args.epochs, args.train_size)
+            run_objects(name, args.out_dir, args.workers, args.epochs, args.train_size,
+                        init_from=args.init_from)
         else:
             run(name, args.out_dir, args.workers, args.epochs, args.train_size)
     if args.samples:

@@ -16,10 +16,12 @@ accuracy.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,8 @@ class ObjectRecipe:
     seed: int = 0
     notes: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    finetune_epochs: int = 0  # a second one-cycle run at finetune_lr after the first (0: none)
+    finetune_lr: float = 0.0
 
 
 OBJECT_RECIPES: dict[str, ObjectRecipe] = {
@@ -68,7 +72,7 @@ OBJECT_RECIPES: dict[str, ObjectRecipe] = {
         default_layer="backbone.layer4",
         description="LR-ASPP (torchvision) on a small 4-stage CNN, trained on generated shapes scenes: "
                     "a class per pixel (background + 8 shapes).",
-        train_size=5000, epochs=5, batch_size=16, lr=3e-3,
+        train_size=5000, epochs=5, batch_size=16, lr=3e-3, finetune_epochs=3, finetune_lr=1e-3,
         notes="Output: a dict with 'out', N x 9 x H x W logits at the input size (class 0 = background).",
     ),
 }
@@ -198,8 +202,11 @@ def evaluate(model: nn.Module, recipe: ObjectRecipe, normalise: Callable, worker
 
 
 def run(name: str, out_dir, workers: int = 2, epochs: int | None = None, train_size: int | None = None,
-        log: Callable[[str], None] = print) -> dict:
-    """Generate scenes, train, evaluate and save one bundled detector / segmenter; return its card."""
+        log: Callable[[str], None] = print, init_from=None) -> dict:
+    """Generate scenes, train, evaluate and save one bundled detector / segmenter; return its card.
+
+    ``init_from``: a ``.safetensors`` of the first run's weights: skip it and run only the fine-tune
+    (the same result as the whole recipe: every run seeds its own shuffling)."""
     recipe = OBJECT_RECIPES[name]
     epochs = epochs or recipe.epochs
     train_size = train_size or recipe.train_size
@@ -219,7 +226,18 @@ def run(name: str, out_dir, workers: int = 2, epochs: int | None = None, train_s
     model = build(recipe, mean, std)
     from dataclasses import replace
 
-    seconds = train(model, replace(recipe, epochs=epochs), images, maps, targets, normalise, log)
+    if init_from is None:
+        seconds = train(model, replace(recipe, epochs=epochs), images, maps, targets, normalise, log)
+    else:
+        from ..models.weights import load_state_dict_file
+
+        load_state_dict_file(model, Path(init_from))
+        previous = Path(init_from).with_suffix(".json")
+        seconds = json.loads(previous.read_text())["recipe"]["train_seconds"] if previous.is_file() else 0.0
+        log(f"first run's weights from {init_from} ({seconds:.0f}s of training)")
+    if recipe.finetune_epochs:
+        seconds += train(model, replace(recipe, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr),
+                         images, maps, targets, normalise, log)
     del images, maps, targets
     metrics = evaluate(model, recipe, normalise, workers)
     log(f"{name}: {metrics}")
@@ -235,7 +253,9 @@ def run(name: str, out_dir, workers: int = 2, epochs: int | None = None, train_s
                  "sizes": {**scenes.SCENE_SIZES, "train": train_size}},
         "recipe": {"epochs": epochs, "batch_size": recipe.batch_size,
                    "optimizer": f"AdamW(weight_decay={recipe.weight_decay})", "lr": recipe.lr,
-                   "schedule": f"OneCycleLR(pct_start={recipe.warmup}), stepped per batch",
+                   "schedule": f"OneCycleLR(pct_start={recipe.warmup}), stepped per batch"
+                   + (f"; then {recipe.finetune_epochs} epochs of a second one at lr {recipe.finetune_lr}"
+                      if recipe.finetune_epochs else ""),
                    "augment": "dihedral (per batch, boxes and maps alike)",
                    "train_seconds": round(seconds, 1), "torch": torch.__version__.split("+")[0],
                    "command": f"python -m vislib.data.train --task {recipe.task}"},
