@@ -34,6 +34,7 @@ class LiveFrame:
     target: int
     seconds: float
     number: int = 0  # the frame's submission number (to tell results apart)
+    source: np.ndarray | None = None  # the camera frame itself (what "freeze" hands to the Explain page)
 
 
 def live_step(bundle: ModelBundle, frame: np.ndarray | Image.Image, method: str = "gradcam",
@@ -130,7 +131,7 @@ class LiveExplainer:
                 continue
             self.error = None
             with self._lock:
-                self._latest = _numbered(result, number)
+                self._latest = _numbered(result, number, frame)
                 self.explained += 1
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -144,10 +145,10 @@ class LiveExplainer:
         self.stop()
 
 
-def _numbered(result: LiveFrame, number: int) -> LiveFrame:
+def _numbered(result: LiveFrame, number: int, frame) -> LiveFrame:
     from dataclasses import replace
 
-    return replace(result, number=number)
+    return replace(result, number=number, source=frame if isinstance(frame, np.ndarray) else None)
 
 
 def synthetic_frames(count: int, size: tuple[int, int] = (640, 480), side: int = 160):
