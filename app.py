@@ -262,7 +262,7 @@ with left:
 with right:
     class_picker_and_chart(result, score)
 
-head, scale, download, report = st.columns([3, 2, 1, 1], vertical_alignment="center")
+head, scale, download, report = st.columns([3, 2, 1.2, 1.2], vertical_alignment="center")
 with head:
     st.subheader("Maps")
     passes = " · ".join(f"{k.replace('_', ' ')} {ui.format_seconds(v)}"

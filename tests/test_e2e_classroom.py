@@ -82,7 +82,9 @@ def test_brush_edit_changes_the_score_and_report_shows_images(server, browser):
     settle(page)
     result = page.locator(".st-key-erase_result")
     before = result.locator('[data-testid="stMetricValue"]').inner_text()
-    canvas = page.locator(".st-key-erase_method").locator("xpath=../../../..").locator("canvas").last
+    canvas = page.locator(".st-key-erase_canvas canvas").last
+    canvas.wait_for()
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + 5, box["y"] + 5)
     page.mouse.down()
@@ -115,6 +117,8 @@ def test_compare_renders_two_models(server, browser):
     page = _open(browser, f"{server.url}/Compare")
     settle(page)
     page.get_by_text("Where they disagree").wait_for()
+    settle(page)
+    page.screenshot(path=str(OUT / "e2e-compare.png"))
     for model in ("shapes_resnet", "shapes_shortcut"):
         assert page.get_by_role("heading", name=model).count() == 1
     assert page.locator('[data-testid="stImage"]').count() >= 2

@@ -51,6 +51,8 @@ def erase_panel(bundle, image_bytes: bytes, image_name: str, methods: list[str],
     state = st.session_state
     usable = [m for m in methods if vislib.METHODS[m].family == "cam"] or ["gradcam"]
     tools = st.columns([2, 2, 1, 1], vertical_alignment="bottom")
+    if state.get("erase_method") not in usable:
+        state["erase_method"] = "gradcam" if "gradcam" in usable else usable[0]
     method = tools[0].selectbox("Map", usable, key="erase_method", format_func=ui.method_title)
     brush = tools[1].segmented_control("Brush", list(BRUSHES), default="grey", key="erase_brush")
     width = tools[2].slider("Size", 5, 60, 25, key="erase_size")
@@ -61,7 +63,7 @@ def erase_panel(bundle, image_bytes: bytes, image_name: str, methods: list[str],
     side = CANVAS_SIDE
     height = round(side * view.height / view.width)
     paint, edited, systematic = st.columns(3, gap="medium")
-    with paint:
+    with paint, st.container(key="erase_canvas"):
         canvas = st_canvas(background_image=view, stroke_width=width, stroke_color=BRUSHES[brush or "grey"],
                            drawing_mode="freedraw", width=side, height=height, return_image_data=True,
                            key=f"erase_canvas_{digest[:12]}_{state.get('erase_round', 0)}")
