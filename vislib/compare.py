@@ -25,22 +25,12 @@ from .explain import Explanation, explain
 from .models import ModelBundle, load_model
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 0..n−1 of a flat array, tied values sharing their average rank."""
-    flat = np.asarray(values, dtype=np.float64).ravel()
-    order = np.argsort(flat, kind="mergesort")
-    ranks = np.empty(flat.size, dtype=np.float64)
-    ranks[order] = np.arange(flat.size, dtype=np.float64)
-    _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
-
-
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's ρ between two maps of the same shape (NaN when either is constant)."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+    """Spearman's ρ between two maps of the same shape (:func:`vislib.metrics.spearman`; NaN when
+    either is constant)."""
+    from .metrics import spearman
+
+    return spearman(a, b)
 
 
 def top_region(values: np.ndarray, fraction: float = 0.2) -> np.ndarray:
