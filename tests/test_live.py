@@ -98,3 +98,17 @@ def test_explainer_reports_a_bad_setting_and_goes_on(bundle):
         while live.latest() is None and time.time() < deadline + 10:
             time.sleep(0.02)
     assert live.latest() is not None and live.error is None
+
+
+def test_idle_worker_ends_and_restarts(bundle):
+    frame = next(synthetic_frames(1, size=(64, 64), side=16))
+    with LiveExplainer(bundle, idle=0.3) as live:
+        deadline = time.time() + 5
+        while live.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert not live.running  # no frame for 0.3 s: the thread is gone
+        live.submit(frame)
+        assert live.running
+        while live.explained == 0 and time.time() < deadline + 10:
+            time.sleep(0.02)
+    assert live.explained == 1

@@ -88,9 +88,12 @@ class NewestFrame:
 
 class LiveExplainer:
     """A worker thread that explains the newest submitted frame with ``step`` (default :func:`live_step`)
-    and keeps the latest result; ``settings`` (method, layer, alpha, ...) can change while it runs."""
+    and keeps the latest result; ``settings`` (method, layer, alpha, ...) can change while it runs.
+    The worker ends after ``idle`` seconds without a frame (a closed tab leaves no thread behind) and
+    starts again with the next :meth:`submit`."""
 
-    def __init__(self, bundle: ModelBundle, *, step: Callable[..., LiveFrame] = live_step, **settings):
+    def __init__(self, bundle: ModelBundle, *, step: Callable[..., LiveFrame] = live_step, idle: float = 30.0,
+                 **settings):
         self.bundle = bundle
         self.step = step
         self.settings = dict(settings)
@@ -100,11 +103,21 @@ class LiveExplainer:
         self._latest: LiveFrame | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.idle = idle
         self._thread = threading.Thread(target=self._run, name="vislib-live", daemon=True)
         self._thread.start()
 
     def submit(self, frame) -> int:
-        return self.slot.put(frame)
+        number = self.slot.put(frame)
+        with self._lock:
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="vislib-live", daemon=True)
+                self._thread.start()
+        return number
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def latest(self) -> LiveFrame | None:
         with self._lock:
@@ -117,10 +130,14 @@ class LiveExplainer:
     def _run(self) -> None:
         from .errors import VislibError
 
+        waited = time.monotonic()
         while not self._stop.is_set():
             taken = self.slot.take(timeout=0.1)
             if taken is None:
+                if time.monotonic() - waited > self.idle:
+                    return
                 continue
+            waited = time.monotonic()
             number, frame = taken
             with self._lock:
                 settings = dict(self.settings)
