@@ -85,5 +85,7 @@ def erase_panel(bundle, image_bytes: bytes, image_name: str, methods: list[str],
     with systematic:
         key = ui.result_key(digest, model=bundle.name, weights=bundle.weights, layer=layer,
                             target=found.target)
-        st.image(_occlusion(key, bundle, view, layer, found.target, cache), width=side, output_format="JPEG",
+        with st.spinner("Occlusion…"):
+            occlusion = _occlusion(key, bundle, view, layer, found.target, cache)
+        st.image(occlusion, width=side, output_format="JPEG",
                  caption="Occlusion: the score drop for a grey patch at each place")
