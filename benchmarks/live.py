@@ -41,7 +41,11 @@ def measure(name: str, size: int | None, *, seconds: float = 10.0, camera_fps: f
         explained = live.explained - start_count
         dropped = live.slot.dropped - start_dropped
     side = bundle.input_hw[0] if size is None else size
-    return {"model": name, "method": method, "input": f"{side}×{side}", "camera fps": camera_fps,
+    import torch
+
+    return {"model": name, "method": method, "input": f"{side}×{side}",
+            "torch threads": torch.get_num_threads(),
+            "camera fps": camera_fps,
             "explained fps": round(explained / elapsed, 2), "dropped": dropped,
             "step ms": round(1000 * sum(steps) / max(len(steps), 1), 1)}
 
