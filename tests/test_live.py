@@ -112,3 +112,13 @@ def test_idle_worker_ends_and_restarts(bundle):
         while live.explained == 0 and time.time() < deadline + 10:
             time.sleep(0.02)
     assert live.explained == 1
+
+
+def test_live_benchmark_row():
+    """benchmarks.run --live's row, on a very short run (the figures come from the benchmark, not here)."""
+    from benchmarks.live import markdown, measure
+
+    row = measure("shapes_resnet", None, seconds=0.5, warmup=1)
+    assert row["model"] == "shapes_resnet" and row["input"] == "128×128"
+    assert row["explained fps"] > 0 and row["dropped"] >= 0
+    assert markdown([row]).count("\n") == 2
