@@ -265,16 +265,61 @@ async def run_class(url: str, pupils: int) -> tuple[float, list[tuple[float, int
     return teacher, list(found)
 
 
-def main_class(pupils: int, out: Path, env: dict) -> int:
+async def protocol_pupil(url: str, query: str) -> tuple[float, int, bool, float]:
+    """A pupil without a browser: Streamlit's own websocket protocol (``/_stcore/stream``, protobuf
+    messages), as the page's script would speak it. Runs the page, fetches each panel's image as the
+    browser would, and times the last panel (image downloaded) and the script's end."""
+    import urllib.request
+
+    import websockets
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    def fetch(path: str) -> None:
+        with urllib.request.urlopen(url + path if path.startswith("/") else path, timeout=600) as response:
+            response.read()
+
+    stream = url.replace("http", "ws", 1) + "/_stcore/stream"
+    async with websockets.connect(stream, subprotocols=["streamlit"], max_size=None, open_timeout=600) as ws:
+        message = BackMsg()
+        message.rerun_script.query_string = query
+        start = time.perf_counter()
+        await ws.send(message.SerializeToString())
+        panels, last, cached = 0, float("nan"), False
+        while True:
+            forward = ForwardMsg()
+            forward.ParseFromString(await ws.recv())
+            kind = forward.WhichOneof("type")
+            if kind == "delta" and forward.delta.WhichOneof("type") == "new_element":
+                element = forward.delta.new_element
+                if element.WhichOneof("type") == "imgs":
+                    for image in element.imgs.imgs:
+                        if ANY_PANEL.match(image.caption):
+                            await asyncio.to_thread(fetch, image.url)
+                            panels, last = panels + 1, time.perf_counter() - start
+                elif element.WhichOneof("type") == "markdown" and "(cached)" in element.markdown.body:
+                    cached = True
+            if kind == "script_finished" and panels:
+                return last, panels, cached, time.perf_counter() - start
+
+
+async def run_protocol_class(url: str, pupils: int) -> tuple[float, list[tuple[float, int, bool, float]]]:
+    query = f"sample={CLASS_SAMPLE}&model={CLASS_MODEL}&weights=pretrained"
+    teacher = (await protocol_pupil(url, query))[0]
+    return teacher, list(await asyncio.gather(*(protocol_pupil(url, query) for _ in range(pupils))))
+
+
+def main_class(pupils: int, out: Path, env: dict, protocol: bool = False) -> int:
     import os
 
     with run_server(out / "server-class.log", env=env) as server, MemorySampler(server.proc.pid) as memory:
-        teacher, found = asyncio.run(run_class(server.url, pupils))
+        teacher, found = asyncio.run((run_protocol_class if protocol else run_class)(server.url, pupils))
     seconds = [s for s, _, _, _ in found]
     panels = {p for _, p, _, _ in found}
     shared = sum(c for _, _, c, _ in found)
     server = [t for _, _, _, t in found]
-    row = {"pupils": pupils, "sample": CLASS_SAMPLE, "model": CLASS_MODEL, "teacher_first_view_s": teacher,
+    row = {"pupils": pupils, "clients": "protocol" if protocol else "chromium", "sample": CLASS_SAMPLE,
+           "model": CLASS_MODEL, "teacher_first_view_s": teacher,
            "p50": percentile(seconds, 50), "p95": percentile(seconds, 95), "max": max(seconds),
            "panels": sorted(panels), "from_cache": shared, "peak_rss_bytes": memory.peak,
            "met": percentile(seconds, 95) <= 3.0,
@@ -285,7 +330,8 @@ def main_class(pupils: int, out: Path, env: dict) -> int:
           f"|---|---|---|---|---|---|---|\n| {pupils} | {teacher:.2f} s | {row['p50']:.2f} s | "
           f"{row['p95']:.2f} s | {row['max']:.2f} s | {memory.peak / 2**20:.0f} MiB | "
           f"{row['load_average']} |")
-    print(f"{shared} of {pupils} pages served from the server's cache; the server's script time per page: "
+    what = "the script's end" if protocol else "the server's script time per page"
+    print(f"{shared} of {pupils} pages served from the server's cache; {what}: "
           f"p50 {row['server_script_p50']:.2f} s, p95 {row['server_script_p95']:.2f} s; results in {out}")
     return 0 if len(panels) == 1 else 1
 
@@ -332,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default=None, help="VISLIB_THREADS for the server (default: its own)")
     parser.add_argument("--class", type=int, default=None, dest="pupils", metavar="N",
                         help="a class: N pages at once on one sample and the bundled model (p95 ≤ 3 s at 30)")
+    parser.add_argument("--protocol", action="store_true",
+                        help="with --class: the pupils speak Streamlit's websocket protocol instead of "
+                             "running Chromium pages on the server's cores")
     args = parser.parse_args(argv)
     sessions = SESSIONS[: args.sessions]
     out = args.out or ROOT / "results" / f"dashboard-load-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     if args.pupils:
-        return main_class(args.pupils, out, {"VISLIB_THREADS": args.threads} if args.threads else {})
+        return main_class(args.pupils, out, {"VISLIB_THREADS": args.threads} if args.threads else {},
+                          protocol=args.protocol)
     files: dict[str, bytes] = {}
     for i, s in enumerate(sessions):
         if s.upload:
