@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from vislib._resources import resource
 from vislib.data import shapes
 from vislib.nets import ARCHITECTURES
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "assets" / "models"
-SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
+MODELS_DIR = resource("assets", "models")
+SAMPLES_DIR = resource("assets", "samples")
 SUBSET = (0, 400)  # test slice whose accuracy the card reports (a quick regression check)
 
 
