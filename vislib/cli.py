@@ -316,6 +316,9 @@ def _evaluate(args) -> int:
 
     _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
     methods = parse_methods(args.methods)
+    from .evaluate.report import _plotly
+
+    _plotly("io")  # before the run: report.html needs the dashboard extra's plotly
     bundle, images, out = _prepare(args)
     maps_dir = out / "maps" if args.maps else None
     if maps_dir is not None:

@@ -28,10 +28,11 @@ import time
 import numpy as np
 import torch
 
+from .._optional import require
 from ..datasets import ImageSet
 from ..errors import Cancelled, VislibError
 from ..models import ModelBundle
-from .engine import EngineError, MissingDependency
+from .engine import EngineError
 from .local import Progress, Task
 from .plan import ModelRef, recipe_of, reopen
 
@@ -50,13 +51,9 @@ def ray_available() -> bool:
 
 def require_ray():
     """The ``ray`` module (with Ray Data), or a clear error that says how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise MissingDependency("the Ray engine needs Ray: .venv/bin/pip install -r requirements-extras.txt "
-                                "(or use the local engine)") from None
-    return ray
+    feature = "the Ray engine (or use the local engine)"
+    require("ray.data", "ray", feature=feature)
+    return require("ray", "ray", feature=feature)
 
 
 @contextlib.contextmanager

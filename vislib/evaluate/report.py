@@ -19,6 +19,13 @@ from .records import CENTRE, METRIC_COLUMNS, EvalResult
 # Tables and figures (plain data and plotly figures: the page and the HTML report share them)
 
 
+def _plotly(module: str):
+    """A plotly module (the ``dashboard`` extra), or a MissingDependency naming the extra."""
+    from .._optional import require
+
+    return require(f"plotly.{module}", "dashboard", feature="the evaluation report (report.html)")
+
+
 def class_names(labels: Sequence[str]) -> list[str]:
     """Labels made unique (ImageNet repeats a few) for axes and tables."""
     labels = list(labels)
@@ -46,7 +53,7 @@ def confusion_figure(result: EvalResult, selected: tuple[int, int] | None = None
     """The confusion matrix as a heatmap (rows: true class, columns: predicted), with a transparent
     marker on every cell carrying ``customdata = [true, predicted]`` so a click selects the cell
     (plotly heatmaps themselves send no selection events)."""
-    import plotly.graph_objects as go
+    go = _plotly("graph_objects")
 
     matrix, classes = result.confusion()
     names = class_names(result.labels)
@@ -97,7 +104,7 @@ def cell_from_selection(selection) -> tuple[int, int] | None:
 
 def per_class_figure(result: EvalResult):
     """Accuracy per true class (horizontal bars, worst at the top)."""
-    import plotly.graph_objects as go
+    go = _plotly("graph_objects")
 
     per = result.per_class_accuracy()
     names = class_names(result.labels)
@@ -116,8 +123,8 @@ def per_class_figure(result: EvalResult):
 
 def curves_figure(curves: dict[str, metrics.Curves], title: str = ""):
     """Mean deletion and insertion curves per entry (e.g. per method), with their mean AUCs."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    go = _plotly("graph_objects")
+    make_subplots = _plotly("subplots").make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower is better)",
                                                         "Insertion (higher is better)"))
@@ -177,15 +184,11 @@ def write_csv_table(path, table: dict[str, Sequence]) -> None:
 
 def require_pyarrow():
     """pyarrow, or a clear error that says how to install it (it comes with ``ray[data]``)."""
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        from .engine import MissingDependency
+    from .._optional import require
 
-        raise MissingDependency("Parquet output needs pyarrow: .venv/bin/pip install -r "
-                                "requirements-extras.txt (or leave out --parquet)") from None
-    return pyarrow
+    feature = "Parquet output (or leave out --parquet)"
+    require("pyarrow.parquet", "ray", feature=feature)
+    return require("pyarrow", "ray", feature=feature)
 
 
 def write_parquet_table(path, table: dict[str, Sequence]) -> None:
@@ -337,8 +340,8 @@ def html_report(result: EvalResult, *, bundle: ModelBundle | None = None, images
     library embedded once: it opens offline). ``bundle`` and ``images`` are needed for the gallery."""
     from html import escape
 
-    import plotly.io as pio
-    from plotly.offline import get_plotlyjs
+    pio = _plotly("io")
+    get_plotlyjs = _plotly("offline").get_plotlyjs
 
     from ..render import overlay
 
