@@ -12,6 +12,7 @@ Public API::
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
 """
 
+from ._version import __version__
 from .concepts import Concepts, concepts  # noqa: F401
 from .errors import (  # noqa: F401
     Cancelled,
@@ -39,8 +40,8 @@ from .models import (  # noqa: F401
 )
 from .render import overlay, to_png_bytes  # noqa: F401
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "explain", "Explanation", "PassCache", "concepts", "Concepts", "load_image", "load_model", "list_models",
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",

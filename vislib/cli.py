@@ -134,6 +134,7 @@ def _explain(args) -> int:
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
         "pass_timings_s": result.pass_timings,
+        "vislib_version": result.vislib_version,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     top = result.top_k(1)[0]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._version import __version__
 from .datasets import ImageSet, cache_dir
 from .errors import InputError, LayerError
 from .features import project_units, receptive_fields
@@ -319,7 +320,7 @@ def build_index(bundle: ModelBundle, images: ImageSet, out: str | os.PathLike, l
             "shape": list(index.shape), "dataset": index.dataset, "digest": index.digest,
             "n_images": index.n_images, "top": index.top, "engine": index.engine,
             "batch": max(1, min(batch_size, 32)), "failed": [list(f) for f in index.failed],
-            "seconds": index.seconds}
+            "seconds": index.seconds, "vislib_version": __version__}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))  # last: the folder is complete
     index.folder = out
     return index

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._version import __version__
 from .errors import InputError, MethodError, TargetError
 from .hooks import resolve_layer
 from .imageio import load_image
@@ -55,6 +56,7 @@ class Explanation:
     reused: list[str] = field(default_factory=list)  # methods served by the cache (``cache=``)
     extras: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. an out-of-memory retry
+    vislib_version: str = __version__  # provenance: the vislib that computed the maps
 
     @property
     def methods(self) -> list[str]:

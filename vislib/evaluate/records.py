@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics
+from .._version import __version__
 
 CENTRE = "centre"  # the image-centre baseline, reported beside the methods
 METRIC_COLUMNS = {
@@ -62,6 +63,7 @@ class EvalResult:
     reference_box: tuple[str, tuple[int, int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     engine: str = "local"  # "local" or "ray (N workers)"
+    vislib_version: str = __version__  # provenance: the vislib that ran the evaluation
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -282,6 +282,7 @@ def summary(result: EvalResult) -> dict:
         "methods": [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
                     for row in result.method_table()],
         "engine": result.engine, "notes": list(result.notes), "timings_s": result.timings,
+        "vislib_version": result.vislib_version,
     }
 
 
@@ -352,7 +353,8 @@ def html_report(result: EvalResult, *, bundle: ModelBundle | None = None, images
     parts = [f"<h1>Error analysis: {escape(result.model)}</h1>",
              f"<p class='muted'>{escape(result.dataset)} · {len(result)} images · weights "
              f"{escape(result.weights)} · layer {escape(result.layer)} · maps explain the "
-             f"{escape(result.explained)} class · run on {escape(result.engine)}</p>",
+             f"{escape(result.explained)} class · run on {escape(result.engine)} · vislib "
+             f"{escape(result.vislib_version)}</p>",
              f"<h2>Accuracy {result.accuracy:.1%}</h2>"
              f"<p>{int((~result.correct).sum())} misclassified"
              + (f"; {len(result.failed)} files could not be read" if result.failed else "") + "</p>"]
