@@ -7,7 +7,8 @@ A page in ``docs/`` says where a README section goes with a comment on a line of
     <!-- readme: rest -->               every "## " section that no page names (new ones land here)
     <!-- file: CHANGELOG.md -->         a whole file of the checkout
 
-Links to a heading of another page (``[..](#use-your-own-model)``) point at that page. A name that
+Links to a heading of another page (``[..](#use-your-own-model)``) and to a file that a page shows
+(``[..](CHANGELOG.md)``) point at that page. A name that
 matches no section is an error, so a renamed README heading fails ``mkdocs build --strict``.
 """
 
@@ -43,11 +44,13 @@ def _slug(heading: str) -> str:
 
 
 _PLACED: dict[str, str] = {}  # README section → the page (src path) that shows it
+_FILES: dict[str, str] = {}  # a checkout file shown whole → its page
 
 
 def on_files(files, config):
     """Which page shows which section (read before any page is rendered, for the links)."""
     _PLACED.clear()
+    _FILES.clear()
     sections = _sections()
     for file in files.documentation_pages():
         for kind, name in MARK.findall(Path(file.abs_src_path).read_text(encoding="utf-8")):
@@ -56,6 +59,8 @@ def on_files(files, config):
                     raise PluginError(f"{file.src_path}: README.md has no section {name!r} (one of: "
                                       f"{', '.join(sections)})")
                 _PLACED[name] = file.src_uri
+            elif kind == "file":
+                _FILES[name] = file.src_uri
     for file in files.documentation_pages():
         if "<!-- readme: rest -->" in Path(file.abs_src_path).read_text(encoding="utf-8"):
             for name in sections:
@@ -90,4 +95,7 @@ def on_page_markdown(markdown, page, config, files):
             return match.group(0)
         return f"]({'../' * depth}{target}#{slug})"
 
-    return re.sub(r"\]\(#([\w-]+)\)", link, text)
+    text = re.sub(r"\]\(#([\w-]+)\)", link, text)
+    for name, target in _FILES.items():
+        text = text.replace(f"]({name})", f"]({'../' * depth}{target})")
+    return text
