@@ -117,13 +117,16 @@ def _explain(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
-    result.input_image.save(out / "input.png")
-    arrays = {}
+    view = result.input_image
+    assert not isinstance(view, list)  # one image in, one input view out
+    view.save(out / "input.png")
+    arrays: dict[str, np.ndarray] = {}
     for method in result.methods:
         result.overlay(method, alpha=args.alpha, colormap=args.colormap).save(out / f"{method}.png")
         arrays[method] = result.maps[method]
         arrays[f"{method}_raw"] = result.raw[method]
-    np.savez_compressed(out / "maps.npz", **arrays)
+    # numpy's stubs match **arrays against allow_pickle: bool; the keys are method names
+    np.savez_compressed(out / "maps.npz", **arrays)  # type: ignore[arg-type]
     scores = {
         "model": result.model,
         "weights": result.weights,

@@ -177,7 +177,8 @@ def build_model(recipe: Recipe) -> nn.Module:
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     """AdamW parameter groups: one per entry of ``recipe.lr_scales``, then the rest."""
-    groups, taken = [], set()
+    groups: list[dict] = []
+    taken: set[int] = set()
     for name, scale in recipe.lr_scales.items():
         params = list(model.get_submodule(name).parameters())
         taken.update(id(p) for p in params)

@@ -154,7 +154,8 @@ def worker_error(exc: BaseException) -> VislibError | None:
     """The VislibError a worker raised, as a plain error of the same class with the worker's own
     message, dug out of Ray's wrappers: a chained exception, or (an actor that died while it was
     being built) the last ``vislib.<module>.<Class>: message`` line of the text. None if none."""
-    seen, stack = set(), [exc]
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -170,9 +171,9 @@ def worker_error(exc: BaseException) -> VislibError | None:
         found = _RAISED.search(line)
         if found:
             module, name, message = found.groups()
-            cls = getattr(sys.modules.get(module), name, None)
-            if isinstance(cls, type) and issubclass(cls, VislibError):
-                return cls(message.strip())
+            raised = getattr(sys.modules.get(module), name, None)
+            if isinstance(raised, type) and issubclass(raised, VislibError):
+                return raised(message.strip())
     return None
 
 

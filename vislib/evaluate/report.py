@@ -4,7 +4,8 @@ summary (JSON), plotly figures and a self-contained HTML report (the dashboard u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -14,6 +15,9 @@ from ..datasets import ImageSet
 from ..models import ModelBundle
 from .error_view import explain_error
 from .records import CENTRE, METRIC_COLUMNS, EvalResult
+
+#: A table column: a list, or a NumPy array (one value, or one row of an N×K array, per row).
+Column = Sequence | np.ndarray
 
 # --------------------------------------------------------------------------------------------------
 # Tables and figures (plain data and plotly figures: the page and the HTML report share them)
@@ -177,7 +181,7 @@ def _write_csv(path, header: list[str], rows) -> None:
             writer.writerow([_fmt(v) for v in row])
 
 
-def write_csv_table(path, table: dict[str, Sequence]) -> None:
+def write_csv_table(path, table: Mapping[str, Column]) -> None:
     """A column table (name → values) as CSV: empty cells for NaN and None."""
     _write_csv(path, list(table), zip(*table.values(), strict=True))
 
@@ -191,14 +195,14 @@ def require_pyarrow():
     return require("pyarrow", "ray", feature=feature)
 
 
-def write_parquet_table(path, table: dict[str, Sequence]) -> None:
+def write_parquet_table(path, table: Mapping[str, Column]) -> None:
     """A column table as a Parquet file (zstd-compressed); N×K arrays become list columns."""
     pa = require_pyarrow()
     import pyarrow.parquet as pq
 
     columns = {}
-    for name, values in table.items():
-        values = np.asarray(values) if not isinstance(values, list) else values
+    for name, column in table.items():
+        values = np.asarray(column) if not isinstance(column, list) else column
         if isinstance(values, np.ndarray) and values.ndim > 1:
             values = list(values)
         columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) and values.dtype == object
@@ -206,7 +210,7 @@ def write_parquet_table(path, table: dict[str, Sequence]) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
-def image_table(result: EvalResult) -> dict[str, Sequence]:
+def image_table(result: EvalResult) -> dict[str, Column]:
     """One row per image: id, true and predicted class, confidence, p(true class), correct."""
     names = class_names(result.labels)
     p_true = result.probs[np.arange(len(result)), result.targets] if len(result) else np.zeros(0)
@@ -218,13 +222,13 @@ def image_table(result: EvalResult) -> dict[str, Sequence]:
 PER_IMAGE_NAMES = {"pointing": "pointing_hit", "reference": "peak_on_reference"}
 
 
-def image_metrics_table(result: EvalResult) -> dict[str, Sequence]:
+def image_metrics_table(result: EvalResult) -> dict[str, Column]:
     """One row per image and method (the centre baseline included): the map's peak and every
     per-image number (NaN where not computed)."""
     n = len(result)
     everyone = [*result.methods, CENTRE]
     keys = [k for k in METRIC_COLUMNS if k not in ("average_drop", "increase")]
-    table: dict[str, list] = {"id": list(result.ids) * len(everyone),
+    table: dict[str, Any] = {"id": list(result.ids) * len(everyone),
                               "method": [m for m in everyone for _ in range(n)], "peak_y": [], "peak_x": []}
     for m in everyone:
         pk = result.peaks.get(m)

@@ -52,8 +52,10 @@ def bundled_source(name: str, weights, kwargs: dict) -> SourceModel:
         model, note = load_weights(model, weights, build)
         notes += [note] if note else []
         weights_id = str(weights)
-    labels, labels_from = list(card["labels"]), f"assets/models/{name}.json"
-    if notes or arch.get("num_classes", len(labels)) != len(labels):
+    categories = list(card["labels"])
+    labels: list[str] | None = categories
+    labels_from = f"assets/models/{name}.json"
+    if notes or arch.get("num_classes", len(categories)) != len(categories):
         labels, labels_from = None, "class indices"
     size = int(card["input_size"])
     return SourceModel(

@@ -115,7 +115,8 @@ def _preprocess_from_settings(kind: str, s: dict, channels: int):
         raise _Unsupported("no rescaling to [0, 1]")
     size = {k: v for k, v in (s.get("size") or {}).items() if v is not None}
     crop_pct = s.get("crop_pct")
-    resize, crop = None, None
+    resize: int | tuple[int, int] | None = None
+    crop: int | tuple[int, int] | None = None
     if s.get("do_resize", True):
         if set(size) == {"height", "width"}:
             h, w = int(size["height"]), int(size["width"])
@@ -225,7 +226,7 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
     transformers = _transformers()
     ref, folder = _split(name)
     what = f"hf:{ref}"
-    load = {"trust_remote_code": False}
+    load: dict[str, object] = {"trust_remote_code": False}
     if folder is None:
         cached = _ensure_files(ref, weights == "default")
         load.update(cache_dir=str(hf_cache_dir()), local_files_only=cached)
