@@ -62,11 +62,9 @@ class VideoInfo:
 
 
 def _av():
-    try:
-        import av
-    except ImportError:  # pragma: no cover - av is in requirements.txt
-        raise InputError("video needs PyAV: pip install av") from None
-    return av
+    from ._optional import require
+
+    return require("av", "video", feature="video")
 
 
 def _open(data: bytes, name: str):
