@@ -142,7 +142,8 @@ def _upload_video(page, name: str, data: bytes) -> None:
 def test_video_explained_and_downloaded(server, browser):
     page = _video_page(browser, server)
     _upload_video(page, "moving.mp4", clip("mp4", frames=10, size=(96, 96)))
-    page.get_by_text(re.compile(r"10 frames explained")).wait_for(timeout=120_000)
+    page.get_by_text(re.compile(r"10 frames explained")).wait_for(timeout=300_000)
+    settle(page)
     for label, kind in (("Download MP4", "mp4"), ("Download GIF", "gif")):
         with page.expect_download() as info:
             page.get_by_role("button", name=label).click()
@@ -165,7 +166,7 @@ def test_hostile_videos_get_a_clear_error(server, browser, name, make, fragment)
     page = _video_page(browser, server)
     _upload_video(page, name, make())
     alert = page.locator('[data-testid="stAlertContentError"]').filter(has_text=fragment)
-    alert.wait_for(timeout=60_000)
+    alert.wait_for(timeout=180_000)
     assert name in alert.inner_text()
     assert _healthy(server)
     assert sidebar(page).count() == 1
