@@ -8,8 +8,6 @@ Video: :func:`vislib.video.explain_video` in a worker with a progress bar and a 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
@@ -18,22 +16,13 @@ import streamlit as st
 import vislib
 from pages.common import Miss, cached_or_run, keep_state, model_picker, nav, show_error
 from vislib import ui
-from vislib.live import LiveExplainer
+from vislib.live import LiveExplainer, rtc_configuration
 from vislib.render import to_png_bytes
 
 st.set_page_config(page_title="vislib · Live", page_icon=":material/videocam:", layout="wide")
 keep_state()
 state = st.session_state
 LIVE_METHODS = ("gradcam", "gradcam++", "layercam", "xgradcam", "cam", "eigencam")
-
-
-def ice_servers() -> list:
-    """No ICE server by default (the page's own network only); ``VISLIB_ICE_SERVERS``: a JSON list."""
-    try:
-        found = json.loads(os.environ.get("VISLIB_ICE_SERVERS", "[]"))
-    except json.JSONDecodeError:
-        return []
-    return found if isinstance(found, list) else []
 
 
 def explainer(bundle, method: str, layer: str, alpha: float) -> LiveExplainer:
@@ -78,7 +67,7 @@ def camera_tab(bundle, method: str, layer: str, alpha: float) -> None:
     stream, info = st.columns([3, 2], gap="large")
     with stream:
         ctx = webrtc_streamer(
-            key="live", mode=WebRtcMode.SENDRECV, rtc_configuration={"iceServers": ice_servers()},
+            key="live", mode=WebRtcMode.SENDRECV, rtc_configuration=rtc_configuration(),
             media_stream_constraints={"video": True, "audio": False}, video_frame_callback=on_frame,
             async_processing=True)
         st.caption("The map of the newest frame over the model's input view; frames that arrive while the "

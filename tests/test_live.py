@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vislib
-from vislib.live import LiveExplainer, LiveFrame, NewestFrame, live_step, synthetic_frames
+from vislib.live import LiveExplainer, LiveFrame, NewestFrame, live_step, rtc_configuration, synthetic_frames
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,12 @@ def test_live_benchmark_row():
     assert row["model"] == "shapes_resnet" and row["input"] == "128×128"
     assert row["explained fps"] > 0 and row["dropped"] >= 0
     assert markdown([row]).count("\n") == 2
+
+
+def test_no_outside_ice_server_by_default():
+    assert rtc_configuration({}) == {"iceServers": []}
+    assert rtc_configuration({"VISLIB_ICE_SERVERS": "not json"}) == {"iceServers": []}
+    assert rtc_configuration({"VISLIB_ICE_SERVERS": '{"urls": "x"}'}) == {"iceServers": []}
+    given = [{"urls": ["stun:stun.example.org:3478"]}]
+    assert rtc_configuration({"VISLIB_ICE_SERVERS": '[{"urls": ["stun:stun.example.org:3478"]}]'}) == {
+        "iceServers": given}

@@ -168,6 +168,22 @@ def _numbered(result: LiveFrame, number: int, frame) -> LiveFrame:
     return replace(result, number=number, source=frame if isinstance(frame, np.ndarray) else None)
 
 
+def rtc_configuration(env: dict | None = None) -> dict:
+    """The WebRTC configuration of the Live page: no ICE server by default, so nothing outside the
+    page's own network is contacted (the browser and the server meet on their local addresses);
+    ``VISLIB_ICE_SERVERS`` may give a JSON list, e.g. ``[{"urls": ["stun:stun.example.org:3478"]}]``.
+    A value that is not a JSON list is ignored (no server), never an error."""
+    import json
+    import os
+
+    text = (os.environ if env is None else env).get("VISLIB_ICE_SERVERS", "")
+    try:
+        servers = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError:
+        servers = []
+    return {"iceServers": servers if isinstance(servers, list) else []}
+
+
 def synthetic_frames(count: int, size: tuple[int, int] = (640, 480), side: int = 160):
     """A synthetic camera: ``count`` RGB frames of a bright square circling over a gradient."""
     width, height = size
