@@ -109,11 +109,11 @@ def _explain(args) -> int:
         raise VislibError(f"unknown colormap {args.colormap!r}; available: {', '.join(COLORMAPS)}")
     if not 0.0 <= args.alpha <= 1.0:
         raise VislibError("--alpha must be between 0 and 1")
+    if args.out is None and args.report is None:
+        raise VislibError("explain needs --out DIR, --report FILE.html, or both")
     image = load_image(args.image)
     weights = None if args.weights.lower() == "none" else args.weights
     bundle = load_model(args.model, weights=weights, device=args.device)
-    if args.out is None and args.report is None:
-        raise VislibError("explain needs --out DIR, --report FILE.html, or both")
     result = explain(bundle, image, methods=args.methods, layer=args.layer,
                      target=args.target, score=args.score)
     if args.report is not None:
