@@ -42,6 +42,7 @@ from benchmarks.dashboard_harness import (
     IDLE,
     ROOT,
     MemorySampler,
+    cpu_seconds,
     run_server,
 )
 from vislib._resources import resource
@@ -248,7 +249,8 @@ async def pupil(context, url: str) -> tuple[float, int, bool, float]:
     return seconds, panels, cached, server
 
 
-async def run_class(url: str, pupils: int) -> tuple[float, list[tuple[float, int, bool, float]]]:
+async def run_class(url: str, pupils: int,
+                    pid: int) -> tuple[float, list[tuple[float, int, bool, float]], float]:
     """The teacher's first view (seconds), then ``pupils`` pages at once. The pages share one browser
     context (its HTTP cache holds the dashboard's scripts, as each pupil's own browser would after
     a first visit); each page is its own Streamlit session."""
@@ -260,10 +262,12 @@ async def run_class(url: str, pupils: int) -> tuple[float, list[tuple[float, int
         try:
             context = await browser.new_context(viewport={"width": 1400, "height": 1400})
             teacher = (await pupil(context, link))[0]
+            cpu = cpu_seconds(pid)
             found = await asyncio.gather(*(pupil(context, link) for _ in range(pupils)))
+            cpu = cpu_seconds(pid) - cpu
         finally:
             await browser.close()
-    return teacher, list(found)
+    return teacher, list(found), cpu
 
 
 async def protocol_pupil(url: str, query: str) -> tuple[float, int, bool, float]:
@@ -304,23 +308,27 @@ async def protocol_pupil(url: str, query: str) -> tuple[float, int, bool, float]
                 return last, panels, cached, time.perf_counter() - start
 
 
-async def run_protocol_class(url: str, pupils: int) -> tuple[float, list[tuple[float, int, bool, float]]]:
+async def run_protocol_class(url: str, pupils: int,
+                             pid: int) -> tuple[float, list[tuple[float, int, bool, float]], float]:
     query = f"sample={CLASS_SAMPLE}&model={CLASS_MODEL}&weights=pretrained"
     teacher = (await protocol_pupil(url, query))[0]
-    return teacher, list(await asyncio.gather(*(protocol_pupil(url, query) for _ in range(pupils))))
+    cpu = cpu_seconds(pid)
+    found = list(await asyncio.gather(*(protocol_pupil(url, query) for _ in range(pupils))))
+    return teacher, found, cpu_seconds(pid) - cpu
 
 
 def main_class(pupils: int, out: Path, env: dict, protocol: bool = False) -> int:
     import os
 
     with run_server(out / "server-class.log", env=env) as server, MemorySampler(server.proc.pid) as memory:
-        teacher, found = asyncio.run((run_protocol_class if protocol else run_class)(server.url, pupils))
+        run = run_protocol_class if protocol else run_class
+        teacher, found, cpu = asyncio.run(run(server.url, pupils, server.proc.pid))
     seconds = [s for s, _, _, _ in found]
     panels = {p for _, p, _, _ in found}
     shared = sum(c for _, _, c, _ in found)
     server = [t for _, _, _, t in found]
     row = {"pupils": pupils, "clients": "protocol" if protocol else "chromium", "sample": CLASS_SAMPLE,
-           "model": CLASS_MODEL, "teacher_first_view_s": teacher,
+           "model": CLASS_MODEL, "teacher_first_view_s": teacher, "server_cpu_s": cpu,
            "p50": percentile(seconds, 50), "p95": percentile(seconds, 95), "max": max(seconds),
            "panels": sorted(panels), "from_cache": shared, "peak_rss_bytes": memory.peak,
            "met": percentile(seconds, 95) <= 3.0,
@@ -331,6 +339,7 @@ def main_class(pupils: int, out: Path, env: dict, protocol: bool = False) -> int
           f"|---|---|---|---|---|---|---|\n| {pupils} | {teacher:.2f} s | {row['p50']:.2f} s | "
           f"{row['p95']:.2f} s | {row['max']:.2f} s | {memory.peak / 2**20:.0f} MiB | "
           f"{row['load_average']} |")
+    print(f"server CPU for the {pupils} pages: {cpu:.1f} s ({cpu / pupils:.2f} s a page)")
     what = "the script's end" if protocol else "the server's script time per page"
     print(f"{shared} of {pupils} pages served from the server's cache; {what}: "
           f"p50 {row['server_script_p50']:.2f} s, p95 {row['server_script_p95']:.2f} s; results in {out}")
