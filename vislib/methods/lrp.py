@@ -72,8 +72,10 @@ SUPPORTED = "ReLU networks of convolutions, linear layers, batch norm after a co
 
 def _zennit():
     """The zennit modules used here, or a MethodError saying how to install zennit."""
-    for module in ("zennit.canonizers", "zennit.composites", "zennit.torchvision", "zennit"):  # zennit last
-        zennit = require(module, "lrp", feature="lrp (through zennit, the LRP library)", error=MethodError)
+    for module in ("zennit.canonizers", "zennit.composites", "zennit.torchvision"):
+        require(module, "lrp", feature="lrp (through zennit, the LRP library)", error=MethodError)
+    import zennit  # the package, its submodules imported above (import_module returns the submodule)
+
     return zennit
 
 
