@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -192,6 +192,27 @@ class ModelBundle:
     scores: str = "logits"
     head: str | None = None  # the linear layer whose output is the class scores, when the probe found one
     embedding: ModelBundle | None = field(default=None, repr=False)  # made by as_embedding, once
+    prompt_bundles: dict = field(default_factory=dict, repr=False)  # with_prompts, by prompt list
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The prompts of a zero-shot (CLIP-like) model, which are its labels; None for other models."""
+        return getattr(self.model, "prompts", None) if hasattr(self.model, "with_prompts") else None
+
+    def with_prompts(self, prompts: Sequence[str]) -> ModelBundle:
+        """This zero-shot model with other prompts as its classes: same weights, lock and layers;
+        each prompt's text embedding is computed once (cached across prompt lists)."""
+        if self.prompts is None:
+            raise ModelError(f"model {self.name!r} takes no prompts (only CLIP-like models do)")
+        key = tuple(str(p) for p in prompts)
+        if key == tuple(self.labels):
+            return self
+        with self.lock:
+            if key not in self.prompt_bundles:
+                self.prompt_bundles[key] = replace(
+                    self, model=self.model.with_prompts(key), labels=list(key), labels_from="prompts",
+                    embedding=None, cpu_fallback=None, prompt_bundles=self.prompt_bundles, ref=None)
+            return self.prompt_bundles[key]
 
     def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Image.Image]]:
         """(the N×C×H×W input batch on the model's device, the input views): the model explains
