@@ -249,3 +249,30 @@ def test_methods_listing_says_which_targets_each_method_explains(capsys):
     assert "targets" in rows["name"]
     assert "head rows" in rows["cam"] and "head rows" in rows["lrp"] and "compare" in rows["finercam"]
     assert "any" in rows["gradcam"] and "any" in rows["occlusion"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-label: every label above the threshold in one call
+
+
+def test_explain_labels_shares_one_forward_and_equals_each_label_alone(x):
+    from vislib.multilabel import explain_labels
+
+    torch.manual_seed(0)
+    bundle = vislib.load_model(GapNet(classes=6), preprocess=PLAIN, default_layer="features", device="cpu",
+                               scores="sigmoid")
+    sig = torch.sigmoid(bundle.model(x)).detach()
+    threshold = float(sig.amax(dim=0).sort(descending=True).values[2])  # three labels reach it
+    for score in ("logit", "probability"):
+        got = explain_labels(bundle, x, ["gradcam", "hirescam", "gradient"], threshold=threshold, score=score)
+        assert got.selected == sig.amax(dim=0).argsort(descending=True)[:3].tolist()
+        np.testing.assert_allclose(got.sigmoid, sig.numpy(), rtol=1e-6)
+        for c in got.selected:
+            alone = vislib.explain(bundle, x, ["gradcam", "hirescam", "gradient"], target=Label(c, score=score))
+            for name in ("gradcam", "hirescam", "gradient"):
+                np.testing.assert_allclose(got[c].raw[name], alone.raw[name], rtol=1e-5, atol=1e-7)
+            assert got[c].reused == [] and got[c].target == [c, c]
+    only_cam = explain_labels(bundle, x[:1], ["gradcam"], labels=["class 1", 4])
+    assert only_cam.selected == [1, 4] and "forward" not in only_cam[1].pass_timings
+    assert [r[0] for r in only_cam.rows()] == [1, 4]
+    assert explain_labels(bundle, x, ["gradcam"], threshold=1.0).explanations == {}
