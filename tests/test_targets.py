@@ -276,3 +276,63 @@ def test_explain_labels_shares_one_forward_and_equals_each_label_alone(x):
     assert only_cam.selected == [1, 4] and "forward" not in only_cam[1].pass_timings
     assert [r[0] for r in only_cam.rows()] == [1, 4]
     assert explain_labels(bundle, x, ["gradcam"], threshold=1.0).explanations == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture
+def cli_models(tmp_path):
+    from PIL import Image
+
+    from vislib.models import unregister_models
+
+    (tmp_path / "targetnets.py").write_text(
+        "from torch import nn\n\n"
+        "def build(num_classes=3):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, num_classes))\n")
+    path = tmp_path / "models.toml"
+    path.write_text('[models.tags]\nsource = "targetnets:build"\nlabels = ["red", "green", "blue"]\n'
+                    'input_size = 32\nscores = "sigmoid"\n\n'
+                    '[models.price]\nsource = "targetnets:build"\ninput_size = 32\nscores = "regression"\n')
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+    yield path
+    unregister_models(path)
+
+
+def run_main(capsys, *args):
+    from vislib.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_label_regression_and_similar(capsys, tmp_path, cli_models):
+    import json
+
+    image, other = tmp_path / "a.png", tmp_path / "b.png"
+    cases = [
+        (["--model", "tags", "--label", "green", "--score", "probability"], "sigmoid of label 'green'"),
+        (["--model", "price", "--regression", "1:down"], "output 1 (down)"),
+        (["--model", "price", "--regression", "2"], "output 2 (up)"),
+        (["--model", "tags", "--similar", other], "cosine similarity to b.png"),
+    ]
+    for flags, explained in cases:
+        out = tmp_path / "out"
+        code, stdout, err = run_main(capsys, "--models", cli_models, "explain", image, *flags,
+                                     "--methods", "gradcam,gradient", "--out", out)
+        assert code == 0, err
+        scores = json.loads((out / "scores.json").read_text())
+        assert scores["target"]["explained"] == explained and explained in stdout
+    assert scores["outputs"] == "embedding" and scores["target"]["index"] is None
+    code, _, err = run_main(capsys, "--models", cli_models, "explain", image, "--model", "price",
+                            "--regression", "1:sideways", "--out", tmp_path / "x")
+    assert code == 2 and "--regression takes" in err
+    code, _, err = run_main(capsys, "--models", cli_models, "explain", image, "--model", "tags",
+                            "--prompts", "a dog", "a cat", "--out", tmp_path / "x")
+    assert code == 2 and "--prompts is for CLIP-like models" in err

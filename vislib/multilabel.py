@@ -103,7 +103,7 @@ def explain_labels(
     chosen = select_labels(sigmoid, threshold, labels, bundle.labels)
     notes = [] if chosen else [f"no label reaches the threshold {threshold:g}"]
     timings = {"forward": forward_s}
-    gradients = []
+    gradients: list[torch.Tensor] = []
     if chosen:
         gradients, timings["backward"] = _gradients(bundle, A, logits, chosen, score)
     results = {}

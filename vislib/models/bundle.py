@@ -209,12 +209,13 @@ class ModelBundle:
         if self.prompts is None:
             raise ModelError(f"model {self.name!r} takes no prompts (only CLIP-like models do)")
         key = tuple(str(p) for p in prompts)
+        zero_shot: Any = self.model
         if key == tuple(self.labels):
             return self
         with self.lock:
             if key not in self.prompt_bundles:
                 self.prompt_bundles[key] = replace(
-                    self, model=self.model.with_prompts(key), labels=list(key), labels_from="prompts",
+                    self, model=zero_shot.with_prompts(key), labels=list(key), labels_from="prompts",
                     embedding=None, cpu_fallback=None, prompt_bundles=self.prompt_bundles, ref=None)
             return self.prompt_bundles[key]
 
@@ -390,7 +391,8 @@ def make_bundle(
 
     probe = probe_model(model, shape, device, output)
     if labels is None:
-        labels, labels_from = [f"class {i}" for i in range(probe.classes)], labels_from or "numbered"
+        unit = {"regression": "output", "embedding": "feature"}.get(scores or "", "class")
+        labels, labels_from = [f"{unit} {i}" for i in range(probe.classes)], labels_from or "numbered"
     elif len(labels) != probe.classes:
         raise ModelError(f"{len(labels)} labels given but the model has {probe.classes} outputs")
     bundle = ModelBundle(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,8 @@ class ZeroShot(nn.Module):
         tokens = self.tokenizer(prompts)
         device = next(self.model.parameters()).device
         tokens = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(tokens).items()}
-        return _pooled(self.model.get_text_features(**tokens))
+        clip: Any = self.model
+        return _pooled(clip.get_text_features(**tokens))
 
     def use_labels(self, prompts: Sequence[str]) -> None:
         """Make ``prompts`` the classes (their embeddings from the cache)."""
@@ -94,13 +96,15 @@ class ZeroShot(nn.Module):
         return other
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+        clip: Any = self.model
+        return _pooled(clip.get_image_features(pixel_values=pixel_values))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.prompts is None:
             raise ModelError(NEEDS_PROMPTS)
         image = F.normalize(self.image_features(pixel_values), dim=-1)
-        logits = self.model.logit_scale.exp() * image @ self.text_embeds.to(image.dtype).t()
+        clip: Any = self.model
+        logits = clip.logit_scale.exp() * image @ self.text_embeds.to(image.dtype).t()
         bias = getattr(self.model, "logit_bias", None)
         return logits + bias if bias is not None else logits
 
