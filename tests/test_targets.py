@@ -336,3 +336,31 @@ def test_cli_label_regression_and_similar(capsys, tmp_path, cli_models):
     code, _, err = run_main(capsys, "--models", cli_models, "explain", image, "--model", "tags",
                             "--prompts", "a dog", "a cat", "--out", tmp_path / "x")
     assert code == 2 and "--prompts is for CLIP-like models" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# The dashboard's helpers (vislib.ui.targets_view: no Streamlit)
+
+
+def test_dashboard_helpers_for_prompts_labels_and_similar_images(tmp_path):
+    from PIL import Image
+
+    from vislib import ui
+
+    assert ui.parse_prompts("a dog\n\n a cat ; a dog\n") == ["a dog", "a cat"]
+    assert "as given" in ui.chart_title("probabilities") and "sigmoid" in ui.chart_title("sigmoid", 0.5)
+    assert "softmax" in ui.chart_title("logits")
+    torch.manual_seed(0)
+    tags = vislib.load_model(GapNet(classes=5), preprocess=PLAIN, default_layer="features", device="cpu",
+                             scores="sigmoid")
+    rng = np.random.default_rng(1)
+    a = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    found = ui.label_rows(tags, a, ["gradcam", "cam", "occlusion"], threshold=0.3)
+    x = tags.prepare([a])[0]
+    sig = torch.sigmoid(tags.model(x))[0].detach()
+    assert [r[0] for r in found.rows] == [int(c) for c in sig.argsort(descending=True) if sig[c] >= 0.3]
+    assert "occlusion" in found.refused and all(r[3].methods == ["gradcam", "cam"] for r in found.rows)
+    same = ui.compare_images(tags, a, a.copy(), ["gradcam", "cam"])
+    assert same.similarity == pytest.approx(1.0, abs=1e-6) and "cam" in same.refused
+    np.testing.assert_array_equal(same.first.maps["gradcam"], same.second.maps["gradcam"])
+    assert "penultimate" in same.embedding
