@@ -328,7 +328,7 @@ def test_cli_label_regression_and_similar(capsys, tmp_path, cli_models):
                                      "--methods", "gradcam,gradient", "--out", out)
         assert code == 0, err
         scores = json.loads((out / "scores.json").read_text())
-        assert scores["target"]["explained"] == explained and explained in stdout
+        assert scores["explained"] == explained and explained in stdout
     assert scores["outputs"] == "embedding" and scores["target"]["index"] is None
     code, _, err = run_main(capsys, "--models", cli_models, "explain", image, "--model", "price",
                             "--regression", "1:sideways", "--out", tmp_path / "x")

@@ -148,8 +148,8 @@ def _explain(args) -> int:
         "weights": result.weights,
         "layer": result.layer,
         "score": result.score,
-        "target": {"index": result.target, "label": result.target_label(),
-                   "explained": result.describe_target()},
+        "target": {"index": result.target, "label": result.target_label()},
+        "explained": result.describe_target(),  # what the maps explain, e.g. "logit of class 'dog'"
         "outputs": result.scores,  # what "top5" holds: probabilities, sigmoids, regression values, ...
         "top5": [{"index": i, "label": label, "probability": p} for i, label, p in result.top_k(5)],
         "flat": {m: bool(result.flat[m]) for m in result.methods},
