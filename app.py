@@ -333,7 +333,6 @@ def labels_panel(bundle, image_bytes: bytes, layer: str, methods: list[str]) -> 
 
 def similar_panel(bundle, image_bytes: bytes, layer: str, methods: list[str]) -> None:
     """Why similar? A second image, the cosine similarity of the two embeddings, both maps side by side."""
-    st.subheader("Why similar?")
     other = st.file_uploader("A second image to compare with", type=None, key="similar_upload",
                              help="Both images are explained by the cosine similarity of their features at "
                                   "the model's penultimate layer (the input of its head).")
@@ -356,7 +355,9 @@ try:
     if bundle.scores == "sigmoid":
         labels_panel(bundle, image_bytes, layer, methods)
     if bundle.scores in ("logits", "probabilities", "sigmoid") and bundle.prompts is None:
-        similar_panel(bundle, image_bytes, layer, methods)
+        with st.expander("Why similar? Compare with a second image", icon=":material/compare:",
+                         expanded=state.get("similar_upload") is not None):
+            similar_panel(bundle, image_bytes, layer, methods)
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
 
