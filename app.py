@@ -150,6 +150,7 @@ def class_picker_and_chart(result: ui.ViewResult, score: str) -> None:
     )
     top = result.top_k(5)
     classes = [i for i, _, _ in top]
+    st.caption(ui.chart_title(bundle.scores))
     st.plotly_chart(ui.topk_figure(top, result.target), key="topk_chart",
                     on_select=lambda: _pick_bar(classes), selection_mode="points",
                     config={"displayModeBar": False})
@@ -189,6 +190,11 @@ def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, color
 load_url_state()
 with st.sidebar:
     picked, bundle = input_and_model()
+    if bundle is not None and bundle.prompts is not None:  # a CLIP-like model: its labels are prompts
+        typed = ui.parse_prompts(st.text_area(
+            "Prompts (one per line)", value="\n".join(bundle.labels), key="prompts",
+            help="A zero-shot model's classes: each prompt's text embedding is computed once."))
+        bundle = bundle.with_prompts(typed) if typed else bundle
     layer, extra_layers, methods = sidebar_controls(bundle)
     if state.get("score") not in ui.SCORES:
         state["score"] = "logit"
@@ -230,7 +236,8 @@ if not methods:
 
 image_bytes, image_name = picked
 key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer,
-                    layers=extra_layers, target=explain_target, score=score, methods=methods)
+                    layers=extra_layers, target=explain_target, score=score, methods=methods,
+                    labels=bundle.labels if bundle.prompts is not None else None)
 
 
 @st.cache_resource(show_spinner=False)
@@ -313,6 +320,52 @@ def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
 
 try:
     concepts_panel(bundle, image_bytes, layer)
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
+
+
+def labels_panel(bundle, image_bytes: bytes, layer: str, methods: list[str]) -> None:
+    """A multi-label model: every label whose sigmoid reaches the threshold, one row of maps each."""
+    st.subheader("Every label above the threshold")
+    threshold = st.slider("Threshold (sigmoid)", 0.05, 0.95, 0.5, 0.05, key="label_threshold")
+    with st.spinner("Explaining the labels (one forward)…"):
+        found = ui.label_rows(bundle, image_bytes, methods, layer, threshold)
+    for note in found.notes:
+        st.info(note, icon=":material/info:")
+    for _, label, sigmoid, expl in found.rows:
+        st.markdown(f"**{label}** · σ = {sigmoid:.1%}")
+        for name, column in zip(expl.methods, st.columns(max(1, len(expl.methods))), strict=False):
+            column.image(expl.overlay(name, alpha=alpha, colormap=colormap), caption=ui.method_title(name),
+                         width="stretch", output_format="JPEG")
+
+
+def similar_panel(bundle, image_bytes: bytes, layer: str, methods: list[str]) -> None:
+    """Why similar? A second image, the cosine similarity of the two embeddings, both maps side by side."""
+    other = st.file_uploader("A second image to compare with", type=None, key="similar_upload",
+                             help="Both images are explained by the cosine similarity of their features at "
+                                  "the model's penultimate layer (the input of its head).")
+    if other is None:
+        return
+    with st.spinner("Explaining the similarity…"):
+        found = ui.compare_images(bundle, image_bytes, other.getvalue(), methods, layer)
+    st.caption(f"cos = {found.similarity:.3f} on {found.embedding}")
+    for name in found.first.methods:
+        left_map, right_map = st.columns(2)
+        left_map.image(found.first.overlay(name, alpha=alpha, colormap=colormap), output_format="JPEG",
+                       caption=f"{ui.method_title(name)} · this image", width="stretch")
+        right_map.image(found.second.overlay(name, alpha=alpha, colormap=colormap), output_format="JPEG",
+                        caption=f"{ui.method_title(name)} · the second image", width="stretch")
+    for name, why in found.refused.items():
+        st.caption(f"{ui.method_title(name)}: {why}")
+
+
+try:
+    if bundle.scores == "sigmoid":
+        labels_panel(bundle, image_bytes, layer, methods)
+    if bundle.scores in ("logits", "probabilities", "sigmoid") and bundle.prompts is None:
+        with st.expander("Why similar? Compare with a second image", icon=":material/compare:",
+                         expanded=state.get("similar_upload") is not None):
+            similar_panel(bundle, image_bytes, layer, methods)
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
 

@@ -87,7 +87,7 @@ def _weights_choice(weights: str) -> tuple[str, str]:
 def dashboard_query(result: Explanation, target_given: bool = True) -> str:
     """The dashboard link's query string for this view (model, weights, layer, class, methods, score)."""
     params = {"model": result.model, "weights": _weights_choice(result.weights)[0], "layer": result.layer}
-    if target_given:
+    if target_given and isinstance(result.target, int):
         params["class"] = str(result.target)
     params.update(methods=",".join(result.methods), score=result.score)
     return urlencode(params, safe=",")
@@ -95,10 +95,10 @@ def dashboard_query(result: Explanation, target_given: bool = True) -> str:
 
 def cli_line(result: Explanation, image_name: str = "IMAGE", out: str = "out") -> str:
     """The ``python -m vislib explain`` line that computes this view again."""
+    target = ["--target", str(result.target)] if isinstance(result.target, int) else []
     args = ["python", "-m", "vislib", "explain", image_name, "--model", result.model,
-            "--weights", _weights_choice(result.weights)[1], "--layer", result.layer,
-            "--target", str(result.target), "--methods", ",".join(result.methods),
-            "--score", result.score, "--out", out]
+            "--weights", _weights_choice(result.weights)[1], "--layer", result.layer, *target,
+            "--methods", ",".join(result.methods), "--score", result.score, "--out", out]
     return shlex.join(args)
 
 
@@ -107,18 +107,20 @@ def explanation_report(result: Explanation, *, image_name: str = "image", alpha:
     """The self-contained HTML report of one (single-image) :class:`~vislib.Explanation`."""
     if result.batched:
         raise ValueError("a report explains one image; pass one image's Explanation")
-    target = int(result.target)
+    target = result.target if isinstance(result.target, int) else None
     probs = result.probs
+    explained = result.describe_target()
     ident = weights_identity(result.weights)
     info = [["image", image_name], ["model", result.model], ["weights", ident["weights"]]]
     if "sha256" in ident:
         info.append(["weights SHA-256", ident["sha256"]])
-    info += [["layer", result.layer], ["class", f"{result.labels[target]} (#{target})"],
+    info += [["layer", result.layer],
+             ["explained", f"{result.labels[target]} (#{target})" if target is not None else explained],
              ["score explained", result.score], ["methods", ", ".join(result.methods)]]
     if result.contrast is not None:
         info.append(["contrast class", f"{result.labels[int(result.contrast)]} (#{int(result.contrast)})"])
     top_rows = [[f"{label} (#{i})", p] for i, label, p in result.top_k(top)]
-    if target not in [i for i, _, _ in result.top_k(top)]:
+    if target is not None and target not in [i for i, _, _ in result.top_k(top)]:
         top_rows.append([f"{result.labels[target]} (#{target}, explained)", float(probs[target])])
     figures = [f"<figure><img src='{_b64_png(result.input_image)}' alt='input'>"
                f"<figcaption>input view ({result.input_image.width}×{result.input_image.height})"
@@ -132,9 +134,9 @@ def explanation_report(result: Explanation, *, image_name: str = "image", alpha:
             f"{result.timings.get(method, 0.0):.2f} s</figcaption></figure>")
     version_rows = [[k, v] for k, v in versions().items()]
     parts = [
-        f"<h1>{escape(title or f'{result.model}: {result.labels[target]}')}</h1>",
-        f"<p class='muted'>vislib explanation report · maps for the {escape(result.score)} of class "
-        f"{escape(result.labels[target])} at layer {escape(result.layer)}</p>",
+        f"<h1>{escape(title or f'{result.model}: {result.target_label()}')}</h1>",
+        f"<p class='muted'>vislib explanation report · maps for the {escape(explained)} "
+        f"({escape(result.score)}) at layer {escape(result.layer)}</p>",
         "<h3>View</h3>" + _html_table(["field", "value"], info),
         "<h3>Maps</h3><p class='muted'>Each map min–max normalised to [0, 1]; overlay opacity "
         f"{alpha:g}, colormap {escape(colormap)}.</p><div class='maps'>" + "".join(figures) + "</div>",

@@ -13,7 +13,9 @@ Keys (all but ``source`` optional): ``source``, ``kwargs`` (a table for the buil
 arguments, ``timm.create_model`` or ``torchvision.models.get_model`` keywords, Hugging Face config
 values), ``weights``, ``labels``, ``input_size`` (int or [H, W]), ``resize`` (int: the shorter side;
 [H, W]: exactly), ``channels``, ``mean``, ``std``, ``interpolation``, ``layer`` (the default layer),
-``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``.
+``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``,
+``scores`` (what the output is: "logits", "probabilities", "sigmoid" for multi-label, "regression",
+"embedding"; default: detected), ``prompts`` (a CLIP-like model's prompts, which are its labels).
 Every problem is a :class:`ModelError` naming the file, the table and the key.
 
 **Spec files are trusted configuration.** A ``source`` or ``output`` of the form
@@ -41,7 +43,7 @@ from .source import FACTORY_PATTERN, SourceModel, interpolation_mode, preprocess
 ENV_VARIABLE = "VISLIB_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 KEYS = ("source", "kwargs", "weights", "labels", "input_size", "resize", "channels", "mean", "std",
-        "interpolation", "layer", "output", "description")
+        "interpolation", "layer", "output", "description", "scores", "prompts")
 MAX_SPEC_BYTES = 1024 * 1024
 
 
@@ -65,6 +67,7 @@ class ModelEntry:
     layer: str | None = None
     output: int | str | None = None
     description: str = ""
+    scores: str | None = None
 
     @property
     def context(self) -> str:
@@ -163,6 +166,22 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
                          f"not {type(output).__name__}")
     fields["output"] = output
     fields["description"] = get.text("description") or ""
+    scores = get.text("scores")
+    if scores is not None:
+        from ..targets import OUTPUT_KINDS
+
+        if scores not in OUTPUT_KINDS:
+            raise ModelError(f"{where} scores: one of {', '.join(OUTPUT_KINDS)}, not {scores!r}")
+    fields["scores"] = scores
+    if "prompts" in table:
+        if "labels" in table:
+            raise ModelError(f"{where}: give labels or prompts, not both (a zero-shot model's labels are "
+                             f"its prompts)")
+        prompts = table["prompts"]
+        if (not isinstance(prompts, list) or not prompts
+                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise ModelError(f"{where} prompts: need a non-empty list of non-empty strings")
+        fields["labels"], fields["labels_from"] = tuple(prompts), "the spec file's prompts"
     return ModelEntry(**fields)
 
 
@@ -305,6 +324,8 @@ def entry_source(entry: ModelEntry, weights, kwargs: dict) -> SourceModel:
         src.output = _output(entry)
     if entry.channels is not None:
         src.channels = entry.channels
+    if entry.scores is not None:
+        src.scores = entry.scores
     src.preprocess = _preprocess(entry, src)
     return src
 

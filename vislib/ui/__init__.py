@@ -14,7 +14,9 @@ Its modules, each importing only the ones above it:
   family and per method) and a background job that reports progress and can be cancelled,
 * :mod:`~vislib.ui.rendering`: overlays, signed-RGB views of input-space signals, colour bars, the
   top-k bar chart, panel captions, PNG/NPZ downloads,
-* :mod:`~vislib.ui.samples`: the sample pictures.
+* :mod:`~vislib.ui.samples`: the sample pictures,
+* :mod:`~vislib.ui.targets_view`: what is explained beyond one softmax class: the chart's title per
+  output kind, typed CLIP prompts, one row per label of a multi-label model, "why similar?".
 
 Every public name is re-exported here (``from vislib import ui; ui.compute_view(...)``). A test
 that patches a function used inside the package patches the module that looks it up (e.g.
@@ -66,6 +68,14 @@ from .rendering import (
 )
 from .samples import generated_sample, sample_choices
 from .state import ViewState, image_digest, parse_query, result_key, to_query
+from .targets_view import (
+    LabelRowsResult,
+    SimilarityResult,
+    chart_title,
+    compare_images,
+    label_rows,
+    parse_prompts,
+)
 
 __all__ = [
     "BackgroundJob", "CATALOGUE_SOURCES", "DEFAULT_METHODS", "DISPLAY_FAMILY_ORDER", "LAYOUT_WORDS",
@@ -78,4 +88,5 @@ __all__ = [
     "panel_image", "panels", "parse_query", "plan_rows", "render_all", "result_key", "safe_filename",
     "sample_choices", "search_models", "split_doomed", "to_query", "topk_figure", "uses_layer",
     "walk_layers", "weights_choices", "weights_text",
+    "LabelRowsResult", "SimilarityResult", "chart_title", "compare_images", "label_rows", "parse_prompts",
 ]

@@ -193,7 +193,9 @@ def compute_view(
         with bundle.lock, torch.no_grad():
             tensor, views = bundle.prepare([image])
             logits = bundle.logits(tensor)
-        probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        from ..targets import output_scores
+
+        probs = output_scores(bundle.scores, logits)[0].cpu().numpy()  # never a softmax of probabilities
         from ..explain import resolve_targets
 
         tgt = int(resolve_targets(bundle.labels, logits, target)[0])
