@@ -21,6 +21,7 @@ from pages.common import (
     unavailable_methods,
     uploaded_model_note,
 )
+from pages.common.classroom import erase_panel, report_button
 from vislib import ui
 from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.render import COLORMAPS, to_png_bytes
@@ -268,7 +269,7 @@ with left:
 with right:
     class_picker_and_chart(result, score)
 
-head, scale, download = st.columns([3, 2, 1], vertical_alignment="center")
+head, scale, download, report = st.columns([3, 2, 1.2, 1.2], vertical_alignment="center")
 with head:
     st.subheader("Maps")
     passes = " · ".join(f"{k.replace('_', ' ')} {ui.format_seconds(v)}"
@@ -283,7 +284,14 @@ with download:
     st.download_button("All maps (.npz)", data=lambda: ui.maps_npz(result), on_click="ignore",
                        file_name=ui.safe_filename(bundle.name, image_name, "maps") + ".npz",
                        mime="application/octet-stream", icon=":material/download:", key="dl_npz")
+ran = [m for m in methods if m not in result.rows[0].errors]
+with report:
+    report_button(bundle, image_bytes, image_name, ran, layer, result.target, score, _pass_cache())
 results_grid(result, bundle, image_name, alpha=alpha, colormap=colormap, signal_view=signal_view, ncols=ncols)
+try:
+    erase_panel(bundle, image_bytes, image_name, ran, layer, result.target, _pass_cache())
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
 
 
 def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:

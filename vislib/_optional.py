@@ -21,6 +21,7 @@ EXTRAS = {
     "ray": ("ray[data]", "requirements-extras.txt"),
     "lrp": ("zennit", "requirements-extras.txt"),
     "dashboard": ("streamlit, plotly", "requirements.txt"),
+    "video": ("av", "requirements.txt"),
     "bench": ("grad-cam, torchcam, captum", "requirements-bench.txt"),
 }
 

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--out", default=None, help="output folder (overlays, maps.npz, scores.json)")
+    ex.add_argument("--report", default=None, metavar="HTML",
+                    help="also write one self-contained HTML report (images inline) to this file")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
     add_models_parser(sub)
@@ -119,6 +121,8 @@ def _explain(args) -> int:
         raise VislibError(f"unknown colormap {args.colormap!r}; available: {', '.join(COLORMAPS)}")
     if not 0.0 <= args.alpha <= 1.0:
         raise VislibError("--alpha must be between 0 and 1")
+    if args.out is None and args.report is None:
+        raise VislibError("explain needs --out DIR, --report FILE.html, or both")
     image = load_image(args.image)
     weights = None if args.weights.lower() == "none" else args.weights
     try:
@@ -129,6 +133,11 @@ def _explain(args) -> int:
         raise VislibError(f"{exc} (--prompts is for CLIP-like models, whose labels are prompts)") from None
     result = explain(bundle, image, methods=args.methods, layer=args.layer, target=_cli_target(args),
                      score=args.score)
+    if args.report is not None:
+        _write_report(result, args)
+    if args.out is None:
+        print(f"{result.model}: explained {result.target_label()!r} → {args.report}")
+        return 0
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +177,16 @@ def _explain(args) -> int:
     print(f"{result.model}: predicted {top[1]} ({top[2]:.1%}); explained the {explained} "
           f"at {result.layer} with {', '.join(result.methods)} → {out}")
     return 0
+
+
+def _write_report(result, args) -> None:
+    from .report import write_explanation_report
+
+    try:
+        write_explanation_report(result, args.report, image_name=Path(args.image).name, alpha=args.alpha,
+                                 colormap=args.colormap)
+    except OSError as exc:
+        raise VislibError(f"cannot write the report {args.report}: {exc.strerror}") from None
 
 
 def _cli_target(args):

@@ -135,6 +135,8 @@ def nav() -> None:
     st.page_link("pages/1_Layer_explorer.py", label="Layer explorer", icon=":material/layers:")
     st.page_link("pages/2_Error_analysis.py", label="Error analysis", icon=":material/troubleshoot:")
     st.page_link("pages/3_Learn.py", label="Learn", icon=":material/school:")
+    st.page_link("pages/4_Live.py", label="Live", icon=":material/videocam:")
+    st.page_link("pages/5_Compare.py", label="Compare", icon=":material/compare:")
     st.divider()
 
 
