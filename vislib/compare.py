@@ -57,7 +57,7 @@ def common_grid(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if m.shape == shape:
             return np.asarray(m, dtype=np.float32)
         image = Image.fromarray(np.asarray(m, dtype=np.float32), mode="F")
-        return np.asarray(image.resize((shape[1], shape[0]), Image.BILINEAR))
+        return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
     return fit(a), fit(b)
 
@@ -129,9 +129,10 @@ def compare(left: ModelBundle | str, right: ModelBundle | str, image,
         agreement[method] = MapAgreement(spearman=rank_correlation(ma, mb),
                                          top_iou=top_region_iou(ma, mb, fraction))
     notes = []
-    if a.input_image.size != b.input_image.size:
-        notes.append(f"the models see the image at {a.input_image.width}×{a.input_image.height} and "
-                     f"{b.input_image.width}×{b.input_image.height}; maps compared at the smaller size")
+    view_a, view_b = a.view(), b.view()
+    if view_a.size != view_b.size:
+        notes.append(f"the models see the image at {view_a.width}×{view_a.height} and "
+                     f"{view_b.width}×{view_b.height}; maps compared at the smaller size")
     if a.target_label() != b.target_label():
         notes.append(f"the maps explain different classes: {a.target_label()} and {b.target_label()}")
     return Comparison(left=a, right=b, agreement=agreement, fraction=fraction, notes=notes)

@@ -28,7 +28,7 @@ def apply_strokes(view: Image.Image, strokes: np.ndarray | None) -> Image.Image:
     if layer.ndim != 3 or layer.shape[2] != 4:
         raise ValueError(f"strokes are H×W×4 RGBA, not shape {layer.shape}")
     if layer.shape[:2] != (base.height, base.width):
-        layer = np.asarray(Image.fromarray(layer, "RGBA").resize(base.size, Image.NEAREST))
+        layer = np.asarray(Image.fromarray(layer, "RGBA").resize(base.size, Image.Resampling.NEAREST))
     alpha = layer[..., 3:4].astype(np.float32) / 255.0
     out = (1.0 - alpha) * np.asarray(base, np.float32) + alpha * layer[..., :3].astype(np.float32)
     return Image.fromarray(out.round().astype(np.uint8))
@@ -50,7 +50,7 @@ class EraseResult:
 
     @property
     def target(self) -> int:
-        return int(self.before.target)
+        return self.before.class_index()
 
     @property
     def probability_drop(self) -> float:
@@ -66,5 +66,5 @@ def erase_and_watch(bundle: ModelBundle, view: Image.Image, strokes: np.ndarray 
     if before is None:
         before = explain(bundle, view, methods=[method], layer=layer, target=target, cache=cache)
     edited = apply_strokes(view, strokes)
-    after = explain(bundle, edited, methods=[method], layer=layer, target=int(before.target), cache=cache)
+    after = explain(bundle, edited, methods=[method], layer=layer, target=before.class_index(), cache=cache)
     return EraseResult(before=before, after=after, edited=edited, painted=painted_fraction(strokes))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._version import __version__
-from .errors import InputError, MethodError
+from .errors import InputError, MethodError, TargetError
 from .hooks import resolve_layer
 from .imageio import load_image
 from .methods import METHODS
@@ -66,6 +66,19 @@ class Explanation:
 
     def _pick(self, value, index: int):
         return value[index] if self.batched else value
+
+    def view(self, index: int = 0) -> Image.Image:
+        """The model's input view of image ``index`` (what the maps are drawn over)."""
+        picked: Image.Image = self._pick(self.input_image, index)
+        return picked
+
+    def class_index(self, index: int = 0) -> int:
+        """The class / label index explained for image ``index``; a :class:`TargetError` for a target
+        without classes (similarity, regression as a vector, ...)."""
+        picked = self._pick(self.target, index)
+        if picked is None:
+            raise TargetError(f"this explanation's target ({self.describe_target(index)}) has no class")
+        return int(picked)
 
     def target_label(self, index: int = 0) -> str:
         picked = self._pick(self.target, index)

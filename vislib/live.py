@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -46,9 +47,10 @@ def live_step(bundle: ModelBundle, frame: np.ndarray | Image.Image, method: str 
     image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
     result = explain(bundle, image.convert("RGB"), methods=[method], layer=layer, target=target)
     values = result.maps[method]
-    return LiveFrame(view=result.input_image, map=values,
-                     overlay=overlay(result.input_image, values, alpha=alpha, colormap=colormap),
-                     top=result.top_k(top), target=int(result.target), seconds=time.perf_counter() - started)
+    view = result.view()
+    return LiveFrame(view=view, map=values, overlay=overlay(view, values, alpha=alpha, colormap=colormap),
+                     top=result.top_k(top), target=result.class_index(),
+                     seconds=time.perf_counter() - started)
 
 
 class NewestFrame:
@@ -57,7 +59,7 @@ class NewestFrame:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._item = None
+        self._item: tuple[int, Any] | None = None
         self._number = 0
         self.dropped = 0
         self.put_count = 0

@@ -117,13 +117,15 @@ def explanation_report(result: Explanation, *, image_name: str = "image", alpha:
     info += [["layer", result.layer],
              ["explained", f"{result.labels[target]} (#{target})" if target is not None else explained],
              ["score explained", result.score], ["methods", ", ".join(result.methods)]]
-    if result.contrast is not None:
-        info.append(["contrast class", f"{result.labels[int(result.contrast)]} (#{int(result.contrast)})"])
+    contrast = result._pick(result.contrast, 0)
+    if contrast is not None:
+        info.append(["contrast class", f"{result.labels[int(contrast)]} (#{int(contrast)})"])
     top_rows = [[f"{label} (#{i})", p] for i, label, p in result.top_k(top)]
     if target is not None and target not in [i for i, _, _ in result.top_k(top)]:
         top_rows.append([f"{result.labels[target]} (#{target}, explained)", float(probs[target])])
-    figures = [f"<figure><img src='{_b64_png(result.input_image)}' alt='input'>"
-               f"<figcaption>input view ({result.input_image.width}×{result.input_image.height})"
+    view = result.view()
+    figures = [f"<figure><img src='{_b64_png(view)}' alt='input'>"
+               f"<figcaption>input view ({view.width}×{view.height})"
                "</figcaption></figure>"]
     for method in result.methods:
         flat = " (flat: constant map)" if bool(result.flat[method]) else ""
