@@ -174,11 +174,14 @@ def _tags_text(tags: list[str]) -> str:
 
 def _list_methods() -> int:
     from .methods import METHODS
+    from .targets import accepted_targets
 
-    rows = [(name, cls.family, cls.passes or "–", cls.paper or cls.title) for name, cls in METHODS.items()]
-    widths = [max(len(r[i]) for r in rows + [("name", "family", "passes", "")]) for i in range(3)]
-    for row in [("name", "family", "passes", "paper")] + rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    rows = [(name, cls.family, cls.passes or "–", accepted_targets(cls), cls.paper or cls.title)
+            for name, cls in METHODS.items()]
+    header = ("name", "family", "passes", "targets", "paper")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     return 0
 
 

@@ -325,7 +325,7 @@ def _check_options(opts: dict) -> tuple[str, float, float]:
 def run_lrp(ctx: ExplainContext, opts: dict) -> MethodResult:
     """LRP of ``ctx.inputs`` for the targets (minus the contrast) on the private copy of the model."""
     composite_name, epsilon, gamma = _check_options(opts)
-    if ctx.score != "logit":
+    if ctx.target.score_name != "logit":
         raise MethodError("lrp explains a logit (its relevance starts at the class logit and has no rule "
                           "through the softmax); use score='logit'")
     bundle = ctx.bundle
@@ -373,11 +373,7 @@ def _relevance(private, ctx: ExplainContext, composite) -> tuple[torch.Tensor, t
             raise MethodError(f"lrp cannot explain this model: {watch.problem}. zennit covers {SUPPORTED}.")
         ctx.set_logits(logits)
         ctx.check_cancel()
-        out = torch.zeros_like(logits)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        out[rows, ctx.targets] = 1.0
-        if ctx.contrast is not None:
-            out[rows, ctx.contrast] -= 1.0
+        out = ctx.bound.head_rows(logits.detach())  # e: one-hot of the class (minus the contrast's)
         (relevance,) = torch.autograd.grad(logits, x, grad_outputs=out * logits.detach())
     return relevance, logits.detach(), watch.relus
 
@@ -391,6 +387,7 @@ class LRP(BackpropMethod):
     norm merged, ResNet sums by a Norm rule. ReLU nets only (VGG, ResNet); runs on a private copy."""
 
     name = "lrp"
+    target_needs = ("linear",)
     passes = "1 fwd + 1 modified bwd, on a private copy"
     uses_layer = False
     title = "LRP"

@@ -35,6 +35,8 @@ class Probe:
     pooling_like: set[str] = field(default_factory=set)
     head_input: bool = False  # the gradient was taken of the head's input (the class score was constant)
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    head: str | None = None  # the linear layer whose output is the class scores (None: none such)
+    output: torch.Tensor | None = None  # the probe's class scores (1 × classes, detached)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -96,6 +98,7 @@ def probe_model(model: nn.Module, shape: tuple[int, int, int], device: torch.dev
     outs = {n: outputs[n] for n in views}
     probe.gradient = _gradient_reaches(logits[0, logits[0].argmax()], outs, views)
     head = [n for n, inp in linear_inputs.items() if outputs[n] is logits]
+    probe.head, probe.output = (head[-1] if head else None), logits.detach()
     if head and not any(probe.gradient.values()):
         # the class score is constant (a zero-initialised head, as torchvision's ViTs have): what
         # reaches the head's input is what would reach the score
