@@ -21,6 +21,7 @@ from pages.common import (
     unavailable_methods,
     uploaded_model_note,
 )
+from pages.common.models import spec_reports
 from vislib import ui
 from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.render import COLORMAPS, to_png_bytes
@@ -55,6 +56,7 @@ def load_url_state() -> None:
     if state.get("_url_loaded"):
         return
     state["_url_loaded"] = True
+    spec_reports()  # a link may name a spec file's model: register them before reading it
     parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS),
                                    check_model=ui.dashboard_refusal)
     state["_url_notes"] = notes
