@@ -51,6 +51,19 @@ def _family_key(family: str) -> str:
     return f"methods_{family}"
 
 
+def _wanted_key(family: str) -> str:
+    """The family's chosen methods, kept apart from the pills' own key: the pills offer only the
+    methods that apply here, and a choice that does not apply comes back where it does."""
+    return f"_wanted_{family}"
+
+
+def _keep_wanted(family: str, usable: tuple[str, ...]) -> None:
+    """The pills changed: the new choice, plus the chosen methods that the pills could not show."""
+    wanted = state.get(_wanted_key(family), [])
+    chosen = list(state.get(_family_key(family)) or [])
+    state[_wanted_key(family)] = [m for m in wanted if m not in usable] + chosen
+
+
 def load_url_state() -> None:
     """Once per session: the link's model, layer, class, methods, score and sample become the state."""
     if state.get("_url_loaded"):
@@ -70,6 +83,7 @@ def load_url_state() -> None:
     if parsed.methods is not None:
         for family, names in ui.methods_by_family().items():
             state[_family_key(family)] = [m for m in parsed.methods if m in names]
+            state[_wanted_key(family)] = list(state[_family_key(family)])
     if parsed.sample:
         state["source"], state["sample"] = "Sample", parsed.sample
 
@@ -84,9 +98,10 @@ def _method_label(name: str) -> str:
     return ui.method_title(name) + (" :material/hourglass_top:" if ui.is_slow(name) else "")
 
 
-def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
-    """Layer, comparison layers and methods pickers: (layer, extra layers, methods)."""
-    layer, extra_layers, methods = None, [], []
+def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str], dict[str, str]]:
+    """Layer, comparison layers and methods pickers: (layer, extra layers, methods, the chosen
+    methods that do not apply here → why)."""
+    layer, extra_layers, methods, off = None, [], [], {}
     if bundle is not None:
         layers = list(bundle.layers)
         if state.get("layer") not in bundle.layers:
@@ -110,18 +125,20 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
     st.markdown("### :material/tune: Methods")
     unavailable = unavailable_methods(bundle, layer)
     for family, names in ui.methods_by_family().items():
-        key = _family_key(family)
-        if key not in state:
-            state[key] = [m for m in ui.default_methods() if m in names]
+        key, wanted_key = _family_key(family), _wanted_key(family)
+        if wanted_key not in state:
+            state[wanted_key] = list(state[key]) if key in state else [
+                m for m in ui.default_methods() if m in names]
         usable = [m for m in names if m not in unavailable]
-        state[key] = [m for m in state[key] if m in usable]
+        state[key] = [m for m in state[wanted_key] if m in usable]
         st.pills(ui.family_title(family), usable, selection_mode="multi", key=key,
-                 format_func=_method_label,
+                 format_func=_method_label, on_change=_keep_wanted, args=(family, tuple(usable)),
                  help=":material/hourglass_top: methods need many passes: they show a progress bar and "
                       "can be stopped.")
         methods += list(state[key])
+        off.update({m: unavailable[m] for m in state[wanted_key] if m in unavailable})
         show_unavailable({m: unavailable[m] for m in names if m in unavailable}, key=f"{key}_off")
-    return layer, extra_layers, ui.display_order(methods)
+    return layer, extra_layers, ui.display_order(methods), off
 
 
 def display_controls() -> tuple[float, str, str, int]:
@@ -156,6 +173,19 @@ def class_picker_and_chart(result: ui.ViewResult, score: str) -> None:
                     config={"displayModeBar": False})
     st.markdown(f"Explaining **{names[result.target]}** (the {score} of class {result.target}) · "
                 f"click a bar to explain another class.")
+    if result.weights == "random":
+        st.warning("**Random weights**: these scores and maps come from a randomly initialised network "
+                   "(seeded): they show the architecture, not anything learned.", icon=":material/casino:")
+
+
+def greyed_panels(off: dict[str, str], ncols: int) -> None:
+    """The chosen methods that do not apply to this model or layer: a grey panel each, with why."""
+    names = ui.display_order(list(off))
+    for start in range(0, len(names), ncols):
+        for name, column in zip(names[start:start + ncols], st.columns(ncols), strict=False):
+            with column, st.container(border=True, key=f"off_{name}"):
+                st.markdown(f"**:gray[{ui.method_title(name)}]** · :gray[does not apply]")
+                st.caption(f":material/block: {off[name]}")
 
 
 def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, colormap, signal_view,
@@ -190,7 +220,7 @@ def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, color
 load_url_state()
 with st.sidebar:
     picked, bundle = input_and_model()
-    layer, extra_layers, methods = sidebar_controls(bundle)
+    layer, extra_layers, methods, off_methods = sidebar_controls(bundle)
     if state.get("score") not in ui.SCORES:
         state["score"] = "logit"
     score = st.radio("Score to explain", ui.SCORES, key="score", horizontal=True,
@@ -227,6 +257,7 @@ if bundle is None:
     st.stop()
 if not methods:
     st.info("Choose at least one method in the sidebar.", icon=":material/tune:")
+    greyed_panels(off_methods, ncols)
     st.stop()
 
 image_bytes, image_name = picked
@@ -279,6 +310,9 @@ with download:
                        file_name=ui.safe_filename(bundle.name, image_name, "maps") + ".npz",
                        mime="application/octet-stream", icon=":material/download:", key="dl_npz")
 results_grid(result, bundle, image_name, alpha=alpha, colormap=colormap, signal_view=signal_view, ncols=ncols)
+for note in ui.flat_notes(result, bundle):
+    st.info(note, icon=":material/info:")
+greyed_panels(off_methods, ncols)
 
 
 def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:

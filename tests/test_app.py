@@ -284,3 +284,80 @@ def test_layer_explorer_deconvnet_and_filters_tabs():
     at.run()
     assert_clean(at)
     assert any("filters of `features.0`" in c for c in captions(at))
+
+
+# --------------------------------------------------------------------------------------------------
+# What a new user meets (issue 25): reasons on the page, not only in the sidebar
+
+
+class DeadBranchNet(GapNet):
+    """GapNet with a side branch in the graph whose output the score does not depend on (as a ViT's
+    patch tokens after its last attention): the class score's gradient is zero there, its maps flat."""
+
+    def __init__(self, channels: int = 6, classes: int = 4):
+        super().__init__(channels, classes)
+        self.side = torch.nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x):
+        features = self.features(x)
+        return self.fc(self.pool(features).flatten(1)) + 0.0 * self.side(features).sum()
+
+
+@pytest.fixture(scope="module")
+def odd_models():
+    def register(name, net_type, weights_name):
+        @models.register_model(name, source="test", description="test model")
+        def build(weights):
+            torch.manual_seed(0)
+            return models.make_bundle(name, net_type(), preprocess=PLAIN, labels=LABELS, default_layer="features",
+                                      device=torch.device("cpu"),
+                                      weights="random" if weights is None else weights_name)
+
+    register("tiny_dead", DeadBranchNet, "test")
+    register("tiny_random", GapNet, "random")
+    yield
+    for name in ("tiny_dead", "tiny_random"):
+        models._REGISTRY.pop(name, None)
+
+
+def main_text(at: AppTest) -> str:
+    return "\n".join(e.value for kind in ("markdown", "caption", "info", "warning") for e in getattr(at.main, kind))
+
+
+def test_a_flat_map_says_why_and_which_layer_to_choose(odd_models):
+    at = run_app(model="tiny_dead", layer="side", methods="gradcam,layercam")
+    assert_clean(at)
+    assert all(c.endswith("flat map") for c in captions(at) if PANEL.match(c))
+    (note,) = [i.value for i in at.main.info if "Flat map" in i.value]
+    assert "Grad-CAM, LayerCAM at `side`" in note and "gradient is zero" in note
+    assert "Choose the default layer `features`" in note
+    at.selectbox(key="layer").set_value("features").run()
+    assert not [i for i in at.main.info if "Flat map" in i.value]
+
+
+def test_methods_that_do_not_apply_are_grey_panels_with_the_reason():
+    at = run_app(model="tiny_flat")  # the default view: CAM needs a GAP + linear head, FlatNet has none
+    assert_clean(at)
+    assert "CAM" not in panel_titles(at) and "cam" not in at.pills(key="methods_cam").options
+    assert "**:gray[CAM]** · :gray[does not apply]" in main_text(at)
+    assert "CAM needs a global-average-pool + linear head" in main_text(at)
+
+
+def test_a_chosen_method_comes_back_on_a_layer_where_it_applies():
+    # the pattern of issue 25 item 1 on the Explain page: a choice the pills cannot show is kept
+    at = run_app(model="tiny_gap", methods="cam,gradcam")
+    assert panel_titles(at) == ["CAM", "Grad-CAM"]
+    at.selectbox(key="layer").set_value("features.0").run()  # 8 channels, the head reads 6: no CAM
+    assert_clean(at)
+    assert panel_titles(at) == ["Grad-CAM"] and ":gray[CAM]" in main_text(at)
+    at.selectbox(key="layer").set_value("features").run()
+    assert panel_titles(at) == ["CAM", "Grad-CAM"] and ":gray[CAM]" not in main_text(at)
+    assert at.query_params["methods"] == "cam,gradcam"
+
+
+def test_random_weights_are_marked_beside_the_class_chart(odd_models):
+    at = run_app(model="tiny_random", weights="random", methods="gradcam")
+    assert_clean(at)
+    assert any("**Random weights**" in w.value for w in at.main.warning)
+    at = run_app(model="tiny_gap", methods="gradcam")
+    assert not any("Random weights" in w.value for w in at.main.warning)

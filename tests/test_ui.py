@@ -346,3 +346,21 @@ def test_small_formatters():
     assert ui.format_seconds(1.5) == "1.50 s"
     assert ui.safe_filename("gradcam++", "layer4", "my photo.jpg") == "gradcam--_layer4_my-photo.jpg"
     assert Image.open(io.BytesIO(ui.generated_sample(64))).size == (64, 64)
+
+
+def test_flat_notes_give_the_librarys_reason_and_the_layer_to_choose(gap_bundle, image):
+    class Dead(GapNet):  # a branch in the graph that the score does not depend on
+        def __init__(self):
+            super().__init__()
+            self.side = torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            features = self.features(x)
+            return self.fc(self.pool(features).flatten(1)) + 0.0 * self.side(features).sum()
+
+    dead = tiny_bundle(Dead())
+    view = ui.compute_view(dead, image, ["gradcam", "deconvnet"], layer="side")
+    (line,) = ui.flat_notes(view, dead)
+    assert line.startswith("**Flat map** (Grad-CAM at `side`)") and "gradient is zero" in line
+    assert line.endswith("Choose the default layer `features` instead, or an earlier one.")
+    assert ui.flat_notes(ui.compute_view(gap_bundle, image, ["gradcam"]), gap_bundle) == []
