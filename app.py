@@ -28,7 +28,7 @@ from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
 st.set_page_config(page_title="vislib · Explain", page_icon=":material/visibility:", layout="wide")
-keep_state()
+keep_state("target", "concepts_on", "concepts_k")  # drawn only with a result: kept while an upload is awaited
 state = st.session_state
 TOP_CLASS = -1  # the class picker's "explain the predicted class" entry
 
@@ -326,7 +326,8 @@ def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
     most = max(2, min(8, channels, h * w))  # NMF: at most as many concepts as channels and positions
     if state.get("concepts_k", 5) > most:
         state["concepts_k"] = most
-    k = st.slider("Concepts", 2, most, min(5, most), key="concepts_k")
+    state.setdefault("concepts_k", min(5, most))
+    k = st.slider("Concepts", 2, most, key="concepts_k")
     key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer)
     with st.spinner("Factorizing…"):
         found, note = _concepts(key, layer, k, bundle, image_bytes)

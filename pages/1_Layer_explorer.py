@@ -17,7 +17,10 @@ from vislib.imageio import load_image
 from vislib.render import COLORMAPS
 
 st.set_page_config(page_title="vislib · Layer explorer", page_icon=":material/layers:", layout="wide")
-keep_state()
+#: Widgets drawn only once there is an image: kept through runs that stop before them.
+PAGE_KEYS = ("walk_layer", "walk_all", "fm_count", "fm_order", "fm_cmap", "zf_n", "zf_source", "zf_channel",
+             "filters_norm", "explorer_tab")
+keep_state(*PAGE_KEYS)
 state = st.session_state
 
 
@@ -93,10 +96,11 @@ def layer_walker(bundle) -> str:
 
 def feature_map_tab(bundle, digest, data, layer) -> None:
     c1, c2, c3 = st.columns(3)
-    count = c1.select_slider("Channels shown", [16, 32, 64, 128, 256], value=32, key="fm_count")
+    state.setdefault("fm_count", 32)
+    state.setdefault("fm_cmap", "viridis")
+    count = c1.select_slider("Channels shown", [16, 32, 64, 128, 256], key="fm_count")
     order = c2.radio("Order", ("strongest first", "channel index"), key="fm_order", horizontal=True)
-    colormap = c3.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("viridis"),
-                            key="fm_cmap")
+    colormap = c3.selectbox("Colormap", list(COLORMAPS), key="fm_cmap")
     maps = cached_feature_maps(digest, bundle.name, bundle.weights, layer, bundle, data)
     channels, size = maps.shape[0], maps.shape[1:]
     if order == "strongest first":
@@ -114,7 +118,8 @@ def feature_map_tab(bundle, digest, data, layer) -> None:
 
 
 def deconvnet_tab(bundle, digest, data, layer) -> None:
-    n = st.slider("Top channels", 1, 16, 9, key="zf_n",
+    state.setdefault("zf_n", 9)
+    n = st.slider("Top channels", 1, 16, key="zf_n",
                   help="The channels with the strongest single activation on this image.")
     with st.spinner("Projecting the strongest activations back to pixels…"):
         projections = cached_top_channels(digest, bundle.name, bundle.weights, layer, n, bundle, data)

@@ -28,7 +28,10 @@ from vislib import METHODS, datasets, evaluate, ui
 from vislib.render import overlay
 
 st.set_page_config(page_title="vislib · Error analysis", page_icon=":material/troubleshoot:", layout="wide")
-keep_state()
+#: Widgets drawn only with a model or a result: kept through runs that stop before them.
+PAGE_KEYS = ("ea_source", "ea_limit", "ea_methods", "ea_layer", "ea_explained", "ea_curves", "ea_engine",
+             "ea_workers", "ea_true", "ea_pred", "ea_error", "ea_method")
+keep_state(*PAGE_KEYS)
 state = st.session_state
 ANY = -1
 SOURCES = {

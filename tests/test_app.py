@@ -286,6 +286,25 @@ def test_layer_explorer_deconvnet_and_filters_tabs():
     assert any("filters of `features.0`" in c for c in captions(at))
 
 
+def test_layer_explorer_keeps_the_layer_while_an_upload_is_awaited():
+    # issue 25 item 1, the server side (the browser shows the slider: tests/test_e2e_walk.py): the slider is
+    # not drawn while there is no image; its layer, the toggle and the tab settings survive that run
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = "tiny_gap"
+    at.run()
+    at.switch_page(EXPLORER).run()
+    at.select_slider(key="walk_layer").set_value("features.1").run()
+    at.toggle(key="walk_all").set_value(True).run()
+    at.select_slider(key="fm_count").set_value(16).run()
+    at.segmented_control(key="source").set_value("Upload").run()
+    assert not at.select_slider  # nothing drawn without an image
+    at.file_uploader(key="upload").set_value(("photo.png", png_bytes(4), "image/png")).run()
+    assert_clean(at)
+    assert at.select_slider(key="walk_layer").value == "features.1" and at.toggle(key="walk_all").value
+    assert any(m.value.startswith("#### `features.1`") for m in at.markdown)
+    assert at.select_slider(key="fm_count").value == 16
+
+
 # --------------------------------------------------------------------------------------------------
 # What a new user meets (issue 25): reasons on the page, not only in the sidebar
 

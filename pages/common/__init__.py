@@ -36,10 +36,14 @@ def configure_threads() -> None:
     torch.set_num_threads(threads)
 
 
-def keep_state() -> None:
-    """Re-assign persistent keys so Streamlit keeps them when their widgets are not on this page."""
+def keep_state(*page_keys: str) -> None:
+    """Re-assign persistent keys so Streamlit keeps them when their widgets are not drawn: on another
+    page (``PERSISTENT``), or on a run of this page that stops early (``page_keys``: e.g. the layer
+    slider while an upload is awaited). Streamlit drops a widget's value after a run that does not
+    draw it; a value set through ``st.session_state`` stays. The widgets of ``page_keys`` take their
+    default from the session state (``setdefault``), not from a ``value=`` argument."""
     configure_threads()
-    for key in PERSISTENT:
+    for key in (*PERSISTENT, *page_keys):
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
 
