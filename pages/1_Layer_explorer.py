@@ -117,6 +117,16 @@ def feature_map_tab(bundle, digest, data, layer) -> None:
     st.caption(f"{active:.0%} of the layer's activations are positive; strongest: {float(maps.max()):.3g}.")
 
 
+#: The captions of a unit's pair, in the one order both tabs show it (Zeiler & Fergus, Fig. 2).
+PAIR = ("image patch", "projection")
+
+
+def show_pair(patch: Image.Image, projection: Image.Image) -> None:
+    """A unit's image patch beside its Deconvnet projection (in the current container)."""
+    for column, picture, caption in zip(st.columns(2, gap="small"), (patch, projection), PAIR, strict=True):
+        column.image(picture, width="stretch", caption=caption)
+
+
 def deconvnet_tab(bundle, digest, data, layer) -> None:
     state.setdefault("zf_n", 9)
     n = st.slider("Top channels", 1, 16, key="zf_n",
@@ -126,18 +136,16 @@ def deconvnet_tab(bundle, digest, data, layer) -> None:
     if not projections:
         st.info("No channel of this layer is positive on this image: nothing to project.")
         return
-    st.caption("Each pair: the Deconvnet reconstruction of one channel's strongest activation (every other "
-               "activation of the layer set to zero), cropped to that unit's receptive field, beside the "
-               "image patch it sees (Zeiler & Fergus 2014, Fig. 2).")
+    st.caption("Each pair: the image patch one channel's strongest activation sees (its receptive field), "
+               "beside the Deconvnet projection of that activation alone (every other activation of the "
+               "layer set to zero), cropped to the same field (Zeiler & Fergus 2014, Fig. 2).")
     per_line = 3
     for start in range(0, len(projections), per_line):
         for proj, column in zip(projections[start:start + per_line], st.columns(per_line), strict=False):
             top, left, bottom, right = proj.box
             with column:
                 size = rec_size(proj)
-                rec, patch = st.columns(2, gap="small")
-                rec.image(proj.render().resize(size, Image.NEAREST), width="stretch")
-                patch.image(proj.patch.resize(size, Image.NEAREST), width="stretch")
+                show_pair(proj.patch.resize(size, Image.NEAREST), proj.render().resize(size, Image.NEAREST))
                 st.caption(f"channel {proj.channel} · activation {proj.value:.3g} · at {proj.position} · "
                            f"field {right - left}×{bottom - top} px")
 
@@ -204,9 +212,7 @@ def dataset_tab(bundle, layer: str) -> None:
     for start in range(0, len(views), 3):
         for view, column in zip(views[start:start + 3], st.columns(3), strict=False):
             with column:
-                patch, projection = st.columns(2, gap="small")
-                patch.image(dataset_features.fit(view.patch, 128), width="stretch")
-                projection.image(dataset_features.fit(view.render(), 128), width="stretch")
+                show_pair(dataset_features.fit(view.patch, 128), dataset_features.fit(view.render(), 128))
                 st.caption(f"#{view.rank} · {view.image} · activation {view.activation:.3g} at "
                            f"{view.position}")
 

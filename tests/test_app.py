@@ -280,6 +280,9 @@ def test_layer_explorer_deconvnet_and_filters_tabs():
     at.run()
     assert_clean(at)
     assert any(c.startswith("channel ") and "field" in c for c in [m.value for m in at.caption])
+    pairs = [c for c in captions(at) if c in ("image patch", "projection")]
+    assert pairs and pairs[:2] == ["image patch", "projection"]  # issue 25 item 12: the dataset tab's order
+    assert pairs == ["image patch", "projection"] * (len(pairs) // 2)
     at.session_state["explorer_tab"] = "First-layer filters"
     at.run()
     assert_clean(at)

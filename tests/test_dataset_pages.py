@@ -76,7 +76,9 @@ def test_across_the_dataset_shows_the_top_nine_of_a_channel_and_caches_them(envi
     assert [int(m.group(1)) for m in shown] == list(range(1, 10))
     values = [float(m.group(3)) for m in shown]
     assert values == sorted(values, reverse=True) and len({m.group(2) for m in shown}) == 9  # nine images
-    assert len(at.image) >= 18  # a patch and a projection per unit
+    assert len(at.image) >= 18  # a patch and a projection per unit, in the Top-N tab's order
+    pairs = [c for image in at.image for c in image.captions if c in ("image patch", "projection")]
+    assert pairs == ["image patch", "projection"] * 9
     assert any("over 2000 images of shapes test" in c.value for c in at.caption)
     built = list((environment / "features").iterdir())
     assert len(built) == 1 and (built[0] / "meta.json").is_file()
