@@ -73,10 +73,13 @@ def load_url_state() -> None:
     parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS),
                                    check_model=ui.dashboard_refusal)
     state["_url_notes"] = notes
-    for name in ("model", "weights", "layer", "score"):
+    # A refused model's layers belong to it: the default model starts at its own default layer (the
+    # note on the model says why; a second warning about its layer would only follow from it).
+    refused = parsed.model is None and bool(st.query_params.get("model"))
+    for name in ("model", "weights", "score") if refused else ("model", "weights", "layer", "score"):
         if getattr(parsed, name):
             state[name] = getattr(parsed, name)
-    if parsed.layers:
+    if parsed.layers and not refused:
         state["layers"] = parsed.layers
     if parsed.target is not None:
         state["target"] = parsed.target

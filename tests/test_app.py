@@ -228,7 +228,8 @@ def test_unknown_layer_in_the_link_falls_back_to_the_default():
     at = run_app(model="tiny_gap", methods="gradcam", layer="nope")
     assert_clean(at)
     assert any("'nope' is not in tiny_gap" in w.value for w in at.warning)
-    assert at.selectbox(key="layer").value == "features" and panel_titles(at) == ["Grad-CAM"]
+    default = vislib.load_model(at.session_state["model"]).default_layer
+    assert at.selectbox(key="layer").value == default and not at.multiselect(key="layers").value
 
 
 def test_missing_pretrained_weights_offline(monkeypatch):
@@ -383,3 +384,13 @@ def test_random_weights_are_marked_beside_the_class_chart(odd_models):
     assert any("**Random weights**" in w.value for w in at.main.warning)
     at = run_app(model="tiny_gap", methods="gradcam")
     assert not any("Random weights" in w.value for w in at.main.warning)
+
+
+def test_a_link_naming_an_upload_warns_about_the_model_only():
+    # issue 25 item 11: the layer belonged to the refused model; no second warning that follows from it
+    at = run_app(model="upload:pets.safetensors", layer="layer4", layers="layer3", methods="gradcam")
+    assert_clean(at)
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 1 and "uploaded in another browser session" in warnings[0], warnings
+    default = vislib.load_model(at.session_state["model"]).default_layer
+    assert at.selectbox(key="layer").value == default and not at.multiselect(key="layers").value
