@@ -53,9 +53,11 @@ def _eval_cache(key: str, _result: evaluate.EvalResult | None = None) -> evaluat
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def load_images(source: str, digest: str, labels: tuple[str, ...], limit: int, _data: bytes | None = None,
-                _name: str | None = None) -> datasets.ImageSet:
-    """The image set (the shapes split is rendered once into the cache folder; a zip is read lazily)."""
-    return datasets.open_dataset(_data if source == "zip" else source, list(labels), limit=limit, name=_name)
+                _name: str | None = None, _progress=None) -> datasets.ImageSet:
+    """The image set (the shapes split is rendered once into the cache folder, ``_progress(done,
+    total)`` meanwhile; a zip is read lazily)."""
+    return datasets.open_dataset(_data if source == "zip" else source, list(labels), limit=limit, name=_name,
+                                 progress=_progress)
 
 
 @st.cache_data(max_entries=64, ttl=3600, show_spinner=False)
@@ -170,8 +172,9 @@ def shortcut_callout(result: evaluate.EvalResult, bundle) -> None:
              f"**{s['on_mark_all']:.0%}** of the images")
     errors = s["on_mark_errors"]
     where += f" and **{errors:.0%}** of the misclassified ones." if errors == errors else "."  # NaN: none
-    if s["class"] is None:
-        (st.warning if errors >= 0.5 else st.caption)(where)
+    if s["class"] is None:  # not the shortcut model: say it only when the mark is there and the maps find it
+        if "marked" in result.dataset and errors >= 0.5:
+            st.warning(where)
         return
     cls = s["class"]
     if "marked" in result.dataset:
@@ -358,9 +361,16 @@ try:
     upload = settings["upload"]
     data = upload.getvalue() if upload is not None else None
     digest = ui.image_digest(data) if data is not None else settings["source"]
+    stage = st.empty()
+
+    def generating(done: int, total: int) -> None:  # the shapes split is rendered once, then cached
+        stage.progress(done / total if total else 0.0,
+                       text=f"Generating the {SOURCES[settings['source']].lower()}… {done}/{total} images")
+
     with st.spinner("Reading the images…"):
         images = load_images(settings["source"], digest, tuple(bundle.labels), settings["limit"], data,
-                             upload.name if upload is not None else None)
+                             upload.name if upload is not None else None, _progress=generating)
+    stage.empty()
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
     st.stop()
@@ -435,7 +445,9 @@ if row is not None:
 
 st.subheader("Explanation metrics over the data")
 rows = evaluate.table_rows(result)
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="ea_metrics",
+             column_config={evaluate.METRIC_COLUMNS[k]: st.column_config.NumberColumn(format=fmt)
+                            for k, fmt in evaluate.METRIC_FORMATS.items()})
 st.caption(f"Pointing game: the map's maximum within {result.tolerance} px of the object (Zhang et al.'s "
            "15 px at 224 px, scaled to the input), mean over classes; energy: the map's share on the object; "
            "Average Drop / Increase in Confidence (Chattopadhay et al.): the class probability on "
@@ -443,8 +455,8 @@ st.caption(f"Pointing game: the map's maximum within {result.tolerance} px of th
            "image-centre baseline is a map peaked at the centre: a method must beat it.")
 if result.curves:
     n = next(iter(result.curves.values())).deletion.shape[0]
-    st.plotly_chart(evaluate.curves_figure({evaluate.method_label(m): c for m, c in result.curves.items()},
-                                           f"mean over the first {n} images"),
+    st.markdown(f"**Deletion and insertion curves**, mean over the first {n} images")
+    st.plotly_chart(evaluate.curves_figure({evaluate.method_label(m): c for m, c in result.curves.items()}),
                     key="ea_curves_all", config={"displayModeBar": False})
 
 d1, d2, _ = st.columns([1, 1, 3])
