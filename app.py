@@ -12,6 +12,7 @@ import streamlit as st
 
 import vislib
 from pages.common import (
+    FAVICON,
     Miss,
     cached_or_run,
     input_and_model,
@@ -27,7 +28,7 @@ from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
-st.set_page_config(page_title="vislib · Explain", page_icon=":material/visibility:", layout="wide")
+st.set_page_config(page_title="vislib · Explain", page_icon=FAVICON, layout="wide")
 keep_state("target", "concepts_on", "concepts_k")  # drawn only with a result: kept while an upload is awaited
 state = st.session_state
 TOP_CLASS = -1  # the class picker's "explain the predicted class" entry
@@ -277,8 +278,8 @@ def _pass_cache() -> vislib.PassCache:
 
 def job(progress, cancel):
     return ui.compute_view(bundle, image_bytes, methods, layer=layer, extra_layers=extra_layers,
-                           target=explain_target, score=score, progress=progress, cancel=cancel,
-                           image_name=image_name, cache=_pass_cache())
+                           target=explain_target, score=score, progress=ui.with_time_left(progress),
+                           cancel=cancel, image_name=image_name, cache=_pass_cache())
 
 
 try:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import streamlit as st
 from PIL import Image
 
-from pages.common import Miss, cached_or_run, input_and_model, keep_state, show_error
+from pages.common import FAVICON, Miss, cached_or_run, input_and_model, keep_state, show_error
 from vislib import dataset_features, datasets, features, ui
 from vislib.evaluate import RateMeter
 from vislib.imageio import load_image
 from vislib.render import COLORMAPS
 
-st.set_page_config(page_title="vislib · Layer explorer", page_icon=":material/layers:", layout="wide")
+st.set_page_config(page_title="vislib · Layer explorer", page_icon=FAVICON, layout="wide")
 #: Widgets drawn only once there is an image: kept through runs that stop before them.
 PAGE_KEYS = ("walk_layer", "walk_all", "fm_count", "fm_order", "fm_cmap", "zf_n", "zf_source", "zf_channel",
              "filters_norm", "explorer_tab")
@@ -59,12 +59,13 @@ def _index_cache(key: str, _result: dataset_features.TopIndex | None = None) -> 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def dataset_images(source: str, digest: str, labels: tuple[str, ...], _data: bytes | None = None,
-                   _name: str | None = None) -> datasets.ImageSet:
-    """The shapes test split (every class: the top activations need no labels) or an uploaded zip."""
+                   _name: str | None = None, _progress=None) -> datasets.ImageSet:
+    """The shapes test split (every class: the top activations need no labels; rendered once, with
+    ``_progress(done, total)``, then cached) or an uploaded zip."""
     if source == "shapes":
         from vislib.data import shapes
 
-        return datasets.open_dataset("shapes", list(shapes.CLASSES))
+        return datasets.open_dataset("shapes", list(shapes.CLASSES), progress=_progress)
     return datasets.open_dataset(_data, list(labels), name=_name)
 
 
@@ -172,9 +173,16 @@ def dataset_tab(bundle, layer: str) -> None:
                     icon=":material/folder_zip:")
             return
         data, name = upload.getvalue(), upload.name
+    stage = st.empty()
+
+    def generating(done: int, total: int) -> None:
+        stage.progress(done / total if total else 0.0,
+                       text=f"Generating the shapes test split… {done}/{total} images")
+
     with st.spinner("Reading the images…"):
         images = dataset_images(source, ui.image_digest(data) if data else source, tuple(bundle.labels), data,
-                                name)
+                                name, _progress=generating)
+    stage.empty()
     key = dataset_features.index_key(bundle, images, layer, 9)
 
     def job(progress, cancel):
@@ -186,6 +194,7 @@ def dataset_tab(bundle, layer: str) -> None:
                 text = meter.rate_text(text or "images")
             progress(done, total, text)
 
+        report(0, len(images))  # a count from the start (the first batch takes seconds on a large model)
         return dataset_features.cached_index(bundle, images, layer, top=9, progress=report, cancel=cancel)
 
     index, _ = cached_or_run(key, job, _index_cache, name="zf_stop", verb="Finding the strongest activations",

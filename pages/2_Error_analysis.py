@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import (
+    FAVICON,
     Miss,
     cached_or_run,
     is_upload,
@@ -27,7 +28,7 @@ from pages.common import (
 from vislib import METHODS, datasets, evaluate, ui
 from vislib.render import overlay
 
-st.set_page_config(page_title="vislib · Error analysis", page_icon=":material/troubleshoot:", layout="wide")
+st.set_page_config(page_title="vislib · Error analysis", page_icon=FAVICON, layout="wide")
 #: Widgets drawn only with a model or a result: kept through runs that stop before them.
 PAGE_KEYS = ("ea_source", "ea_limit", "ea_methods", "ea_layer", "ea_explained", "ea_curves", "ea_engine",
              "ea_workers", "ea_true", "ea_pred", "ea_error", "ea_method")

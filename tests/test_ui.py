@@ -364,3 +364,20 @@ def test_flat_notes_give_the_librarys_reason_and_the_layer_to_choose(gap_bundle,
     assert line.startswith("**Flat map** (Grad-CAM at `side`)") and "gradient is zero" in line
     assert line.endswith("Choose the default layer `features` instead, or an earlier one.")
     assert ui.flat_notes(ui.compute_view(gap_bundle, image, ["gradcam"]), gap_bundle) == []
+
+
+def test_progress_says_the_rate_and_the_time_left_per_layer_row():
+    # issue 25 item 10: "layer4: 32/506" gains its rate and time left, measured per layer row
+    now = [0.0]
+    seen = []
+    report = ui.with_time_left(lambda done, total, text: seen.append((done, total, text)), clock=lambda: now[0])
+    report(0, 0, "waiting for a free GPU slot")  # a status message passes unchanged
+    report(10, 100, "layer4")
+    now[0] = 2.0
+    report(30, 100, "layer4")  # 20 passes in 2 s: 10/s, 70 left: 7 s
+    now[0] = 3.0
+    report(5, 50, "layer3 (2/2)")  # another row: its own meter
+    assert seen[0] == (0, 0, "waiting for a free GPU slot")
+    assert seen[1] == (10, 100, "layer4 passes")  # the rate is not known yet
+    assert seen[2] == (30, 100, "layer4 passes at 10/s, 7 s left")
+    assert seen[3] == (5, 50, "layer3 (2/2) passes")

@@ -49,7 +49,15 @@ from .catalogues import (
     weights_choices,
     weights_text,
 )
-from .compute import BackgroundJob, LayerRow, ViewResult, compute_view, plan_rows, split_doomed
+from .compute import (
+    BackgroundJob,
+    LayerRow,
+    ViewResult,
+    compute_view,
+    plan_rows,
+    split_doomed,
+    with_time_left,
+)
 from .layers import LAYOUT_WORDS, bundle_layer_label, forward_order, layer_label, walk_layers
 from .rendering import (
     Panel,
@@ -79,5 +87,5 @@ __all__ = [
     "method_title", "methods_by_family", "model_card", "model_facts", "model_source", "offline_note",
     "panel_image", "panels", "parse_query", "plan_rows", "render_all", "result_key", "safe_filename",
     "sample_choices", "search_models", "split_doomed", "to_query", "topk_figure", "uses_layer",
-    "walk_layers", "weights_choices", "weights_text",
+    "walk_layers", "weights_choices", "weights_text", "with_time_left",
 ]
