@@ -13,6 +13,7 @@ Public API::
     vislib.explain(bundle, image, target=vislib.Label("dog", score="probability"))   # what to explain
 """
 
+from ._version import __version__
 from .concepts import Concepts, concepts  # noqa: F401
 from .errors import (  # noqa: F401
     Cancelled,
@@ -42,8 +43,8 @@ from .models.embedding import as_embedding  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
 from .targets import Class, Label, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "explain", "Explanation", "PassCache", "concepts", "Concepts", "load_image", "load_model", "list_models",
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
     add_features_parser(sub, DEFAULT_MODEL)
     add_layers_parser(sub, DEFAULT_MODEL)
+    add_dashboard_parser(sub)
     sub.add_parser("methods", help="list the methods")
     for command in sub.choices.values():  # --models after any command, too
         command.add_argument("--models", action="append", default=[], dest="spec_files", metavar="PATH",
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list_models(args)
         if args.command == "methods":
             return _list_methods()
+        if args.command == "dashboard":
+            return _dashboard(args)
     except VislibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -122,13 +125,16 @@ def _explain(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
-    result.input_image.save(out / "input.png")
-    arrays = {}
+    view = result.input_image
+    assert not isinstance(view, list)  # one image in, one input view out
+    view.save(out / "input.png")
+    arrays: dict[str, np.ndarray] = {}
     for method in result.methods:
         result.overlay(method, alpha=args.alpha, colormap=args.colormap).save(out / f"{method}.png")
         arrays[method] = result.maps[method]
         arrays[f"{method}_raw"] = result.raw[method]
-    np.savez_compressed(out / "maps.npz", **arrays)
+    # numpy's stubs match **arrays against allow_pickle: bool; the keys are method names
+    np.savez_compressed(out / "maps.npz", **arrays)  # type: ignore[arg-type]
     scores = {
         "model": result.model,
         "weights": result.weights,
@@ -139,6 +145,7 @@ def _explain(args) -> int:
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
         "pass_timings_s": result.pass_timings,
+        "vislib_version": result.vislib_version,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     top = result.top_k(1)[0]
@@ -329,6 +336,9 @@ def _evaluate(args) -> int:
 
     _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
     methods = parse_methods(args.methods)
+    from .evaluate.report import _plotly
+
+    _plotly("io")  # before the run: report.html needs the dashboard extra's plotly
     bundle, images, out = _prepare(args)
     maps_dir = out / "maps" if args.maps else None
     if maps_dir is not None:
@@ -397,3 +407,46 @@ def _layers(args) -> int:
     for line in layer_table_lines(bundle, everything=args.all):
         print(line)
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# dashboard: the Streamlit app, from a checkout or an installed package (the dashboard extra)
+
+
+def add_dashboard_parser(sub) -> None:
+    da = sub.add_parser("dashboard", help="start the dashboard (streamlit; needs the dashboard extra)")
+    da.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    da.add_argument("--address", default=None,
+                    help="address to listen on (default: streamlit's, as scripts/dashboard.sh)")
+
+
+def dashboard_command(port: int, specs: list[str],
+                      address: str | None = None) -> tuple[list[str], dict, Path]:
+    """(command line, environment, working folder) of ``streamlit run`` on the packaged app.py: its
+    folder is the working one, so that its ``.streamlit/config.toml`` applies; spec files (``--models``
+    and ``VISLIB_MODELS``) become absolute paths, taken from the current folder."""
+    from ._resources import resource
+    from .models import spec_files_from_env
+
+    app = resource("dashboard", "app.py")
+    if not app.is_file():
+        raise VislibError(f"the dashboard is not part of this installation ({app} is missing)")
+    paths = [str(Path(p).expanduser().resolve()) for p in spec_files_from_env() + list(specs)]
+    env = {**os.environ, "VISLIB_MODELS": os.pathsep.join(paths)}
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+               "--server.fileWatcherType", "none"]
+    if address:
+        command += ["--server.address", address]
+    return command, env, app.parent
+
+
+def _dashboard(args) -> int:
+    import subprocess
+
+    from ._optional import require
+
+    require("streamlit", "dashboard", feature="vislib dashboard")
+    if not 0 < args.port < 65536:
+        raise VislibError("--port must be between 1 and 65535")
+    command, env, folder = dashboard_command(args.port, args.spec_files_first + args.spec_files, args.address)
+    return subprocess.call(command, env=env, cwd=folder)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._version import __version__
 from .errors import InputError, MethodError
 from .hooks import resolve_layer
 from .imageio import load_image
@@ -57,6 +58,7 @@ class Explanation:
     notes: list[str] = field(default_factory=list)  # e.g. an out-of-memory retry
     what: Target | None = None  # the target explained (vislib.targets), bound to the images
     scores: str = "logits"  # the model's output kind; ``probs`` is that output as the chart shows it
+    vislib_version: str = __version__  # provenance: the vislib that computed the maps
 
     @property
     def methods(self) -> list[str]:
