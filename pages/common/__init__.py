@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import streamlit as st
 import torch
 
 from vislib import ui, uploads
+from vislib._resources import resource
 from vislib.errors import VislibError
 
 #: Session keys that must survive a switch between pages (widget state alone does not).
@@ -23,7 +23,7 @@ SOURCES = ("Sample", "Upload", "Camera")
 TOOLBAR_STOP = '[data-testid="stStatusWidget"] button'
 #: Every page's favicon: a file this server sends (a ``:material/…:`` icon would make the browser fetch
 #: it from a public font host on every visit, which a classroom or a lab without internet must not need).
-FAVICON = str(Path(__file__).resolve().parents[2] / "assets" / "favicon.png")
+FAVICON = str(resource("assets", "favicon.png"))
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
 
 
