@@ -59,13 +59,12 @@ def _index_cache(key: str, _result: dataset_features.TopIndex | None = None) -> 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def dataset_images(source: str, digest: str, labels: tuple[str, ...], _data: bytes | None = None,
-                   _name: str | None = None, _progress=None) -> datasets.ImageSet:
-    """The shapes test split (every class: the top activations need no labels; rendered once, with
-    ``_progress(done, total)``, then cached) or an uploaded zip."""
+                   _name: str | None = None) -> datasets.ImageSet:
+    """The shapes test split (every class: the top activations need no labels) or an uploaded zip."""
     if source == "shapes":
         from vislib.data import shapes
 
-        return datasets.open_dataset("shapes", list(shapes.CLASSES), progress=_progress)
+        return datasets.open_dataset("shapes", list(shapes.CLASSES))
     return datasets.open_dataset(_data, list(labels), name=_name)
 
 
@@ -179,10 +178,12 @@ def dataset_tab(bundle, layer: str) -> None:
         stage.progress(done / total if total else 0.0,
                        text=f"Generating the shapes test split… {done}/{total} images")
 
+    if source == "shapes":  # rendered once, then read from the cache folder (outside st.cache_resource:
+        datasets.render_shapes("test", progress=generating)  # a cached function cannot draw the bar)
+    stage.empty()
     with st.spinner("Reading the images…"):
         images = dataset_images(source, ui.image_digest(data) if data else source, tuple(bundle.labels), data,
-                                name, _progress=generating)
-    stage.empty()
+                                name)
     key = dataset_features.index_key(bundle, images, layer, 9)
 
     def job(progress, cancel):

@@ -54,11 +54,9 @@ def _eval_cache(key: str, _result: evaluate.EvalResult | None = None) -> evaluat
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def load_images(source: str, digest: str, labels: tuple[str, ...], limit: int, _data: bytes | None = None,
-                _name: str | None = None, _progress=None) -> datasets.ImageSet:
-    """The image set (the shapes split is rendered once into the cache folder, ``_progress(done,
-    total)`` meanwhile; a zip is read lazily)."""
-    return datasets.open_dataset(_data if source == "zip" else source, list(labels), limit=limit, name=_name,
-                                 progress=_progress)
+                _name: str | None = None) -> datasets.ImageSet:
+    """The image set (the shapes split is rendered once into the cache folder; a zip is read lazily)."""
+    return datasets.open_dataset(_data if source == "zip" else source, list(labels), limit=limit, name=_name)
 
 
 @st.cache_data(max_entries=64, ttl=3600, show_spinner=False)
@@ -368,10 +366,13 @@ try:
         stage.progress(done / total if total else 0.0,
                        text=f"Generating the {SOURCES[settings['source']].lower()}… {done}/{total} images")
 
+    if settings["source"] in datasets.SHAPES_SOURCES:  # rendered once, then read from the cache folder
+        datasets.render_shapes("test", settings["limit"], mark=datasets.SHAPES_SOURCES[settings["source"]],
+                               progress=generating)  # outside st.cache_resource: it cannot draw the bar
+    stage.empty()
     with st.spinner("Reading the images…"):
         images = load_images(settings["source"], digest, tuple(bundle.labels), settings["limit"], data,
-                             upload.name if upload is not None else None, _progress=generating)
-    stage.empty()
+                             upload.name if upload is not None else None)
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
     st.stop()
