@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
-    parser = _Parser(prog="python -m vislib", description="See what a convolutional network sees.")
+    prog = "vislib" if Path(sys.argv[0]).name == "vislib" else "python -m vislib"  # the console script
+    parser = _Parser(prog=prog, description="See what a convolutional network sees.")
     parser.add_argument("--models", action="append", default=[], dest="spec_files_first", metavar="PATH",
                         help=SPEC_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -192,9 +192,9 @@ def require_pyarrow():
     """pyarrow, or a clear error that says how to install it (it comes with ``ray[data]``)."""
     from .._optional import require
 
-    feature = "Parquet output (or leave out --parquet)"
-    require("pyarrow.parquet", "ray", feature=feature)
-    return require("pyarrow", "ray", feature=feature)
+    for module in ("pyarrow.parquet", "pyarrow"):
+        pyarrow = require(module, "ray", feature="Parquet output", otherwise="leave out --parquet")
+    return pyarrow
 
 
 def write_parquet_table(path, table: Mapping[str, Column]) -> None:
