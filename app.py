@@ -12,6 +12,7 @@ import streamlit as st
 
 import vislib
 from pages.common import (
+    FAVICON,
     Miss,
     cached_or_run,
     input_and_model,
@@ -22,13 +23,14 @@ from pages.common import (
     uploaded_model_note,
 )
 from pages.common.classroom import erase_panel, report_button
+from pages.common.models import spec_reports
 from vislib import ui
 from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
-st.set_page_config(page_title="vislib · Explain", page_icon=":material/visibility:", layout="wide")
-keep_state()
+st.set_page_config(page_title="vislib · Explain", page_icon=FAVICON, layout="wide")
+keep_state("target", "concepts_on", "concepts_k")  # drawn only with a result: kept while an upload is awaited
 state = st.session_state
 TOP_CLASS = -1  # the class picker's "explain the predicted class" entry
 
@@ -51,24 +53,42 @@ def _family_key(family: str) -> str:
     return f"methods_{family}"
 
 
+def _wanted_key(family: str) -> str:
+    """The family's chosen methods, kept apart from the pills' own key: the pills offer only the
+    methods that apply here, and a choice that does not apply comes back where it does."""
+    return f"_wanted_{family}"
+
+
+def _keep_wanted(family: str, usable: tuple[str, ...]) -> None:
+    """The pills changed: the new choice, plus the chosen methods that the pills could not show."""
+    wanted = state.get(_wanted_key(family), [])
+    chosen = list(state.get(_family_key(family)) or [])
+    state[_wanted_key(family)] = [m for m in wanted if m not in usable] + chosen
+
+
 def load_url_state() -> None:
     """Once per session: the link's model, layer, class, methods, score and sample become the state."""
     if state.get("_url_loaded"):
         return
     state["_url_loaded"] = True
+    spec_reports()  # a link may name a spec file's model: register them before reading it
     parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS),
                                    check_model=ui.dashboard_refusal)
     state["_url_notes"] = notes
-    for name in ("model", "weights", "layer", "score"):
+    # A refused model's layers belong to it: the default model starts at its own default layer (the
+    # note on the model says why; a second warning about its layer would only follow from it).
+    refused = parsed.model is None and bool(st.query_params.get("model"))
+    for name in ("model", "weights", "score") if refused else ("model", "weights", "layer", "score"):
         if getattr(parsed, name):
             state[name] = getattr(parsed, name)
-    if parsed.layers:
+    if parsed.layers and not refused:
         state["layers"] = parsed.layers
     if parsed.target is not None:
         state["target"] = parsed.target
     if parsed.methods is not None:
         for family, names in ui.methods_by_family().items():
             state[_family_key(family)] = [m for m in parsed.methods if m in names]
+            state[_wanted_key(family)] = list(state[_family_key(family)])
     if parsed.sample:
         state["source"], state["sample"] = "Sample", parsed.sample
 
@@ -83,9 +103,10 @@ def _method_label(name: str) -> str:
     return ui.method_title(name) + (" :material/hourglass_top:" if ui.is_slow(name) else "")
 
 
-def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
-    """Layer, comparison layers and methods pickers: (layer, extra layers, methods)."""
-    layer, extra_layers, methods = None, [], []
+def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str], dict[str, str]]:
+    """Layer, comparison layers and methods pickers: (layer, extra layers, methods, the chosen
+    methods that do not apply here → why)."""
+    layer, extra_layers, methods, off = None, [], [], {}
     if bundle is not None:
         layers = list(bundle.layers)
         if state.get("layer") not in bundle.layers:
@@ -109,18 +130,20 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
     st.markdown("### :material/tune: Methods")
     unavailable = unavailable_methods(bundle, layer)
     for family, names in ui.methods_by_family().items():
-        key = _family_key(family)
-        if key not in state:
-            state[key] = [m for m in ui.default_methods() if m in names]
+        key, wanted_key = _family_key(family), _wanted_key(family)
+        if wanted_key not in state:
+            state[wanted_key] = list(state[key]) if key in state else [
+                m for m in ui.default_methods() if m in names]
         usable = [m for m in names if m not in unavailable]
-        state[key] = [m for m in state[key] if m in usable]
+        state[key] = [m for m in state[wanted_key] if m in usable]
         st.pills(ui.family_title(family), usable, selection_mode="multi", key=key,
-                 format_func=_method_label,
+                 format_func=_method_label, on_change=_keep_wanted, args=(family, tuple(usable)),
                  help=":material/hourglass_top: methods need many passes: they show a progress bar and "
                       "can be stopped.")
         methods += list(state[key])
+        off.update({m: unavailable[m] for m in state[wanted_key] if m in unavailable})
         show_unavailable({m: unavailable[m] for m in names if m in unavailable}, key=f"{key}_off")
-    return layer, extra_layers, ui.display_order(methods)
+    return layer, extra_layers, ui.display_order(methods), off
 
 
 def display_controls() -> tuple[float, str, str, int]:
@@ -156,6 +179,19 @@ def class_picker_and_chart(result: ui.ViewResult, score: str) -> None:
                     config={"displayModeBar": False})
     st.markdown(f"Explaining **{names[result.target]}** (the {score} of class {result.target}) · "
                 f"click a bar to explain another class.")
+    if result.weights == "random":
+        st.warning("**Random weights**: these scores and maps come from a randomly initialised network "
+                   "(seeded): they show the architecture, not anything learned.", icon=":material/casino:")
+
+
+def greyed_panels(off: dict[str, str], ncols: int) -> None:
+    """The chosen methods that do not apply to this model or layer: a grey panel each, with why."""
+    names = ui.display_order(list(off))
+    for start in range(0, len(names), ncols):
+        for name, column in zip(names[start:start + ncols], st.columns(ncols), strict=False):
+            with column, st.container(border=True, key=f"off_{name}"):
+                st.markdown(f"**:gray[{ui.method_title(name)}]** · :gray[does not apply]")
+                st.caption(f":material/block: {off[name]}")
 
 
 def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, colormap, signal_view,
@@ -195,7 +231,7 @@ with st.sidebar:
             "Prompts (one per line)", value="\n".join(bundle.labels), key="prompts",
             help="A zero-shot model's classes: each prompt's text embedding is computed once."))
         bundle = bundle.with_prompts(typed) if typed else bundle
-    layer, extra_layers, methods = sidebar_controls(bundle)
+    layer, extra_layers, methods, off_methods = sidebar_controls(bundle)
     if state.get("score") not in ui.SCORES:
         state["score"] = "logit"
     score = st.radio("Score to explain", ui.SCORES, key="score", horizontal=True,
@@ -232,6 +268,7 @@ if bundle is None:
     st.stop()
 if not methods:
     st.info("Choose at least one method in the sidebar.", icon=":material/tune:")
+    greyed_panels(off_methods, ncols)
     st.stop()
 
 image_bytes, image_name = picked
@@ -249,8 +286,8 @@ def _pass_cache() -> vislib.PassCache:
 
 def job(progress, cancel):
     return ui.compute_view(bundle, image_bytes, methods, layer=layer, extra_layers=extra_layers,
-                           target=explain_target, score=score, progress=progress, cancel=cancel,
-                           image_name=image_name, cache=_pass_cache())
+                           target=explain_target, score=score, progress=ui.with_time_left(progress),
+                           cancel=cancel, image_name=image_name, cache=_pass_cache())
 
 
 try:
@@ -288,6 +325,9 @@ ran = [m for m in methods if m not in result.rows[0].errors]
 with report:
     report_button(bundle, image_bytes, image_name, ran, layer, result.target, score, _pass_cache())
 results_grid(result, bundle, image_name, alpha=alpha, colormap=colormap, signal_view=signal_view, ncols=ncols)
+for note in ui.flat_notes(result, bundle):
+    st.info(note, icon=":material/info:")
+greyed_panels(off_methods, ncols)
 try:
     erase_panel(bundle, image_bytes, image_name, ran, layer, result.target, _pass_cache())
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
@@ -305,7 +345,8 @@ def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
     most = max(2, min(8, channels, h * w))  # NMF: at most as many concepts as channels and positions
     if state.get("concepts_k", 5) > most:
         state["concepts_k"] = most
-    k = st.slider("Concepts", 2, most, min(5, most), key="concepts_k")
+    state.setdefault("concepts_k", min(5, most))
+    k = st.slider("Concepts", 2, most, key="concepts_k")
     key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer)
     with st.spinner("Factorizing…"):
         found, note = _concepts(key, layer, k, bundle, image_bytes)

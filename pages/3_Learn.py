@@ -14,11 +14,11 @@ import streamlit as st
 import torch
 
 import vislib
-from pages.common import input_and_model, keep_state, load_bundle, show_error
+from pages.common import FAVICON, input_and_model, keep_state, load_bundle, show_error
 from vislib import lessons, ui
 from vislib.render import overlay, signed_rgb
 
-st.set_page_config(page_title="vislib · Learn", page_icon=":material/school:", layout="wide")
+st.set_page_config(page_title="vislib · Learn", page_icon=FAVICON, layout="wide")
 keep_state()
 state = st.session_state
 TOP_CLASS = -1

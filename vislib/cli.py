@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VislibError
+from .errors import ModelError, VislibError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        problems = []
         if args.command != "methods":
-            register_spec_files(args.spec_files_first + args.spec_files)
+            problems = register_spec_files(args.spec_files_first + args.spec_files)
+        if problems and args.command == "models":  # list what loaded, then each broken table
+            _list_models(args, hint=False)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
+        if problems:
+            raise ModelError(problems[0])
         if args.command == "explain":
             return _explain(args)
         if args.command == "evaluate":
@@ -208,7 +216,7 @@ def _cli_target(args):
     return args.target
 
 
-def _list_models(args) -> int:
+def _list_models(args, hint: bool = True) -> int:
     from .models import list_models, model_spec
 
     if args.source == "timm":
@@ -231,7 +239,7 @@ def _list_models(args) -> int:
     width = max([22] + [len(r[0]) + 1 for r in rows])
     for name, source, description in rows:
         print(f"{name:{width}s} {source:12s} {description}".rstrip())
-    if args.source is None:
+    if args.source is None and hint:
         print("(also: timm:<name>, hf:<repo or folder>, package.module:callable; "
               "--source timm lists timm's models)", file=sys.stderr)
     return 0
@@ -263,12 +271,14 @@ SPEC_HELP = "a model spec file (TOML, [models.NAME] tables); repeatable. VISLIB_
 SOURCES = ("bundled", "spec", "torchvision", "timm", "hf")
 
 
-def register_spec_files(paths: list[str]) -> None:
-    """Register the spec files of ``--models`` and ``VISLIB_MODELS``; the first error stops the command."""
-    from .models import register_models, spec_files_from_env
+def register_spec_files(paths: list[str]) -> list[str]:
+    """Register every valid table of the spec files of ``--models`` and ``VISLIB_MODELS``; returns
+    each problem (file, table, key), one line each. ``models`` lists what loaded and reports them;
+    any other command stops at the first."""
+    from .models import register_spec_files as register
+    from .models import spec_files_from_env
 
-    for path in spec_files_from_env() + list(paths):
-        register_models(path)
+    return [e for report in register(spec_files_from_env() + list(paths)) for e in report.errors]
 
 
 def add_models_parser(sub) -> None:

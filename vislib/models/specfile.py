@@ -76,15 +76,31 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class SpecFileReport:
-    """What registering one spec file did: the names it added, or the error (one line)."""
+    """What registering one spec file did: the names it added, and each problem (one line each,
+    naming the file, the table and the key): the whole file's, or each broken table's."""
 
     path: str
     names: tuple[str, ...] = ()
-    error: str | None = None
+    errors: tuple[str, ...] = ()
+
+    @property
+    def error(self) -> str | None:
+        """The problems on one line each, or None."""
+        return "\n".join(self.errors) or None
 
 
 def read_spec_file(path: str | os.PathLike) -> list[ModelEntry]:
-    """Parse and check a spec file (no model is built, no factory imported)."""
+    """Parse and check a spec file (no model is built, no factory imported); the first broken table
+    raises (:func:`read_spec_tables` keeps the others)."""
+    entries, errors = read_spec_tables(path)
+    if errors:
+        raise errors[0]
+    return entries
+
+
+def read_spec_tables(path: str | os.PathLike) -> tuple[list[ModelEntry], list[ModelError]]:
+    """Parse and check a spec file, table by table: (the valid entries, one error per broken table).
+    A problem with the whole file (missing, not TOML, no table) raises."""
     file = Path(path).expanduser()
     try:
         file = file.resolve(strict=True)
@@ -104,7 +120,13 @@ def read_spec_file(path: str | os.PathLike) -> list[ModelEntry]:
     tables = data.get("models")
     if not isinstance(tables, dict) or not tables:
         raise ModelError(f"{file}: no [models.NAME] table")
-    return [_entry(file, name, table) for name, table in tables.items()]
+    entries, errors = [], []
+    for name, table in tables.items():
+        try:
+            entries.append(_entry(file, name, table))
+        except ModelError as exc:
+            errors.append(exc)
+    return entries, errors
 
 
 def _toml():
@@ -391,7 +413,10 @@ def register_models(path: str | os.PathLike) -> list[str]:
     Registering the same file again replaces its models (a table removed from the file is
     removed); a name that another source or another spec file already holds is an error.
     """
-    entries = read_spec_file(path)
+    return _register(read_spec_file(path))
+
+
+def _register(entries: list[ModelEntry]) -> list[str]:
     file = entries[0].file
     with _LOCK:
         for entry in entries:
@@ -417,15 +442,40 @@ def unregister_models(path: str | os.PathLike) -> list[str]:
 
 
 def register_spec_files(paths: Sequence[str | os.PathLike]) -> list[SpecFileReport]:
-    """Register several spec files, never raising: one report per file, with its error if any
-    (for the dashboard, which shows them)."""
+    """Register several spec files, never raising: every valid table of every file, and one report
+    per file with the names it added and each problem (for the dashboard and the CLI, which show
+    them). A broken table does not hide the valid ones beside it."""
     reports = []
     for path in paths:
         try:
-            reports.append(SpecFileReport(str(path), tuple(register_models(path))))
+            entries, broken = read_spec_tables(path)
+            errors = [str(exc) for exc in broken]
+            names: list[str] = []
+            for entry in entries:  # one at a time: a name taken elsewhere refuses that table only
+                try:
+                    names += _register_one(entry, keep=[e.name for e in entries])
+                except VislibError as exc:
+                    errors.append(str(exc))
+            if not entries:
+                unregister_models(path)
+            reports.append(SpecFileReport(str(path), tuple(names), tuple(errors)))
         except VislibError as exc:
-            reports.append(SpecFileReport(str(path), error=str(exc)))
+            reports.append(SpecFileReport(str(path), errors=(str(exc),)))
     return reports
+
+
+def _register_one(entry: ModelEntry, keep: list[str]) -> list[str]:
+    """Register one entry of a file whose valid tables are ``keep`` (the file's other models that
+    are no longer in it are removed)."""
+    with _LOCK:
+        held = _REGISTRY.get(entry.name)
+        if held is not None and held.origin != entry.file:
+            holder = held.origin or f"the {held.source} models"
+            raise ModelError(f"{entry.context}: the name {entry.name!r} is already taken by {holder}")
+        for name in [n for n, s in _REGISTRY.items() if s.origin == entry.file and n not in keep]:
+            del _REGISTRY[name]
+        register_source(entry_spec(entry), replace=True)
+    return [entry.name]
 
 
 def spec_files_from_env(value: str | None = None) -> list[str]:

@@ -51,12 +51,21 @@ from .catalogues import (
     weights_choices,
     weights_text,
 )
-from .compute import BackgroundJob, LayerRow, ViewResult, compute_view, plan_rows, split_doomed
+from .compute import (
+    BackgroundJob,
+    LayerRow,
+    ViewResult,
+    compute_view,
+    plan_rows,
+    split_doomed,
+    with_time_left,
+)
 from .layers import LAYOUT_WORDS, bundle_layer_label, forward_order, layer_label, walk_layers
 from .rendering import (
     Panel,
     class_from_selection,
     colorbar,
+    flat_notes,
     format_seconds,
     is_signal,
     maps_npz,
@@ -82,11 +91,12 @@ __all__ = [
     "LayerRow", "ModelFacts", "Panel", "SCORES", "SEARCH_LIMIT", "SIGNAL_VIEWS", "SLOW_METHODS",
     "SOURCE_TITLES", "UPLOAD_PREFIX", "ViewResult", "ViewState", "bundle_layer_label", "cam_head_possible",
     "catalogue", "class_from_selection", "colorbar", "compute_view", "dashboard_refusal", "default_methods",
-    "display_order", "family_title", "format_seconds", "forward_order", "generated_sample", "image_digest",
+    "display_order", "family_title", "flat_notes", "format_seconds", "forward_order", "generated_sample",
+    "image_digest",
     "is_signal", "is_slow", "layer_label", "maps_npz", "method_availability", "method_summary",
     "method_title", "methods_by_family", "model_card", "model_facts", "model_source", "offline_note",
     "panel_image", "panels", "parse_query", "plan_rows", "render_all", "result_key", "safe_filename",
     "sample_choices", "search_models", "split_doomed", "to_query", "topk_figure", "uses_layer",
-    "walk_layers", "weights_choices", "weights_text",
+    "walk_layers", "weights_choices", "weights_text", "with_time_left",
     "LabelRowsResult", "SimilarityResult", "chart_title", "compare_images", "label_rows", "parse_prompts",
 ]
