@@ -15,6 +15,7 @@ Public API::
     vislib.explain(bundle, image, target=vislib.Label("dog", score="probability"))   # what to explain
 """
 
+from ._version import __version__
 from .concepts import Concepts, concepts  # noqa: F401
 from .errors import (  # noqa: F401
     Cancelled,
@@ -41,19 +42,20 @@ from .models import (  # noqa: F401
     sample_images,
 )
 from .models.embedding import as_embedding  # noqa: F401
+from .multilabel import LabelExplanations, explain_labels  # noqa: F401
 from .objects import Detections, Segmentation, detect, segment  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
 from .targets import Box, Class, Label, Region, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "explain", "Explanation", "PassCache", "concepts", "Concepts", "load_image", "load_model", "list_models",
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
     "evaluate", "detect", "segment", "Detections", "Segmentation", "Box", "Region",
     "Target", "Class", "Label", "Regression", "Similarity", "Text", "resolve_target",
-    "as_embedding",
+    "as_embedding", "explain_labels", "LabelExplanations",
 ]
 
 # a callable module: vislib.evaluate(bundle, images, ...) is vislib.evaluate.evaluate

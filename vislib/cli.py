@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VislibError
+from .errors import ModelError, VislibError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
-    parser = _Parser(prog="python -m vislib", description="See what a convolutional network sees.")
+    prog = "vislib" if Path(sys.argv[0]).name == "vislib" else "python -m vislib"  # the console script
+    parser = _Parser(prog=prog, description="See what a convolutional network sees.")
     parser.add_argument("--models", action="append", default=[], dest="spec_files_first", metavar="PATH",
                         help=SPEC_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -39,13 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'default' (bundled, pretrained from the torch hub / Hugging Face cache, or the "
                          "spec file's), 'none' (seeded random) or a state-dict path (.safetensors, .pt)")
     ex.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
-    ex.add_argument("--target", default=None, help="class index or label (default: the top-1 class)")
+    what = ex.add_mutually_exclusive_group()  # what to explain (vislib.targets)
+    what.add_argument("--target", default=None, help="class index or label (default: the top-1 class)")
+    what.add_argument("--label", default=None,
+                      help="a label of a multi-label model: its logit (its sigmoid with --score probability)")
+    what.add_argument("--regression", default=None, metavar="I[:down]",
+                      help="regression output I: what pushes it up (I or I:up) or down (I:down)")
+    what.add_argument("--similar", default=None, metavar="IMAGE",
+                      help="why is the image similar to IMAGE? (cosine similarity of the model's penultimate "
+                           "features, the input of its head)")
+    ex.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
+                    help="a CLIP-like model's prompts, which become its labels (--target names one; default: "
+                         "the best match)")
     ex.add_argument("--methods", default="gradcam", help="comma-separated method names")
     ex.add_argument("--score", default="logit", choices=["logit", "probability"])
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1[:LABEL]",
                     help="detectors: explain this box (input-view pixels; label: index or name, default the "
                          "overlapping detection's)")
@@ -53,11 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="detectors: explain the K-th detection (0 = the highest score)")
     ex.add_argument("--region", default=None, metavar="LABEL",
                     help="segmenters: explain the pixels predicted as LABEL (Seg-Grad-CAM with gradcam)")
+    ex.add_argument("--out", default=None, help="output folder (overlays, maps.npz, scores.json)")
+    ex.add_argument("--report", default=None, metavar="HTML",
+                    help="also write one self-contained HTML report (images inline) to this file")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
     add_models_parser(sub)
     add_features_parser(sub, DEFAULT_MODEL)
     add_layers_parser(sub, DEFAULT_MODEL)
+    add_dashboard_parser(sub)
     sub.add_parser("methods", help="list the methods")
     for command in sub.choices.values():  # --models after any command, too
         command.add_argument("--models", action="append", default=[], dest="spec_files", metavar="PATH",
@@ -69,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        problems = []
         if args.command != "methods":
-            register_spec_files(args.spec_files_first + args.spec_files)
+            problems = register_spec_files(args.spec_files_first + args.spec_files)
+        if problems and args.command == "models":  # list what loaded, then each broken table
+            _list_models(args, hint=False)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
+        if problems:
+            raise ModelError(problems[0])
         if args.command == "explain":
             return _explain(args)
         if args.command == "evaluate":
@@ -83,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list_models(args)
         if args.command == "methods":
             return _list_methods()
+        if args.command == "dashboard":
+            return _dashboard(args)
     except VislibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -111,47 +136,99 @@ def _explain(args) -> int:
         raise VislibError(f"unknown colormap {args.colormap!r}; available: {', '.join(COLORMAPS)}")
     if not 0.0 <= args.alpha <= 1.0:
         raise VislibError("--alpha must be between 0 and 1")
+    if args.out is None and args.report is None:
+        raise VislibError("explain needs --out DIR, --report FILE.html, or both")
     image = load_image(args.image)
     weights = None if args.weights.lower() == "none" else args.weights
-    bundle = load_model(args.model, weights=weights, device=args.device)
-    from .objects.cli import object_target
+    try:
+        bundle = load_model(args.model, weights=weights, device=args.device, labels=args.prompts)
+    except VislibError as exc:
+        if not args.prompts:
+            raise
+        raise VislibError(f"{exc} (--prompts is for CLIP-like models, whose labels are prompts)") from None
+    from .objects.cli import object_target  # --box / --detection / --region: a view of the bundle
 
-    bundle, object_index, explained = object_target(bundle, image, box=args.box, detection=args.detection,
-                                                    region=args.region)
+    bundle, object_index, object_text = object_target(bundle, image, box=args.box, detection=args.detection,
+                                                      region=args.region)
     result = explain(bundle, image, methods=args.methods, layer=args.layer,
-                     target=args.target if object_index is None else object_index, score=args.score)
+                     target=_cli_target(args) if object_index is None else object_index, score=args.score)
+    if args.report is not None:
+        _write_report(result, args)
+    if args.out is None:
+        print(f"{result.model}: explained {result.target_label()!r} → {args.report}")
+        return 0
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
-    result.input_image.save(out / "input.png")
-    arrays = {}
+    view = result.input_image
+    assert not isinstance(view, list)  # one image in, one input view out
+    view.save(out / "input.png")
+    arrays: dict[str, np.ndarray] = {}
     for method in result.methods:
         result.overlay(method, alpha=args.alpha, colormap=args.colormap).save(out / f"{method}.png")
         arrays[method] = result.maps[method]
         arrays[f"{method}_raw"] = result.raw[method]
-    np.savez_compressed(out / "maps.npz", **arrays)
+    # numpy's stubs match **arrays against allow_pickle: bool; the keys are method names
+    np.savez_compressed(out / "maps.npz", **arrays)  # type: ignore[arg-type]
     scores = {
         "model": result.model,
         "weights": result.weights,
         "layer": result.layer,
         "score": result.score,
         "target": {"index": result.target, "label": result.target_label()},
+        "explained": result.describe_target(),  # what the maps explain, e.g. "logit of class 'dog'"
+        "outputs": result.scores,  # what "top5" holds: probabilities, sigmoids, regression values, ...
         "top5": [{"index": i, "label": label, "probability": p} for i, label, p in result.top_k(5)],
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
         "pass_timings_s": result.pass_timings,
-        **({"explained": explained} if explained else {}),
+        **({"explained": object_text} if object_text else {}),
+        "vislib_version": result.vislib_version,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    explained = result.describe_target()
+    if result.scores in ("regression", "embedding"):
+        print(f"{result.model}: explained the {explained} at {result.layer} with "
+              f"{', '.join(result.methods)} → {out}")
+        return 0
     top = result.top_k(1)[0]
-    print(f"{result.model}: predicted {top[1]} ({top[2]:.1%}); explained {result.target_label()!r} "
+    print(f"{result.model}: predicted {top[1]} ({top[2]:.1%}); explained the {explained} "
           f"at {result.layer} with {', '.join(result.methods)} → {out}")
     return 0
 
 
-def _list_models(args) -> int:
+def _write_report(result, args) -> None:
+    from .report import write_explanation_report
+
+    try:
+        write_explanation_report(result, args.report, image_name=Path(args.image).name, alpha=args.alpha,
+                                 colormap=args.colormap)
+    except OSError as exc:
+        raise VislibError(f"cannot write the report {args.report}: {exc.strerror}") from None
+
+
+def _cli_target(args):
+    """The target of ``explain``'s flags: --label, --regression, --similar, else --target as before."""
+    from .targets import Label, Regression, Similarity
+
+    if args.label is not None:
+        return Label(args.label, score=args.score)
+    if args.regression is not None:
+        index, _, direction = args.regression.partition(":")
+        if not index.strip().isdigit() or direction not in ("", "up", "down"):
+            raise VislibError(f"--regression takes I, I:up or I:down (I an output index), "
+                              f"not {args.regression!r}")
+        return Regression(int(index), sign=-1 if direction == "down" else 1)
+    if args.similar is not None:
+        from .imageio import load_image
+
+        return Similarity(load_image(args.similar), name=Path(args.similar).name)
+    return args.target
+
+
+def _list_models(args, hint: bool = True) -> int:
     from .models import list_models, model_spec
 
     if args.source == "timm":
@@ -174,7 +251,7 @@ def _list_models(args) -> int:
     width = max([22] + [len(r[0]) + 1 for r in rows])
     for name, source, description in rows:
         print(f"{name:{width}s} {source:12s} {description}".rstrip())
-    if args.source is None:
+    if args.source is None and hint:
         print("(also: timm:<name>, hf:<repo or folder>, package.module:callable; "
               "--source timm lists timm's models)", file=sys.stderr)
     return 0
@@ -214,12 +291,14 @@ SPEC_HELP = "a model spec file (TOML, [models.NAME] tables); repeatable. VISLIB_
 SOURCES = ("bundled", "spec", "torchvision", "timm", "hf")
 
 
-def register_spec_files(paths: list[str]) -> None:
-    """Register the spec files of ``--models`` and ``VISLIB_MODELS``; the first error stops the command."""
-    from .models import register_models, spec_files_from_env
+def register_spec_files(paths: list[str]) -> list[str]:
+    """Register every valid table of the spec files of ``--models`` and ``VISLIB_MODELS``; returns
+    each problem (file, table, key), one line each. ``models`` lists what loaded and reports them;
+    any other command stops at the first."""
+    from .models import register_spec_files as register
+    from .models import spec_files_from_env
 
-    for path in spec_files_from_env() + list(paths):
-        register_models(path)
+    return [e for report in register(spec_files_from_env() + list(paths)) for e in report.errors]
 
 
 def add_models_parser(sub) -> None:
@@ -345,6 +424,9 @@ def _evaluate(args) -> int:
     if is_object_set(args.data):  # a detection / segmentation set: mAP / mIoU and the error list
         return evaluate_command(args)
     methods = parse_methods(args.methods)
+    from .evaluate.report import _plotly
+
+    _plotly("io")  # before the run: report.html needs the dashboard extra's plotly
     bundle, images, out = _prepare(args)
     maps_dir = out / "maps" if args.maps else None
     if maps_dir is not None:
@@ -413,3 +495,46 @@ def _layers(args) -> int:
     for line in layer_table_lines(bundle, everything=args.all):
         print(line)
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# dashboard: the Streamlit app, from a checkout or an installed package (the dashboard extra)
+
+
+def add_dashboard_parser(sub) -> None:
+    da = sub.add_parser("dashboard", help="start the dashboard (streamlit; needs the dashboard extra)")
+    da.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    da.add_argument("--address", default=None,
+                    help="address to listen on (default: streamlit's, as scripts/dashboard.sh)")
+
+
+def dashboard_command(port: int, specs: list[str],
+                      address: str | None = None) -> tuple[list[str], dict, Path]:
+    """(command line, environment, working folder) of ``streamlit run`` on the packaged app.py: its
+    folder is the working one, so that its ``.streamlit/config.toml`` applies; spec files (``--models``
+    and ``VISLIB_MODELS``) become absolute paths, taken from the current folder."""
+    from ._resources import resource
+    from .models import spec_files_from_env
+
+    app = resource("dashboard", "app.py")
+    if not app.is_file():
+        raise VislibError(f"the dashboard is not part of this installation ({app} is missing)")
+    paths = [str(Path(p).expanduser().resolve()) for p in spec_files_from_env() + list(specs)]
+    env = {**os.environ, "VISLIB_MODELS": os.pathsep.join(paths)}
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+               "--server.fileWatcherType", "none"]
+    if address:
+        command += ["--server.address", address]
+    return command, env, app.parent
+
+
+def _dashboard(args) -> int:
+    import subprocess
+
+    from ._optional import require
+
+    require("streamlit", "dashboard", feature="vislib dashboard")
+    if not 0 < args.port < 65536:
+        raise VislibError("--port must be between 1 and 65535")
+    command, env, folder = dashboard_command(args.port, args.spec_files_first + args.spec_files, args.address)
+    return subprocess.call(command, env=env, cwd=folder)

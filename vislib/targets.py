@@ -300,6 +300,7 @@ class _ClassAxis(Target):
     def concat(self, other: Target) -> _ClassAxis:
         def cat(a, b):
             return torch.cat([a, b.to(a.device)]) if isinstance(a, torch.Tensor) else a
+        assert isinstance(other, _ClassAxis)  # the parts of one explanation have one kind of target
         return self._rebuilt(cat(self.index, other.index), cat(self.contrast, other.contrast))
 
     def with_score(self, score: str) -> _ClassAxis:
@@ -522,6 +523,7 @@ class Similarity(Target):
         else:
             bound = Similarity(vector=embed_reference(bundle, self.reference), name=self.name)
         width = _flat(output).shape[1]
+        assert bound.vector is not None  # given, or embedded just above
         if bound.vector.numel() != width:
             raise TargetError(f"the reference embedding has {bound.vector.numel()} values, the model's "
                               f"output {width}")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics
+from .._version import __version__
+from ..metrics import Curves
 
 CENTRE = "centre"  # the image-centre baseline, reported beside the methods
 METRIC_COLUMNS = {
@@ -24,6 +26,12 @@ METRIC_COLUMNS = {
     "deletion_auc": "Deletion AUC",
     "insertion_auc": "Insertion AUC",
     "reference": "Peak on reference box",
+}
+#: How each column of the metrics table is written (printf style): one format per column, so a row
+#: never mixes "72.0128" and "2".
+METRIC_FORMATS = {
+    "pointing": "%.2f", "energy": "%.2f", "average_drop": "%.1f", "increase": "%.1f",
+    "deletion_auc": "%.3f", "insertion_auc": "%.3f", "reference": "%.2f",
 }
 #: the per-image numbers kept for every method (NaN where not computed)
 KEYS = ("pointing", "energy", "y", "o", "average_drop", "increase", "deletion_auc", "insertion_auc",
@@ -54,7 +62,7 @@ class EvalResult:
     explained: str  # "predicted" or "true": the class the maps explain
     metrics: dict[str, dict[str, np.ndarray]]  # method (and "centre") → metric → N values (NaN: not computed)
     peaks: dict[str, np.ndarray]  # method → N×2 (y, x) of the map's maximum at input resolution
-    curves: dict[str, metrics.Curves] = field(default_factory=dict)  # method → curves of the first images
+    curves: dict[str, Curves] = field(default_factory=dict)  # method → curves of the first images
     failed: list[tuple[str, str]] = field(default_factory=list)  # (id, why) of images that did not load
     timings: dict[str, float] = field(default_factory=dict)
     tolerance: int = 0
@@ -62,6 +70,7 @@ class EvalResult:
     reference_box: tuple[str, tuple[int, int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     engine: str = "local"  # "local" or "ray (N workers)"
+    vislib_version: str = __version__  # provenance: the vislib that ran the evaluation
 
     def __len__(self) -> int:
         return len(self.targets)

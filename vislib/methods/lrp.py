@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._optional import install_hint, require
 from ..errors import Cancelled, MethodError, VislibError
 from .backprop import BackpropMethod
 from .base import ExplainContext, MethodResult, Stopwatch, register_method
@@ -58,7 +59,7 @@ from .frozen import fingerprint
 from .relu_rules import OTHER_ACTIVATIONS, RELU_FUNCS
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box")
-INSTALL_HINT = ".venv/bin/pip install -r requirements-extras.txt"
+INSTALL_HINT = install_hint("lrp")
 RULES_TEXT = {
     "epsilon_plus_flat": "first layer: flat; convolutions: z⁺; linear layers: ε; sums and average pools: "
                          "norm; ReLU and batch norm (merged into the convolution before it): pass",
@@ -71,13 +72,10 @@ SUPPORTED = "ReLU networks of convolutions, linear layers, batch norm after a co
 
 def _zennit():
     """The zennit modules used here, or a MethodError saying how to install zennit."""
-    try:
-        import zennit.canonizers
-        import zennit.composites
-        import zennit.torchvision
-    except ImportError:
-        raise MethodError(f"lrp needs zennit (the LRP library), which is not installed; install the optional "
-                          f"extras with: {INSTALL_HINT}") from None
+    for module in ("zennit.canonizers", "zennit.composites", "zennit.torchvision"):
+        require(module, "lrp", feature="lrp (through zennit, the LRP library)", error=MethodError)
+    import zennit  # the package, its submodules imported above (import_module returns the submodule)
+
     return zennit
 
 

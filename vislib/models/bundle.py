@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from PIL import Image
@@ -79,7 +80,9 @@ class Preprocess:
     @property
     def size(self) -> tuple[int, int]:
         """The model's input size (H, W)."""
-        return _pair(self.crop) or _pair(self.resize)
+        size = _pair(self.crop) or _pair(self.resize)
+        assert size is not None  # __post_init__ refuses a Preprocess without a crop or an exact resize
+        return size
 
     def geometry(self, img: Image.Image, interpolation: InterpolationMode | None = None) -> Image.Image:
         """Resize and crop any PIL image (an RGB image, or a mask with ``NEAREST``)."""
@@ -88,7 +91,7 @@ class Preprocess:
             img = TF.resize(img, size, interpolation=interpolation or self.interpolation,
                             antialias=self.antialias)
         if self.crop is not None:
-            img = TF.center_crop(img, list(_pair(self.crop)))
+            img = TF.center_crop(img, list(self.size))  # the crop's (H, W)
         return img
 
     def view(self, img: Image.Image) -> Image.Image:
@@ -127,7 +130,7 @@ def callable_view(preprocess: Callable, img: Image.Image, tensor: torch.Tensor) 
     the inverse of its ``Normalize`` step, or a per-image min-max."""
     from torchvision import transforms as T
 
-    steps = list(preprocess.transforms) if isinstance(preprocess, T.Compose) else [preprocess]
+    steps: list[Any] = list(preprocess.transforms) if isinstance(preprocess, T.Compose) else [preprocess]
     geometric, mean, std = [], None, None
     for step in steps:
         if isinstance(step, (T.Resize, T.CenterCrop)):
@@ -193,6 +196,29 @@ class ModelBundle:
     scores: str = "logits"
     head: str | None = None  # the linear layer whose output is the class scores, when the probe found one
     embedding: ModelBundle | None = field(default=None, repr=False)  # made by as_embedding, once
+    upload_architecture: str | None = None  # the architecture an uploaded state dict was loaded into
+    prompt_bundles: dict = field(default_factory=dict, repr=False)  # with_prompts, by prompt list
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The prompts of a zero-shot (CLIP-like) model, which are its labels; None for other models."""
+        return getattr(self.model, "prompts", None) if hasattr(self.model, "with_prompts") else None
+
+    def with_prompts(self, prompts: Sequence[str]) -> ModelBundle:
+        """This zero-shot model with other prompts as its classes: same weights, lock and layers;
+        each prompt's text embedding is computed once (cached across prompt lists)."""
+        if self.prompts is None:
+            raise ModelError(f"model {self.name!r} takes no prompts (only CLIP-like models do)")
+        key = tuple(str(p) for p in prompts)
+        zero_shot: Any = self.model
+        if key == tuple(self.labels):
+            return self
+        with self.lock:
+            if key not in self.prompt_bundles:
+                self.prompt_bundles[key] = replace(
+                    self, model=zero_shot.with_prompts(key), labels=list(key), labels_from="prompts",
+                    embedding=None, cpu_fallback=None, prompt_bundles=self.prompt_bundles, ref=None)
+            return self.prompt_bundles[key]
 
     def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Image.Image]]:
         """(the N×C×H×W input batch on the model's device, the input views): the model explains
@@ -238,7 +264,7 @@ class ModelBundle:
     @property
     def input_hw(self) -> tuple[int, int]:
         """(H, W) of the model's input."""
-        return tuple(self.input_shape[1:])
+        return (self.input_shape[1], self.input_shape[2])
 
     @property
     def input_size(self) -> int:
@@ -325,7 +351,8 @@ def input_shape_of(preprocess, channels: int | None) -> tuple[int, int, int]:
         raise ModelError(f"the preprocessing must return a C×H×W tensor, not {describe_output(probe)}")
     if channels is not None and probe.shape[0] != channels:
         raise ModelError(f"the preprocessing makes {probe.shape[0]} channels but the model takes {channels}")
-    return tuple(int(s) for s in probe.shape)
+    c, h, w = (int(s) for s in probe.shape)
+    return (c, h, w)
 
 
 def make_bundle(
@@ -376,7 +403,8 @@ def make_bundle(
 
     probe = probe_model(model, shape, device, output)
     if labels is None:
-        labels, labels_from = [f"class {i}" for i in range(probe.classes)], labels_from or "numbered"
+        unit = {"regression": "output", "embedding": "feature"}.get(scores or "", "class")
+        labels, labels_from = [f"{unit} {i}" for i in range(probe.classes)], labels_from or "numbered"
     elif len(labels) != probe.classes:
         raise ModelError(f"{len(labels)} labels given but the model has {probe.classes} outputs")
     bundle = ModelBundle(

@@ -7,8 +7,8 @@ processor's settings become a :class:`Preprocess` where they can (resize by ``si
 height × width or shortest edge —, ``crop_pct`` for ConvNeXt and PoolFormer, LeViT's 256/224
 rule, centre crop, rescale by 1/255, normalisation); a processor that does something else
 (MobileViT's channel flip, EfficientNet's offset rescale, padding) is kept as the callable, with a
-note. ``transformers`` is optional (``requirements-extras.txt``). Code from the hub is never run
-(``trust_remote_code`` stays off): such a model needs a factory.
+note. ``transformers`` is optional (the ``hf`` extra: ``pip install "vislib[hf]"``). Code from the
+hub is never run (``trust_remote_code`` stays off): such a model needs a factory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+from .._optional import install_hint, require
 from ..errors import ModelError, WeightsError
 from .cache import hf_cache_dir, hf_cached, hf_missing, hf_reachable, offline
 from .registry import ModelSpec, _seeded, source_spec
@@ -26,7 +27,8 @@ from .source import SourceModel, fit_stats, interpolation_mode, preprocess, rand
 PREFIX = "hf:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-INSTALL_HINT = "hf: models need the transformers package: pip install -r requirements-extras.txt"
+ZERO_SHOT_ARCHITECTURES = ("CLIPModel", "SiglipModel", "Siglip2Model")
+INSTALL_HINT = f"hf: models need the transformers package: {install_hint('hf')}"
 
 #: Processors that resize by ``size``, centre-crop by ``crop_size`` when asked, rescale and
 #: normalise, and nothing else (BEiT's and MobileNetV2's own steps concern segmentation maps only).
@@ -41,11 +43,7 @@ UNSUPPORTED_FLAGS = ("do_flip_channel_order", "rescale_offset", "do_pad", "do_th
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ModelError(INSTALL_HINT) from None
-    return transformers
+    return require("transformers", "hf", feature="an hf: model", error=ModelError)
 
 
 # The hub's repo ids: "name" or "namespace/name" of letters, digits, "-", "_" and "." (no "--" or
@@ -118,7 +116,8 @@ def _preprocess_from_settings(kind: str, s: dict, channels: int):
         raise _Unsupported("no rescaling to [0, 1]")
     size = {k: v for k, v in (s.get("size") or {}).items() if v is not None}
     crop_pct = s.get("crop_pct")
-    resize, crop = None, None
+    resize: int | tuple[int, int] | None = None
+    crop: int | tuple[int, int] | None = None
     if s.get("do_resize", True):
         if set(size) == {"height", "width"}:
             h, w = int(size["height"]), int(size["width"])
@@ -228,11 +227,15 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
     transformers = _transformers()
     ref, folder = _split(name)
     what = f"hf:{ref}"
-    load = {"trust_remote_code": False}
+    load: dict[str, object] = {"trust_remote_code": False}
     if folder is None:
         cached = _ensure_files(ref, weights == "default")
         load.update(cache_dir=str(hf_cache_dir()), local_files_only=cached)
     config = _call(what, transformers.AutoConfig.from_pretrained, ref, **load, **kwargs)
+    from .zeroshot import CLIP_TYPES
+
+    if getattr(config, "model_type", "") in CLIP_TYPES:
+        return clip_source(ref, folder, config, weights, load)
     auto = transformers.AutoModelForImageClassification
     notes: list[str] = []
 
@@ -274,6 +277,49 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
                        description=f"Hugging Face {ref}", notes=notes)
 
 
+def clip_source(ref: str, folder, config, weights, load: dict) -> SourceModel:
+    """A CLIP-like model (CLIP, SigLIP) as a zero-shot classifier whose labels are prompts
+    (``load_model("hf:openai/clip-vit-base-patch32", labels=["a dog", "a cat"])``): the vision tower
+    is explained, the text tower encodes each prompt once (:mod:`vislib.models.zeroshot`)."""
+    from .zeroshot import ZeroShot, hf_tokenizer, output_kind
+
+    transformers = _transformers()
+    what = f"hf:{ref}"
+    auto = transformers.AutoModel
+    notes: list[str] = []
+    if weights == "default":
+        model = _call(what, auto.from_pretrained, ref, config=config, **load)
+        weights_id = f"hf:{ref}"
+    else:
+        def build(num_classes: int | None = None):  # noqa: ARG001  (no class head to resize)
+            return _seeded(lambda: _call(what, auto.from_config, config))
+
+        model, weights_id, note = random_or_file(build(), weights, build, what)
+        notes += [note] if note else []
+    if folder is None:
+        load["local_files_only"] = (hf_cached(ref, "tokenizer_config.json") is not None or offline()
+                                    or not hf_reachable())
+    tokenizer = _call(f"{what} tokenizer", transformers.AutoTokenizer.from_pretrained, ref, **load)
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(ref, **load)
+    except Exception:  # noqa: BLE001  (no preprocessor_config.json)
+        processor = None
+    vision = getattr(config, "vision_config", config)
+    channels = int(getattr(vision, "num_channels", 3) or 3)
+    if processor is not None:
+        pre, note = preprocess_from_processor(processor, channels)
+    else:
+        size = int(getattr(vision, "image_size", 224))
+        half = (0.5,) * channels
+        pre, note = (preprocess(resize=size, crop=size, mean=half, std=half, channels=channels),
+                     f"{what} has no image processor: resized to {size}, normalised with mean = std = 0.5")
+    notes += [note] if note else []
+    wrapped = ZeroShot(model, hf_tokenizer(tokenizer))
+    return SourceModel(model=wrapped, preprocess=pre, labels=None, labels_from="prompts",
+                       weights=weights_id, source="hf", channels=channels, scores=output_kind(wrapped),
+                       description=f"Hugging Face {ref} (zero-shot: the labels are prompts)", notes=notes)
+
+
 def pretrained_available(name: str) -> bool:
     ref, folder = _split(name)
     if folder is not None:
@@ -301,7 +347,8 @@ def cached_repos() -> list[str]:
                 architectures = json.loads(config.read_text()).get("architectures") or []
             except (OSError, ValueError):
                 continue
-            if any(a.endswith("ForImageClassification") for a in architectures):
+            if any(a.endswith("ForImageClassification") or a in ZERO_SHOT_ARCHITECTURES
+                   for a in architectures):
                 found.append(PREFIX + repo_dir.name[len("models--"):].replace("--", "/"))
                 break
     return found

@@ -10,6 +10,7 @@ layer with a one-line reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 def probe_model(model: nn.Module, shape: tuple[int, int, int], device: torch.device, output=None) -> Probe:
     """Forward a seeded random 1×C×H×W input with every module hooked, then one backward."""
-    outputs: dict[str, object] = {}
+    outputs: dict[str, Any] = {}  # whatever each module returns (tensors are picked out below)
     calls: dict[str, int] = {}
     order: list[str] = []
     first_conv: list[str] = []
@@ -85,7 +86,7 @@ def probe_model(model: nn.Module, shape: tuple[int, int, int], device: torch.dev
     once = [n for n in dict.fromkeys(order) if calls[n] == 1]
     shapes = {n: tuple(outputs[n].shape) for n in once if _batch_tensor(outputs[n])}
     views = classify_outputs(shapes, [n for n in once if n in shapes], first_conv[0] if first_conv else None,
-                             tuple(shape[1:]))
+                             (shape[1], shape[2]))
     if not views:
         raise ModelError("the model has no module whose output can be read as a map (N×C×h×w, "
                          "channels-last N×h×w×C, or N×T×C tokens on the patch grid) to explain")

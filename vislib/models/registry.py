@@ -269,7 +269,7 @@ class ModelRef:
     labels: tuple[str, ...] | None = None
     default_layer: str | None = None
     output: object = None
-    preprocess: object = None
+    preprocess: Preprocess | Callable | None = None
     channels: int | None = None
     kwargs: dict | None = field(default=None, hash=False)
     scores: str | None = None

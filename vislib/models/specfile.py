@@ -14,6 +14,8 @@ arguments, ``timm.create_model`` or ``torchvision.models.get_model`` keywords, H
 values), ``weights``, ``labels``, ``input_size`` (int or [H, W]), ``resize`` (int: the shorter side;
 [H, W]: exactly), ``channels``, ``mean``, ``std``, ``interpolation``, ``layer`` (the default layer),
 ``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``,
+``scores`` (what the output is: "logits", "probabilities", "sigmoid" for multi-label, "regression",
+"embedding"; default: detected), ``prompts`` (a CLIP-like model's prompts, which are its labels),
 ``task`` ("classification", "detection" or "segmentation"; default: from the model's class).
 Every problem is a :class:`ModelError` naming the file, the table and the key.
 
@@ -32,6 +34,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import ModelError, VislibError
 from .bundle import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -41,7 +44,7 @@ from .source import FACTORY_PATTERN, SourceModel, interpolation_mode, preprocess
 ENV_VARIABLE = "VISLIB_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 KEYS = ("source", "kwargs", "weights", "labels", "input_size", "resize", "channels", "mean", "std",
-        "interpolation", "layer", "output", "description", "task")
+        "interpolation", "layer", "output", "description", "scores", "prompts", "task")
 MAX_SPEC_BYTES = 1024 * 1024
 
 
@@ -66,6 +69,7 @@ class ModelEntry:
     output: int | str | None = None
     description: str = ""
     task: str | None = None  # "classification" | "detection" | "segmentation" (None: from the model)
+    scores: str | None = None
 
     @property
     def context(self) -> str:
@@ -74,15 +78,31 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class SpecFileReport:
-    """What registering one spec file did: the names it added, or the error (one line)."""
+    """What registering one spec file did: the names it added, and each problem (one line each,
+    naming the file, the table and the key): the whole file's, or each broken table's."""
 
     path: str
     names: tuple[str, ...] = ()
-    error: str | None = None
+    errors: tuple[str, ...] = ()
+
+    @property
+    def error(self) -> str | None:
+        """The problems on one line each, or None."""
+        return "\n".join(self.errors) or None
 
 
 def read_spec_file(path: str | os.PathLike) -> list[ModelEntry]:
-    """Parse and check a spec file (no model is built, no factory imported)."""
+    """Parse and check a spec file (no model is built, no factory imported); the first broken table
+    raises (:func:`read_spec_tables` keeps the others)."""
+    entries, errors = read_spec_tables(path)
+    if errors:
+        raise errors[0]
+    return entries
+
+
+def read_spec_tables(path: str | os.PathLike) -> tuple[list[ModelEntry], list[ModelError]]:
+    """Parse and check a spec file, table by table: (the valid entries, one error per broken table).
+    A problem with the whole file (missing, not TOML, no table) raises."""
     file = Path(path).expanduser()
     try:
         file = file.resolve(strict=True)
@@ -102,7 +122,13 @@ def read_spec_file(path: str | os.PathLike) -> list[ModelEntry]:
     tables = data.get("models")
     if not isinstance(tables, dict) or not tables:
         raise ModelError(f"{file}: no [models.NAME] table")
-    return [_entry(file, name, table) for name, table in tables.items()]
+    entries, errors = [], []
+    for name, table in tables.items():
+        try:
+            entries.append(_entry(file, name, table))
+        except ModelError as exc:
+            errors.append(exc)
+    return entries, errors
 
 
 def _toml():
@@ -130,7 +156,7 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
         raise ModelError(f"{where}: missing key 'source' (a torchvision name, timm:…, hf:… or "
                          f"package.module:callable)")
     get = _Getter(where, table)
-    source = get.text("source")
+    source = get.text("source") or ""  # present (checked above), and TOML has no null
     _check_source(where, source)
     fields: dict = {"name": name, "file": str(file), "source": source}
     fields["kwargs"] = get.mapping("kwargs")
@@ -168,6 +194,22 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
     if task is not None and task not in ("classification", "detection", "segmentation"):
         raise ModelError(f"{where} task: one of classification, detection, segmentation, not {task!r}")
     fields["task"] = task
+    scores = get.text("scores")
+    if scores is not None:
+        from ..targets import OUTPUT_KINDS
+
+        if scores not in OUTPUT_KINDS:
+            raise ModelError(f"{where} scores: one of {', '.join(OUTPUT_KINDS)}, not {scores!r}")
+    fields["scores"] = scores
+    if "prompts" in table:
+        if "labels" in table:
+            raise ModelError(f"{where}: give labels or prompts, not both (a zero-shot model's labels are "
+                             f"its prompts)")
+        prompts = table["prompts"]
+        if (not isinstance(prompts, list) or not prompts
+                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise ModelError(f"{where} prompts: need a non-empty list of non-empty strings")
+        fields["labels"], fields["labels_from"] = tuple(prompts), "the spec file's prompts"
     return ModelEntry(**fields)
 
 
@@ -177,7 +219,7 @@ class _Getter:
     def __init__(self, where: str, table: dict) -> None:
         self.where, self.table = where, table
 
-    def _fail(self, key: str, wanted: str):
+    def _fail(self, key: str, wanted: str) -> NoReturn:
         value = self.table[key]
         raise ModelError(f"{self.where} {key}: must be {wanted}, not {value!r}")
 
@@ -312,6 +354,8 @@ def entry_source(entry: ModelEntry, weights, kwargs: dict) -> SourceModel:
         src.channels = entry.channels
     if entry.task is not None:
         src.task = entry.task
+    if entry.scores is not None:
+        src.scores = entry.scores
     src.preprocess = _preprocess(entry, src)
     return src
 
@@ -377,7 +421,10 @@ def register_models(path: str | os.PathLike) -> list[str]:
     Registering the same file again replaces its models (a table removed from the file is
     removed); a name that another source or another spec file already holds is an error.
     """
-    entries = read_spec_file(path)
+    return _register(read_spec_file(path))
+
+
+def _register(entries: list[ModelEntry]) -> list[str]:
     file = entries[0].file
     with _LOCK:
         for entry in entries:
@@ -403,15 +450,40 @@ def unregister_models(path: str | os.PathLike) -> list[str]:
 
 
 def register_spec_files(paths: Sequence[str | os.PathLike]) -> list[SpecFileReport]:
-    """Register several spec files, never raising: one report per file, with its error if any
-    (for the dashboard, which shows them)."""
+    """Register several spec files, never raising: every valid table of every file, and one report
+    per file with the names it added and each problem (for the dashboard and the CLI, which show
+    them). A broken table does not hide the valid ones beside it."""
     reports = []
     for path in paths:
         try:
-            reports.append(SpecFileReport(str(path), tuple(register_models(path))))
+            entries, broken = read_spec_tables(path)
+            errors = [str(exc) for exc in broken]
+            names: list[str] = []
+            for entry in entries:  # one at a time: a name taken elsewhere refuses that table only
+                try:
+                    names += _register_one(entry, keep=[e.name for e in entries])
+                except VislibError as exc:
+                    errors.append(str(exc))
+            if not entries:
+                unregister_models(path)
+            reports.append(SpecFileReport(str(path), tuple(names), tuple(errors)))
         except VislibError as exc:
-            reports.append(SpecFileReport(str(path), error=str(exc)))
+            reports.append(SpecFileReport(str(path), errors=(str(exc),)))
     return reports
+
+
+def _register_one(entry: ModelEntry, keep: list[str]) -> list[str]:
+    """Register one entry of a file whose valid tables are ``keep`` (the file's other models that
+    are no longer in it are removed)."""
+    with _LOCK:
+        held = _REGISTRY.get(entry.name)
+        if held is not None and held.origin != entry.file:
+            holder = held.origin or f"the {held.source} models"
+            raise ModelError(f"{entry.context}: the name {entry.name!r} is already taken by {holder}")
+        for name in [n for n, s in _REGISTRY.items() if s.origin == entry.file and n not in keep]:
+            del _REGISTRY[name]
+        register_source(entry_spec(entry), replace=True)
+    return [entry.name]
 
 
 def spec_files_from_env(value: str | None = None) -> list[str]:
