@@ -17,7 +17,8 @@ def test_registry_lists_required_models():
 
     listed = vislib.list_models("torchvision")
     assert set(TORCHVISION_DEFAULT_LAYERS) <= set(listed)
-    assert set(listed) == set(torchvision.models.list_models(module=torchvision.models))
+    modules = (torchvision.models, torchvision.models.detection, torchvision.models.segmentation)
+    assert set(listed) == {n for m in modules for n in torchvision.models.list_models(module=m)}
     with pytest.raises(vislib.ModelError, match="unknown model"):
         vislib.load_model("resnet5000")
 

@@ -10,6 +10,8 @@ Public API::
     image = vislib.load_image("photo.jpg")
     result = vislib.explain(bundle, image, methods=["gradcam", "gradcam++"])
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
+    vislib.detect(vislib.load_model("shapes_det"), image)   # boxes, labels, scores in view pixels
+    vislib.segment(vislib.load_model("shapes_seg"), image)  # class map and logits at view resolution
     vislib.explain(bundle, image, target=vislib.Label("dog", score="probability"))   # what to explain
 """
 
@@ -41,8 +43,9 @@ from .models import (  # noqa: F401
 )
 from .models.embedding import as_embedding  # noqa: F401
 from .multilabel import LabelExplanations, explain_labels  # noqa: F401
+from .objects import Detections, Segmentation, detect, segment  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
-from .targets import Class, Label, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
+from .targets import Box, Class, Label, Region, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
 
 __all__ = [
     "__version__",
@@ -50,7 +53,8 @@ __all__ = [
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
-    "evaluate", "Target", "Class", "Label", "Regression", "Similarity", "Text", "resolve_target",
+    "evaluate", "detect", "segment", "Detections", "Segmentation", "Box", "Region",
+    "Target", "Class", "Label", "Regression", "Similarity", "Text", "resolve_target",
     "as_embedding", "explain_labels", "LabelExplanations",
 ]
 

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ex.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1[:LABEL]",
+                    help="detectors: explain this box (input-view pixels; label: index or name, default the "
+                         "overlapping detection's)")
+    ex.add_argument("--detection", type=int, default=None, metavar="K",
+                    help="detectors: explain the K-th detection (0 = the highest score)")
+    ex.add_argument("--region", default=None, metavar="LABEL",
+                    help="segmenters: explain the pixels predicted as LABEL (Seg-Grad-CAM with gradcam)")
     ex.add_argument("--out", default=None, help="output folder (overlays, maps.npz, scores.json)")
     ex.add_argument("--report", default=None, metavar="HTML",
                     help="also write one self-contained HTML report (images inline) to this file")
@@ -139,8 +146,12 @@ def _explain(args) -> int:
         if not args.prompts:
             raise
         raise VislibError(f"{exc} (--prompts is for CLIP-like models, whose labels are prompts)") from None
-    result = explain(bundle, image, methods=args.methods, layer=args.layer, target=_cli_target(args),
-                     score=args.score)
+    from .objects.cli import object_target  # --box / --detection / --region: a view of the bundle
+
+    bundle, object_index, object_text = object_target(bundle, image, box=args.box, detection=args.detection,
+                                                      region=args.region)
+    result = explain(bundle, image, methods=args.methods, layer=args.layer,
+                     target=_cli_target(args) if object_index is None else object_index, score=args.score)
     if args.report is not None:
         _write_report(result, args)
     if args.out is None:
@@ -173,6 +184,7 @@ def _explain(args) -> int:
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
         "pass_timings_s": result.pass_timings,
+        **({"explained": object_text} if object_text else {}),
         "vislib_version": result.vislib_version,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
@@ -253,12 +265,20 @@ def _list_methods() -> int:
     from .methods import METHODS
     from .targets import accepted_targets
 
-    rows = [(name, cls.family, cls.passes or "–", accepted_targets(cls), cls.paper or cls.title)
+    short = {"classification": "cls", "detection": "det", "segmentation": "seg"}
+    rows = [(name, cls.family, cls.passes or "–", accepted_targets(cls),
+             ",".join(short.get(t, t) for t in cls.tasks), cls.paper or cls.title)
             for name, cls in METHODS.items()]
-    header = ("name", "family", "passes", "targets", "paper")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    header = ("name", "family", "passes", "targets", "tasks", "paper")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     for row in [header] + rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+    notes = [f"{name}: {cls.task_reason}" for name, cls in METHODS.items() if len(cls.tasks) < 3]
+    if notes:  # on stderr: stdout stays one row per method
+        print("tasks: cls = classification, det = detection (a box), seg = segmentation (a region); "
+              "why not all:", file=sys.stderr)
+        for note in notes:
+            print(f"  {note}", file=sys.stderr)
     return 0
 
 
@@ -297,7 +317,9 @@ def _add_data_options(parser, default_model: str) -> None:
     """Data, model and engine options shared by ``evaluate`` and ``features``."""
     parser.add_argument("data", help="an ImageFolder folder or .zip (one folder per class), 'shapes' (the "
                                      "generated test split, with masks) or 'shapes+mark' (every image "
-                                     "marked)")
+                                     "marked); evaluate also takes detection / segmentation sets: a COCO "
+                                     ".json, a YOLO folder (labels/, images/), a folder with masks/ (PNG), "
+                                     "or 'scenes[:N]' (the generated scenes)")
     parser.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
     parser.add_argument("--weights", default="default",
                         help="'default', 'none' (random) or a state-dict path")
@@ -397,6 +419,10 @@ def _evaluate(args) -> int:
     from .explain import parse_methods
 
     _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
+    from .objects.cli import evaluate_command, is_object_set
+
+    if is_object_set(args.data):  # a detection / segmentation set: mAP / mIoU and the error list
+        return evaluate_command(args)
     methods = parse_methods(args.methods)
     from .evaluate.report import _plotly
 

@@ -140,6 +140,9 @@ def explain(
     if score not in SCORES:
         raise MethodError(f"score must be one of {SCORES}, not {score!r}")
     names = parse_methods(methods)
+    refused = [r for n in names if (r := METHODS[n].refuses_task(getattr(bundle, "task", "classification")))]
+    if refused:
+        raise MethodError("; ".join(refused))
     if contrast is not None:
         check_contrastive(names)
     what = resolve_target(bundle, target, score=score, contrast=contrast)

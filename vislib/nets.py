@@ -16,7 +16,7 @@ Models are rebuilt from a model card with ``ARCHITECTURES[card["architecture"]](
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -274,7 +274,21 @@ class ShapesZFNet(nn.Module):
         return self.fc2(self.dropout(self.relu_fc1(self.fc1(self.flatten(x)))))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
+def _shapes_fcos(**kwargs) -> nn.Module:
+    from .object_nets import ShapesFCOS  # torchvision's detection package: loaded when needed
+
+    return ShapesFCOS(**kwargs)
+
+
+def _shapes_lraspp(**kwargs) -> nn.Module:
+    from .object_nets import ShapesLRASPP
+
+    return ShapesLRASPP(**kwargs)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "ShapesResNet": ShapesResNet,
     "ShapesZFNet": ShapesZFNet,
+    "ShapesFCOS": _shapes_fcos,  # the bundled detector (vislib.object_nets)
+    "ShapesLRASPP": _shapes_lraspp,  # the bundled segmenter
 }

@@ -424,6 +424,70 @@ class Regression(Target):
         return f"Regression({self.index}, sign={self.sign:+d})"
 
 
+class Box(Target):
+    """A detector's box ``box`` (x0, y0, x1, y1 in input-view pixels) of ``label`` (an index or a name;
+    None: any label): over the detections of that label, the one with the largest IoU; if it exceeds
+    ``iou_threshold``, ``score = IoU + s_d``, else 0 (pytorch-grad-cam's FasterRCNNBoxScoreTarget;
+    shared METHODS.md). D-RISE, the black-box method, weighs its masks by its own similarity to the box.
+
+    The target explains the detection bundle through a view whose output is this score
+    (:func:`vislib.objects.box_bundle`), so every method that explains a score serves it."""
+
+    kind = "box"
+
+    def __init__(self, box, label=None, iou_threshold: float = 0.5):
+        values = [float(v) for v in np.asarray(box, dtype=np.float64).reshape(-1)]
+        if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
+            raise TargetError(f"a box is x0, y0, x1, y1 with x0 < x1 and y0 < y1, not {box!r}")
+        self.box, self.label, self.iou_threshold = values, label, float(iou_threshold)
+
+    def prepare(self, bundle):
+        from .objects.scores import box_bundle
+
+        if getattr(bundle, "task", "classification") != "detection":
+            raise TargetError(f"a Box target needs a detection model; {bundle.name} is a {bundle.task} model")
+        label = -1 if self.label is None else self.label
+        return box_bundle(bundle, [self.box], [label], self.iou_threshold), None
+
+    def score(self, output, rows=None):
+        return _flat(output)[:, 0]
+
+    def describe(self, labels=None, index: int = 0) -> str:
+        name = self.label if not isinstance(self.label, int) or labels is None else labels[self.label]
+        return f"box {[round(v, 1) for v in self.box]} ({'any label' if name is None else name})"
+
+    def __repr__(self) -> str:
+        return f"Box({self.box}, {self.label!r})"
+
+
+class Region(Target):
+    """A segmenter's region: class ``label``'s logits summed over ``mask`` (H×W at the input view;
+    None: the pixels predicted as that class on the image explained, fixed at its first forward):
+    pytorch-grad-cam's SemanticSegmentationTarget; Seg-Grad-CAM (Vinogradova et al. 2020) with
+    Grad-CAM."""
+
+    kind = "region"
+
+    def __init__(self, label, mask=None):
+        self.label = label
+        self.mask = None if mask is None else np.asarray(mask)
+
+    def prepare(self, bundle):
+        from .objects.scores import region_bundle
+
+        return region_bundle(bundle, None, [self.label], None if self.mask is None else [self.mask]), None
+
+    def score(self, output, rows=None):
+        return _flat(output)[:, 0]
+
+    def describe(self, labels=None, index: int = 0) -> str:
+        name = self.label if not isinstance(self.label, int) or labels is None else labels[self.label]
+        return f"region of {name} ({'predicted pixels' if self.mask is None else 'given mask'})"
+
+    def __repr__(self) -> str:
+        return f"Region({self.label!r}, mask={'None' if self.mask is None else 'given'})"
+
+
 def _flat(output) -> torch.Tensor:
     if not isinstance(output, torch.Tensor) or output.dim() < 1:
         raise TargetError(f"this target needs a tensor output, not {type(output).__name__}")

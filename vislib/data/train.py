@@ -4,6 +4,8 @@ Usage::
 
     python -m vislib.data.train --model shapes_resnet      # ~ 6-9 min on 2 CPU cores
     python -m vislib.data.train --samples                  # (re)write assets/samples/*.png
+    python -m vislib.data.train --task detection           # shapes_det (vislib.data.train_objects)
+    python -m vislib.data.train --task segmentation        # shapes_seg
 
 Outputs ``assets/models/<name>.safetensors`` (float32 state dict) and
 ``assets/models/<name>.json``, the model card the core library loads (architecture,
@@ -464,8 +466,11 @@ def write_samples(out_dir: Path = SAMPLES_DIR, start: int = 1000) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(RECIPES), action="append", default=[],
+    parser.add_argument("--model", choices=sorted([*RECIPES, "shapes_det", "shapes_seg"]), action="append",
+                        default=[],
                         help="model to train (repeatable)")
+    parser.add_argument("--task", choices=("classification", "detection", "segmentation"), action="append",
+                        default=[], help="train every bundled model of this task (repeatable)")
     parser.add_argument("--samples", action="store_true", help="write assets/samples/*.png")
     parser.add_argument("--out-dir", type=Path, default=MODELS_DIR)
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation")
@@ -473,12 +478,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="torch intra-op threads (1 is fastest when the 2 cores are shared)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe (tests)")
     parser.add_argument("--train-size", type=int, default=None, help="use train[:N] (tests)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="detection / segmentation: the first run's .safetensors; only fine-tune")
     args = parser.parse_args(argv)
-    if not args.model and not args.samples:
-        parser.error("nothing to do: pass --model and/or --samples")
+    from .train_objects import OBJECT_RECIPES
+    from .train_objects import run as run_objects
+
+    names = list(args.model)
+    for task in args.task:
+        names += [n for n in RECIPES if task == "classification" and n not in names]
+        names += [n for n, r in OBJECT_RECIPES.items() if r.task == task and n not in names]
+    if not names and not args.samples:
+        parser.error("nothing to do: pass --model, --task and/or --samples")
     torch.set_num_threads(args.threads)
-    for name in args.model:
-        run(name, args.out_dir, args.workers, args.epochs, args.train_size)
+    for name in names:
+        if name in OBJECT_RECIPES:
+            run_objects(name, args.out_dir, args.workers, args.epochs, args.train_size,
+                        init_from=args.init_from)
+        else:
+            run(name, args.out_dir, args.workers, args.epochs, args.train_size)
     if args.samples:
         for path in write_samples():
             print(f"wrote {path}")

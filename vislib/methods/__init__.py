@@ -5,5 +5,5 @@ Each family has one runner that computes every requested method of the family fr
 registers its methods and its runner.
 """
 
-from . import backprop, cam, perturbation  # noqa: F401
+from . import backprop, cam, perturbation, perturbation_drise  # noqa: F401
 from .base import METHODS, Method, method_names, register_method  # noqa: F401

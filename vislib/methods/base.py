@@ -28,6 +28,10 @@ class Method:
     uses_layer: ClassVar[bool] = True  # False: the result does not depend on the target layer
     slow: ClassVar[bool] = False  # True: many forward passes (the UI marks it and shows progress)
     contrastive: ClassVar[bool] = True  # False: cannot explain a contrastive score S_A − S_B
+    #: the tasks it serves (a detector's box and a segmenter's region are scores like a class's), and
+    #: why not the others (shown by `vislib methods`, raised by explain)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "detection", "segmentation")
+    task_reason: ClassVar[str] = ""
     # what the target must offer (vislib.targets.refusal): "linear" (head rows: CAM, LRP),
     # "class_axis" (other classes to compare: Finer-CAM); () explains any target's score
     target_needs: ClassVar[tuple[str, ...]] = ()
@@ -41,6 +45,13 @@ class Method:
         if unknown:
             valid = ", ".join(allowed) or "none"
             raise MethodError(f"{self.name}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
+
+    @classmethod
+    def refuses_task(cls, task: str) -> str | None:
+        """Why this method cannot serve ``task``, or None."""
+        if task in cls.tasks:
+            return None
+        return f"{cls.name} serves {', '.join(cls.tasks)} models, not {task}: {cls.task_reason}"
 
     @classmethod
     def unavailable(cls, bundle, layer: str) -> str | None:  # noqa: ARG003

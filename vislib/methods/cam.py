@@ -128,6 +128,9 @@ class CAM(CAMMethod):
     paper = "Zhou et al. 2016, Learning Deep Features for Discriminative Localization"
     passes = "1 fwd"
     needs_gradients = False
+    tasks = ("classification",)
+    task_reason = ("it reads the weights of a GAP + linear classifier head; a detector's box or a "
+                   "segmenter's region has no such head (Grad-CAM is its gradient form)")
     defaults = {"aug_smooth": False, "eigen_smooth": False}  # fusion needs gradients at every layer
 
     def channel_weights(self, A, g, *, class_weights=None, **kw):

@@ -210,6 +210,9 @@ class FinerCAM(CAMMethod):
              "Explanation")
     passes = "1 fwd + 1 bwd"
     defaults = {**SHARED_OPTIONS, "base": "gradcam", "alpha": 1.0, "comparisons": 3, "weighting": "softmax"}
+    tasks = ("classification",)
+    task_reason = ("it contrasts a class with the most similar classes of one softmax; a box or region "
+                   "has none")
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -392,6 +392,9 @@ class LRP(BackpropMethod):
     paper = "Bach et al. 2015, On Pixel-Wise Explanations for Non-Linear Classifier Decisions by LRP"
     defaults = {"composite": "epsilon_plus_flat", "epsilon": 1e-6, "gamma": 0.25}
     standalone = True
+    tasks = ("classification",)
+    task_reason = ("zennit's rules are not defined through a detector's box decoding and non-maximum "
+                   "suppression, and vislib has not verified them on segmentation heads")
 
     @classmethod
     def unavailable(cls, bundle, layer: str) -> str | None:  # noqa: ARG003  (any layer: input-space)

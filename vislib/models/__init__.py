@@ -7,6 +7,7 @@
 - :mod:`.source`: what every source builds (:class:`SourceModel`) and how it becomes a bundle;
   :mod:`.cache`: pretrained weights through the torch hub and Hugging Face caches;
 - sources: :mod:`.bundled` (assets/models), :mod:`.torchvision_zoo` (every torchvision classifier),
+  :mod:`.torchvision_objects` (torchvision's detectors and segmenters),
   :mod:`.timm_zoo` (``timm:``), :mod:`.huggingface` (``hf:``), :mod:`.factory` (``module:callable``
   and ``nn.Module`` objects), :mod:`.specfile` (TOML spec files).
 """
@@ -46,5 +47,6 @@ from .specfile import (  # noqa: F401, I001
     spec_files_from_env,
     unregister_models,
 )
+from .torchvision_objects import detection_names, lower_thresholds, segmentation_names  # noqa: F401, I001  (registers)
 from .torchvision_zoo import TORCHVISION_DEFAULT_LAYERS, pretrained_cache_path  # noqa: F401, I001  (registers)
 from .weights import MAX_WEIGHTS_BYTES, check_state_dict, load_state_dict_file, read_state_dict  # noqa: F401

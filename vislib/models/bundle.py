@@ -190,6 +190,7 @@ class ModelBundle:
     layer_table: list[LayerRow] = field(default_factory=list, repr=False)
     description: str = ""
     ref: object = field(default=None, repr=False)  # a ModelRef that rebuilds it elsewhere (vislib.model_ref)
+    task: str = "classification"  # or "detection" / "segmentation" (vislib.objects)
     # what the output is: "logits" | "probabilities" | "sigmoid" (multi-label logits) | "regression" |
     # "embedding" (vislib.targets.OUTPUT_KINDS); the class chart and the default target follow it
     scores: str = "logits"
@@ -370,6 +371,7 @@ def make_bundle(
     labels_from: str | None = None,
     notes: Sequence[str] = (),
     default_reason: str | None = None,
+    task: str | None = None,
     scores: str | None = None,
 ) -> ModelBundle:
     """Put a model in eval mode on ``device`` and work out its input, layers, labels and default layer.
@@ -377,8 +379,18 @@ def make_bundle(
     ``channels``: the input channels (default: the preprocessing's, else the first convolution's
     ``in_channels``, else 3); ``output``: which part of the model's output holds the class scores;
     ``scores``: what kind of output that is (:data:`vislib.targets.OUTPUT_KINDS`; default: detected,
-    :func:`detect_scores`).
+    :func:`detect_scores`). ``task``: "classification", "detection" or "segmentation" (default: from
+    the model's class, :func:`vislib.objects.task_of`); a detector's or segmenter's class scores
+    default to :func:`vislib.objects.task_output`'s reading of its output.
     """
+    from ..objects.outputs import TASKS, choose_object_layer, detector_classes, task_of, task_output
+
+    task = task or task_of(model)
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    if output is None and task != "classification":
+        classes = len(labels) if labels is not None else detector_classes(model)
+        output = task_output(task, classes)
     device = device or default_device()
     model = model.to(device).eval()
     channels = channels or (preprocess.channels if isinstance(preprocess, Preprocess) else None) \
@@ -400,11 +412,17 @@ def make_bundle(
         layers={n: v.shape for n, v in probe.views.items()}, default_layer="", device=device, weights=weights,
         card=card, output=output, views=probe.views, input_shape=shape, source=source,
         labels_from=labels_from or "given", notes=list(notes), layer_table=probe.table, head=probe.head,
+        task=task,
     )
+    if task != "classification" and scores is None:
+        scores = "logits"  # a box's or region's score (vislib.objects), never a softmax row
     bundle.scores, note = detect_scores(probe.output, scores)
     if note:
         bundle.notes.append(note)
-    if default_layer is None:
+    chosen = choose_object_layer(probe, task) if default_layer is None and task != "classification" else None
+    if chosen is not None:
+        default_layer, bundle.default_reason = chosen
+    elif default_layer is None:
         default_layer, bundle.default_reason = choose_default_layer(model, probe)
     else:
         bundle.default_reason = default_reason or "given"

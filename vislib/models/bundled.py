@@ -62,7 +62,7 @@ def bundled_source(name: str, weights, kwargs: dict) -> SourceModel:
         model=model, preprocess=preprocess(resize=size, crop=size, mean=card["mean"], std=card["std"]),
         labels=labels, labels_from=labels_from, weights=weights_id, source="bundled",
         default_layer=card.get("default_layer"), default_reason="the model card's choice", channels=3,
-        card=card,
+        card=card, task=card.get("task", "classification"),
         description=card.get("description", ""), notes=notes,
     )
 

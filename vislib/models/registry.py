@@ -169,6 +169,7 @@ def load_model(
     channels: int | None = None,
     kwargs: dict | None = None,
     processor: object = None,
+    task: str | None = None,
     scores: str | None = None,
 ) -> ModelBundle:
     """Load a model by name (see the module docstring), or wrap the user's own ``nn.Module``.
@@ -187,7 +188,8 @@ def load_model(
     Hugging Face config, a factory); ``processor`` is a Hugging Face image processor for a Hugging
     Face model object. ``scores``: what the output is, "logits" | "probabilities" | "sigmoid"
     (multi-label) | "regression" | "embedding" (default: the source's, else detected: outputs in
-    [0, 1] summing to 1 are probabilities).
+    [0, 1] summing to 1 are probabilities). ``task``: "classification", "detection" or
+    "segmentation" (default: the source's, else from the model's class).
     """
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(model, nn.Module):
@@ -195,6 +197,7 @@ def load_model(
 
         src = module_source(model, weights, processor=processor)
         _override(src, labels, preprocess, default_layer, output, channels, scores)
+        src.task = task or src.task
         bundle = finish(name or type(model).__name__, src, dev)
         bundle.ref = None
         return bundle
@@ -207,6 +210,7 @@ def load_model(
     else:
         src = spec.make(weights, dict(kwargs or {}))
         _override(src, labels, preprocess, default_layer, output, channels, scores)
+        src.task = task or src.task
         bundle = finish(spec.name, src, dev)
     bundle.ref = ModelRef(
         name=spec.name, weights=weights if weights in (None, "default") else absolute(weights),

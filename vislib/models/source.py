@@ -47,6 +47,7 @@ class SourceModel:
     description: str = ""
     notes: list[str] = field(default_factory=list)
     context: str = ""  # "models.toml [models.NAME]": prefixed to the errors of spec-file models
+    task: str | None = None  # "classification" | "detection" | "segmentation"; None: from the model's class
     scores: str | None = None  # the output kind (vislib.targets.OUTPUT_KINDS); None: detected
 
 
@@ -162,7 +163,7 @@ def finish(name: str, src: SourceModel, device: torch.device | None = None) -> M
             default_reason=src.default_reason if src.default_layer else None, device=device,
             weights=src.weights, card=src.card,
             output=src.output, channels=src.channels, source=src.source, labels_from=src.labels_from,
-            notes=list(src.notes), scores=src.scores,
+            notes=list(src.notes), scores=src.scores, task=src.task,
         )
     except LayerError as exc:
         if not src.context:

@@ -15,7 +15,8 @@ values), ``weights``, ``labels``, ``input_size`` (int or [H, W]), ``resize`` (in
 [H, W]: exactly), ``channels``, ``mean``, ``std``, ``interpolation``, ``layer`` (the default layer),
 ``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``,
 ``scores`` (what the output is: "logits", "probabilities", "sigmoid" for multi-label, "regression",
-"embedding"; default: detected), ``prompts`` (a CLIP-like model's prompts, which are its labels).
+"embedding"; default: detected), ``prompts`` (a CLIP-like model's prompts, which are its labels),
+``task`` ("classification", "detection" or "segmentation"; default: from the model's class).
 Every problem is a :class:`ModelError` naming the file, the table and the key.
 
 **Spec files are trusted configuration.** A ``source`` or ``output`` of the form
@@ -43,7 +44,7 @@ from .source import FACTORY_PATTERN, SourceModel, interpolation_mode, preprocess
 ENV_VARIABLE = "VISLIB_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 KEYS = ("source", "kwargs", "weights", "labels", "input_size", "resize", "channels", "mean", "std",
-        "interpolation", "layer", "output", "description", "scores", "prompts")
+        "interpolation", "layer", "output", "description", "scores", "prompts", "task")
 MAX_SPEC_BYTES = 1024 * 1024
 
 
@@ -67,6 +68,7 @@ class ModelEntry:
     layer: str | None = None
     output: int | str | None = None
     description: str = ""
+    task: str | None = None  # "classification" | "detection" | "segmentation" (None: from the model)
     scores: str | None = None
 
     @property
@@ -188,6 +190,10 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
                          f"not {type(output).__name__}")
     fields["output"] = output
     fields["description"] = get.text("description") or ""
+    task = get.text("task")
+    if task is not None and task not in ("classification", "detection", "segmentation"):
+        raise ModelError(f"{where} task: one of classification, detection, segmentation, not {task!r}")
+    fields["task"] = task
     scores = get.text("scores")
     if scores is not None:
         from ..targets import OUTPUT_KINDS
@@ -346,6 +352,8 @@ def entry_source(entry: ModelEntry, weights, kwargs: dict) -> SourceModel:
         src.output = _output(entry)
     if entry.channels is not None:
         src.channels = entry.channels
+    if entry.task is not None:
+        src.task = entry.task
     if entry.scores is not None:
         src.scores = entry.scores
     src.preprocess = _preprocess(entry, src)
