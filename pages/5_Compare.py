@@ -44,6 +44,10 @@ def model_side(side: str, default: str):
     except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
         show_error(exc)
         return None, None
+    refusal = ui.task_refusal(bundle)
+    if refusal is not None:
+        st.warning(refusal, icon=":material/info:")
+        return None, None
     layer_key = f"cmp_{side}_layer"
     if state.get(layer_key) not in bundle.layers:
         state[layer_key] = bundle.default_layer

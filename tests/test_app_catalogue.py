@@ -274,3 +274,15 @@ def test_a_link_to_a_spec_model_on_a_fresh_server_and_a_broken_table_beside_it(m
     at.run()
     (box,) = [e for e in at.sidebar.expander if "not loaded" in e.label]
     assert not box.proto.expanded  # shown open once, then folded
+
+
+@pytest.mark.parametrize("name", ["shapes_det", "shapes_seg"])
+def test_a_detector_or_segmenter_says_where_it_is_explained_instead_of_failing(name):
+    """The pages explain classifiers: an object model is loaded, carded, and refused with the way to
+    explain it (library / CLI), never a traceback or a class chart of its raw output."""
+    at = run_app(model=name)
+    assert not at.exception
+    assert at.session_state["model"] == name
+    warnings = " ".join(w.value for w in at.warning)
+    assert f"{name} is a {vislib.load_model(name).task} model" in warnings and "vislib explain" in warnings
+    assert not at.get("plotly_chart")  # no class chart drawn for it

@@ -419,6 +419,10 @@ def model_picker():
         return None
     model_card(bundle)
     spec_errors()
+    refusal = ui.task_refusal(bundle)
+    if refusal is not None:
+        st.warning(refusal, icon=":material/info:")
+        return None
     return bundle
 
 

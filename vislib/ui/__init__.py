@@ -47,6 +47,7 @@ from .catalogues import (
     model_source,
     offline_note,
     search_models,
+    task_refusal,
     uses_layer,
     weights_choices,
     weights_text,
@@ -97,6 +98,6 @@ __all__ = [
     "method_title", "methods_by_family", "model_card", "model_facts", "model_source", "offline_note",
     "panel_image", "panels", "parse_query", "plan_rows", "render_all", "result_key", "safe_filename",
     "sample_choices", "search_models", "split_doomed", "to_query", "topk_figure", "uses_layer",
-    "walk_layers", "weights_choices", "weights_text", "with_time_left",
+    "walk_layers", "weights_choices", "weights_text", "with_time_left", "task_refusal",
     "LabelRowsResult", "SimilarityResult", "chart_title", "compare_images", "label_rows", "parse_prompts",
 ]

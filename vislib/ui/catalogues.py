@@ -213,6 +213,23 @@ def weights_text(weights: str) -> str:
     return "random initialisation (seeded: the same in every session)" if weights == "random" else weights
 
 
+def task_refusal(bundle) -> str | None:
+    """Why the dashboard's pages cannot explain ``bundle`` yet (a detector or a segmenter), or None.
+
+    The library and the CLI explain boxes and regions (``vislib.objects``, ``--box`` / ``--region``);
+    the pages are built for classifiers' outputs (class charts, one target class).
+    """
+    task = getattr(bundle, "task", "classification")
+    if task == "classification":
+        return None
+    what = {"detection": "boxes (--box, --detection K)",
+            "segmentation": "regions (--region LABEL)"}.get(task, task)
+    return (f"{bundle.name} is a {task} model: the dashboard's pages explain classifiers in this release. "
+            f"Explain its {what} with the library or the command line, e.g. "
+            f"`vislib explain IMAGE --model {bundle.name} --out out/` (see the README, "
+            f"'Detectors and segmenters').")
+
+
 def model_card(bundle, *, source: str | None = None, origin: str | None = None) -> list[tuple[str, str]]:
     """The rows of a model's card in the sidebar: (label, text).
 
