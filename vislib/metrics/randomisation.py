@@ -23,10 +23,9 @@ from .similarity import spearman, ssim
 
 
 def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules that own parameters directly and can re-initialise (``reset_parameters``), in
-    the order they were registered (input first)."""
-    return [(name, m) for name, m in module.named_modules()
-            if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False))]
+    """The modules that can re-initialise (``reset_parameters``: convolutions, linear layers,
+    normalisations), in the order they were registered (input first), as Quantus."""
+    return [(name, m) for name, m in module.named_modules() if hasattr(m, "reset_parameters")]
 
 
 def _with_model(model, module: nn.Module):
@@ -47,9 +46,9 @@ def cascading_randomisation(model, *, seed: int = 0, order: str = "top_down") ->
     elif order != "bottom_up":
         raise ValueError(f"order must be 'top_down' or 'bottom_up', not {order!r}")
     wrapped = _with_model(model, module)
-    for i, (name, layer) in enumerate(layers):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + i)
+    for name, layer in layers:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed + 1)  # as Quantus: the same seed before each layer
             layer.reset_parameters()
         yield name, wrapped
 
@@ -82,9 +81,13 @@ class MPRT(Metric):
     similarity: str = "spearman"
     order: str = "top_down"
     layers: int | None = None
+    abs: bool = True  # compare |a| (Quantus's default; Adebayo et al. report both)
 
     def _maps(self, model, inputs, classes, explain) -> torch.Tensor:
         return as_maps(explain(model, inputs, classes), inputs.shape[0])
+
+    def _view(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.abs() if self.abs else maps
 
     def layer_scores(self, model, inputs, targets, maps, *, explain, progress=None,
                      cancel=None) -> dict[str, np.ndarray]:
@@ -103,7 +106,8 @@ class MPRT(Metric):
                 break
             _check(cancel)
             after = self._maps(randomised, x, classes, explain)
-            out[name] = np.array([sim(original[i], after[i]) for i in range(x.shape[0])])
+            a, b = self._view(original), self._view(after)
+            out[name] = np.array([sim(a[i], b[i]) for i in range(x.shape[0])])
             if progress is not None:
                 progress(step + 1, total)
         return out
@@ -114,6 +118,8 @@ class MPRT(Metric):
                  cancel=None) -> np.ndarray:
         scores = self.layer_scores(model, inputs, targets, maps, explain=explain, progress=progress,
                                    cancel=cancel)
+        if not scores:  # nothing to re-initialise
+            return np.full(inputs.shape[0], np.nan)
         return np.mean(np.stack(list(scores.values())), axis=0)
 
 

@@ -25,8 +25,8 @@ def normalise_by_max(maps: torch.Tensor) -> torch.Tensor:
 class MaxSensitivity(Metric):
     """Max-Sensitivity (Yeh et al. 2019): over ``nr_samples`` perturbations δ ~ U[−r, r] of every
     input value (r = ``lower_bound``), max_δ ‖Φ(x+δ) − Φ(x)‖ / ‖Φ(x)‖ (Frobenius norms; maps divided by
-    their max |a| first when ``normalise``). A sample that changes the predicted class is left out
-    (NaN, as Quantus). Lower is better. :class:`AvgSensitivity` takes the mean instead of the max.
+    their max |a| first when ``normalise``; Quantus 0.6's defaults: no normalisation, r = 0.2, 200
+    samples). With ``skip_changed`` a sample that changes the predicted class is left out (NaN). Lower is better. :class:`AvgSensitivity` takes the mean instead of the max.
     Needs ``explain``.
     """
 
@@ -37,8 +37,8 @@ class MaxSensitivity(Metric):
     fast: ClassVar[bool] = False
     nr_samples: int = 200
     lower_bound: float = 0.2
-    normalise: bool = True
-    skip_changed: bool = True
+    normalise: bool = False
+    skip_changed: bool = False
 
     def _reduce(self, values: np.ndarray) -> np.ndarray:
         return np.nanmax(values, axis=1)
