@@ -236,52 +236,29 @@ def _removal_curves(model, inputs, score_fn, unit_ranks, unit_of_pixel, counts, 
 # ROAD: noisy linear imputation
 
 
-_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+_NEIGHBOURS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6), (0, 1, 1 / 6),
+               (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12))
 
 
-def _pull_push(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """A smooth first guess of the unknown pixels: the known ones averaged at coarser and coarser
-    scales, then pushed back up (pull-push); it starts the conjugate gradients near the solution."""
-    h, w = x.shape[-2:]
-    if bool(known.all()) or min(h, w) < 2:
-        return x
-    num = F.avg_pool2d(x * known, 2, ceil_mode=True)
-    den = F.avg_pool2d(known.expand_as(x), 2, ceil_mode=True)
-    coarse_known = (den > 0).to(x.dtype)
-    coarse = _pull_push(num / den.clamp_min(1e-12), coarse_known)
-    up = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    return x * known + up * (1 - known)
+def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j t_j over the 8 neighbours (zero outside the image). The weights (direct 1/6, diagonal
+    1/12) are ([1, 2, 1] ⊗ [1, 2, 1] − 4δ) / 12: two separable passes of shifted adds, faster on the
+    CPU than a depthwise 3×3 convolution."""
+    p = F.pad(t, (1, 1, 1, 1))
+    v = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
+    return (v[..., :-2] + 2 * v[..., 1:-1] + v[..., 2:] - 4 * t) / 12
 
 
-def noisy_linear_imputation(inputs: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
-                            generator: torch.Generator | None = None, tol: float = 1e-6,
-                            max_iter: int = 1000) -> torch.Tensor:
-    """ROAD's imputation (Rong et al. 2022, §4): every removed pixel takes the weighted mean of its
-    valid 8 neighbours (direct 1/6, diagonal 1/12), removed neighbours included, plus N(0, noise²).
+def _conjugate_gradients(known: torch.Tensor, r_mask: torch.Tensor, u: torch.Tensor, tol: float,
+                         max_iter: int) -> torch.Tensor:
+    """Solve d_i u_i − Σ_{j∈R} w_ij u_j = Σ_{j∉R} w_ij x_j on the removed pixels R of every image and
+    channel at once, from the guess ``u`` (zero outside R)."""
+    degree = _neighbour_sum(torch.ones((1, 1, *known.shape[-2:]), dtype=known.dtype, device=known.device))
+    b = _neighbour_sum(known) * r_mask
 
-    For each channel the removed values u solve one sparse linear system, d_i u_i − Σ_{j∈R} w_ij u_j
-    = Σ_{j∉R} w_ij x_j (d_i = Σ_j w_ij over the valid neighbours): symmetric, positive definite when
-    a pixel is kept. Instead of a sparse factorisation per image and channel (Quantus: scipy
-    ``spsolve``), all N×C systems are solved at once by conjugate gradients whose matrix product is a
-    3×3 convolution, started from a pull-push guess; relative residual ≤ ``tol``.
-    ``inputs``: N×C×H×W; ``removed``: N×H×W (or N×1×H×W) bools. Returns the imputed inputs.
-    """
-    x = inputs
-    r_mask = removed.view(x.shape[0], 1, *x.shape[-2:]).to(x.dtype)
-    c = x.shape[1]
-    kernel = _NEIGHBOURS.to(x.device, x.dtype).view(1, 1, 3, 3).expand(c, 1, 3, 3)
+    def apply(v):
+        return (degree * v - _neighbour_sum(v)) * r_mask
 
-    def conv(t):
-        return F.conv2d(t, kernel, padding=1, groups=c)
-
-    degree = conv(torch.ones(1, c, *x.shape[-2:], dtype=x.dtype, device=x.device))
-    known = x * (1 - r_mask)
-    b = conv(known) * r_mask
-
-    def apply(u):
-        return (degree * u - conv(u)) * r_mask
-
-    u = _pull_push(known, 1 - r_mask) * r_mask
     r = b - apply(u)
     p = r.clone()
     rr = (r * r).sum(dim=(2, 3), keepdim=True)
@@ -291,14 +268,57 @@ def noisy_linear_imputation(inputs: torch.Tensor, removed: torch.Tensor, *, nois
             break
         ap = apply(p)
         alpha = rr / (p * ap).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
-        u = u + alpha * p
-        r = r - alpha * ap
+        u = u.addcmul_(alpha, p)
+        r = r.addcmul_(alpha, ap, value=-1)
         rr_new = (r * r).sum(dim=(2, 3), keepdim=True)
         p = r + (rr_new / rr.clamp_min(1e-30)) * p
         rr = rr_new
+    return u
+
+
+def _cascade(known: torch.Tensor, keep: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    """The imputed values (zero where kept): the problem is first solved on a grid twice as coarse
+    (blocks with a kept pixel hold their kept mean), which gives the conjugate gradients a start
+    whose long-range part is already right (cascadic multigrid), then refined here."""
+    h, w = known.shape[-2:]
+    r_mask = 1 - keep
+    if min(h, w) >= 8 and not bool(keep.all()):
+        num = F.avg_pool2d(known, 2, ceil_mode=True)
+        den = F.avg_pool2d(keep.expand_as(known), 2, ceil_mode=True)
+        coarse_keep = (den > 0).to(known.dtype)
+        coarse_known = num / den.clamp_min(1e-12) * coarse_keep
+        coarse = _cascade(coarse_known, coarse_keep[:, :1], tol, max_iter * 2) + coarse_known
+        guess = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * r_mask
+    else:
+        guess = torch.zeros_like(known)
+    return _conjugate_gradients(known, r_mask, guess, tol, max_iter)
+
+
+def noisy_linear_imputation(inputs: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
+                            generator: torch.Generator | None = None, tol: float = 1e-3,
+                            max_iter: int = 40) -> torch.Tensor:
+    """ROAD's imputation (Rong et al. 2022, §4): every removed pixel takes the weighted mean of its
+    valid 8 neighbours (direct 1/6, diagonal 1/12), removed neighbours included, plus N(0, noise²).
+
+    For each channel the removed values u solve one sparse linear system, d_i u_i − Σ_{j∈R} w_ij u_j
+    = Σ_{j∉R} w_ij x_j (d_i = Σ_j w_ij over the valid neighbours): symmetric, positive definite when
+    a pixel is kept. Instead of a sparse factorisation per image and channel (Quantus: scipy
+    ``spsolve``), all N×C systems are solved at once by conjugate gradients whose matrix product is
+    eight shifted adds, started from the solution on a twice coarser grid (recursively); each level
+    stops at relative residual ``tol`` or ``max_iter`` steps (coarser levels: twice as many). The
+    defaults leave an error far below the imputation's own noise (benchmarks/trust.py measures it);
+    ``tol=1e-12, max_iter=10_000`` gives the exact solution (the tests compare it with Quantus's).
+    ``inputs``: N×C×H×W; ``removed``: N×H×W (or N×1×H×W) bools. Returns the imputed inputs.
+    """
+    x = inputs
+    r_mask = removed.view(x.shape[0], 1, *x.shape[-2:]).to(x.dtype)
+    keep = 1 - r_mask
+    known = x * keep
+    u = _cascade(known, keep, tol, max_iter) * r_mask
     if noise:
-        u = u + noise * torch.randn(u.shape, generator=generator, dtype=u.dtype, device="cpu").to(u.device)
-    return known + u * r_mask
+        draw = torch.randn(u.shape, generator=generator, dtype=u.dtype, device="cpu").to(u.device)
+        u = u + noise * draw * r_mask
+    return known + u
 
 
 def _percent_counts(pixels: int, percentages) -> list[int]:
@@ -321,6 +341,8 @@ class ROAD(Metric):
     percentages: tuple = (10, 20, 30, 40, 50, 60, 70, 80, 90)
     order: str = "morf"
     noise: float = 0.01
+    solver_tol: float = 1e-3  # the imputation's conjugate gradients (see noisy_linear_imputation)
+    solver_iter: int = 40
 
     @property
     def higher_is_better(self) -> bool:  # type: ignore[override]
@@ -336,7 +358,8 @@ class ROAD(Metric):
             steps = removed.shape[1]
             flat = removed.transpose(0, 1).flatten(0, 1)
             xs = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
-            return noisy_linear_imputation(xs, flat, noise=self.noise, generator=generator) \
+            return noisy_linear_imputation(xs, flat, noise=self.noise, generator=generator,
+                                            tol=self.solver_tol, max_iter=self.solver_iter) \
                 .view(steps, *x.shape).transpose(0, 1)
 
         ranks = order_ranks(_at_input_size(m, (h, w), "cpu"), self.order)

@@ -24,10 +24,11 @@ def normalise_by_max(maps: torch.Tensor) -> torch.Tensor:
 @dataclass(kw_only=True)
 class MaxSensitivity(Metric):
     """Max-Sensitivity (Yeh et al. 2019): over ``nr_samples`` perturbations δ ~ U[−r, r] of every
-    input value (r = ``lower_bound``), max_δ ‖Φ(x+δ) − Φ(x)‖ / ‖Φ(x)‖ (Frobenius norms; maps divided by
-    their max |a| first when ``normalise``; Quantus 0.6's defaults: no normalisation, r = 0.2, 200
-    samples). With ``skip_changed`` a sample that changes the predicted class is left out (NaN). Lower is better. :class:`AvgSensitivity` takes the mean instead of the max.
-    Needs ``explain``.
+    input value (r = ``lower_bound``), max_δ ‖Φ(x+δ) − Φ(x)‖ / ‖Φ(x)‖ (Frobenius norms; the maps
+    divided by their max |a| first when ``normalise``). Quantus 0.6's defaults: no normalisation,
+    r = 0.2, 200 samples. With ``skip_changed`` a sample that changes the predicted class is left
+    out (NaN). Lower is better. :class:`AvgSensitivity` takes the mean instead of the max. Needs
+    ``explain``.
     """
 
     name: ClassVar[str] = "max_sensitivity"
