@@ -365,3 +365,49 @@ def test_parse_metrics_names_and_errors():
     assert set(trust.parse_metrics("all")) == set(trust.METRICS)
     with pytest.raises(trust.MetricError, match="did you mean 'sparseness'"):
         trust.parse_metrics("sparsenes")
+
+
+# --------------------------------------------------------------------------------------------------
+# In an evaluation and on the command line
+
+
+def test_evaluate_with_trust_metrics_matches_the_metrics_on_its_maps(tmp_path):
+    from tests.helpers import GapNet, tiny_bundle
+    from vislib import datasets, evaluate
+    from vislib.data.shapes import CLASSES
+    from vislib.evaluate.step import read_maps
+
+    model = tiny_bundle(GapNet(classes=len(CLASSES)), labels=list(CLASSES))
+    images = datasets.open_dataset("shapes", model.labels, limit=10)
+    result = evaluate.evaluate(model, images, ["gradcam"], confidence=False, batch_size=4,
+                               trust="sparseness,relevance_mass,road_morf", maps_dir=tmp_path / "maps")
+    maps = read_maps(tmp_path / "maps")["gradcam"].astype(np.float64)
+    got = result.metrics["gradcam"]
+    np.testing.assert_allclose(got["trust_sparseness"], metrics.gini(maps), atol=2e-3)  # float16 on disk
+    assert np.isfinite(result.metrics["random"]["trust_road_morf"]).all()
+    assert np.isfinite(result.metrics["centre"]["trust_relevance_mass"]).all()
+    report = result.trust_report()
+    row = next(r for r in report.rows if r.metric == "sparseness")
+    assert row.low <= row.value <= row.high and row.random_low <= row.random <= row.random_high
+    assert row.beats_random == trust.beats(got["trust_sparseness"], result.metrics["random"]["trust_sparseness"],
+                                           higher_is_better=True)
+    verdict = "beats random" if row.beats_random else "does not beat the random map"
+    assert verdict in trust.format_table(report)
+
+
+def test_trust_command_prints_rows_and_refuses_unknown_metrics(tmp_path, capsys, rand_image):
+    from vislib import cli
+
+    path = tmp_path / "image.png"
+    rand_image.save(path)
+    out = tmp_path / "rows.json"
+    assert cli.main(["trust", str(path), "--model", "shapes_zf", "--methods", "gradcam,gradient",
+                     "--metrics", "sparseness,complexity,random_logit", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "random map" in text and "sparseness" in text
+    import json
+
+    rows = json.loads(out.read_text())
+    assert {r["method"] for r in rows} == {"gradcam", "gradient"} and len(rows) == 6
+    assert cli.main(["trust", str(path), "--model", "shapes_zf", "--metrics", "roads"]) == 2
+    assert "unknown metric 'roads'" in capsys.readouterr().err

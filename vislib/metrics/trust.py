@@ -207,6 +207,7 @@ def evaluate_trust(model, inputs: torch.Tensor, targets, maps: dict[str, object]
     report = TrustReport(rows=[], values={RANDOM: {}, CENTRE: {}, **{m: {} for m in maps}})
     runs = [(metric, name) for metric in chosen for name in [RANDOM, *maps]]
     total, done = len(runs), 0
+    seconds: dict[tuple[str, str], float] = {}
     for metric in chosen:
         report.settings[metric_key(metric)] = metric.settings()
     for metric, name in runs:
@@ -228,21 +229,37 @@ def evaluate_trust(model, inputs: torch.Tensor, targets, maps: dict[str, object]
         if name == RANDOM and metric.centre_applies and not skip:
             at_centre = metric(model, inputs, targets, centre, masks=masks)
             report.values[CENTRE][key] = np.asarray(at_centre, np.float64)
-        if name != RANDOM:
-            base = report.values[RANDOM][key]
-            lo, hi = bootstrap_interval(values, n_boot=n_boot, seed=seed)
-            rlo, rhi = bootstrap_interval(base, n_boot=n_boot, seed=seed)
-            report.rows.append(TrustRow(
-                method=name, metric=key, group=metric.group, higher_is_better=bool(metric.higher_is_better),
-                value=_nanmean(values), low=lo, high=hi,
-                random=_nanmean(base), random_low=rlo, random_high=rhi,
-                centre=_nanmean(report.values[CENTRE].get(key, [])),
-                beats_random=beats(values, base, bool(metric.higher_is_better), n_boot=n_boot, seed=seed),
-                images=int(np.isfinite(values).sum()), seconds=time.perf_counter() - t0))
+        seconds[name, key] = time.perf_counter() - t0
         done += 1
         if progress is not None:
             progress(done, total)
+    summary = summarise(report.values, list(maps), n_boot=n_boot, seed=seed, seconds=seconds)
+    report.rows = summary.rows
     return report
+
+
+def summarise(values: dict[str, dict[str, np.ndarray]], methods: Sequence[str], *, random: str = RANDOM,
+              centre: str = CENTRE, n_boot: int = 1000, seed: int = 0,
+              seconds: dict | None = None) -> TrustReport:
+    """Rows from per-image values (``values[method or baseline][metric]``): each method's mean and
+    bootstrap interval beside the random map's (``values[random]``) and the centre's, and whether it
+    beats the random map."""
+    rows = []
+    for name in methods:
+        for key, v in values.get(name, {}).items():
+            metric = make_metric(key)
+            hib = bool(metric.higher_is_better)
+            v = np.asarray(v, np.float64)
+            base = np.asarray(values.get(random, {}).get(key, np.full(len(v), np.nan)), np.float64)
+            lo, hi = bootstrap_interval(v, n_boot=n_boot, seed=seed)
+            rlo, rhi = bootstrap_interval(base, n_boot=n_boot, seed=seed)
+            rows.append(TrustRow(
+                method=name, metric=key, group=metric.group, higher_is_better=hib,
+                value=_nanmean(v), low=lo, high=hi, random=_nanmean(base), random_low=rlo, random_high=rhi,
+                centre=_nanmean(values.get(centre, {}).get(key, [])),
+                beats_random=beats(v, base, hib, n_boot=n_boot, seed=seed), images=int(np.isfinite(v).sum()),
+                seconds=(seconds or {}).get((name, key), 0.0)))
+    return TrustReport(rows=rows, values=values)
 
 
 def _nanmean(values) -> float:
@@ -307,3 +324,55 @@ def explainer(method: str, layer: str | None = None, *, score: str = "logit", op
         return torch.as_tensor(np.asarray(result.maps[method])).reshape(inputs.shape[0], *inputs.shape[-2:])
 
     return run
+
+
+# --------------------------------------------------------------------------------------------------
+# An explanation's maps, and the rows as text / CSV
+
+
+def trust_for_explanation(bundle, result, metrics: Sequence[str | Metric], *, masks=None, seed: int = 0,
+                          progress: Callable[[int, int], None] | None = None, cancel=None) -> TrustReport:
+    """:func:`evaluate_trust` for the maps of a :class:`vislib.Explanation` (one image or a batch):
+    its inputs rebuilt from its input views, its targets, each method re-explained by
+    :func:`explainer` where a metric needs it."""
+    views = result.input_image if isinstance(result.input_image, list) else [result.input_image]
+    from ..models import Preprocess
+
+    inputs = bundle.to_input(views) if isinstance(bundle.preprocess, Preprocess) else bundle.prepare(views)[0]
+    targets = np.atleast_1d(np.asarray(result.target, np.int64))
+    n, _, h, w = inputs.shape
+    maps = {m: np.asarray(result.maps[m], np.float64).reshape(n, h, w) for m in result.methods}
+    explainers = {m: explainer(m, result.layer, score=result.score, cancel=cancel) for m in result.methods}
+    return evaluate_trust(bundle, inputs, targets, maps, metrics, masks=masks, explainers=explainers,
+                          seed=seed, progress=progress, cancel=cancel)
+
+
+def _fmt(v: float) -> str:
+    return "—" if not np.isfinite(v) else f"{v:.3f}"
+
+
+def format_table(report: TrustReport) -> str:
+    """The rows as an aligned text table: value [interval], the random map's, the centre's, and
+    "does not beat random" where so."""
+    lines = [f"{'method':<16} {'metric':<26} {'better':<6} {'value [95% CI]':<26} {'random map':<26} "
+             f"{'centre':<8} verdict"]
+    for r in report.rows:
+        ci = f"{_fmt(r.value)} [{_fmt(r.low)}, {_fmt(r.high)}]" if r.images > 1 else _fmt(r.value)
+        rci = (f"{_fmt(r.random)} [{_fmt(r.random_low)}, {_fmt(r.random_high)}]" if r.images > 1
+               else _fmt(r.random))
+        verdict = "no value" if not np.isfinite(r.value) else \
+            "beats random" if r.beats_random else "does not beat the random map"
+        lines.append(f"{r.method:<16} {r.metric:<26} {'higher' if r.higher_is_better else 'lower':<6} "
+                     f"{ci:<26} {rci:<26} {_fmt(r.centre):<8} {verdict}")
+    return "\n".join(lines)
+
+
+def write_csv(report: TrustReport, path) -> None:
+    """The rows as CSV (one per method and metric)."""
+    import csv
+
+    rows = report.table()
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(TrustRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(rows)
