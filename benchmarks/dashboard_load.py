@@ -37,8 +37,9 @@ from benchmarks.dashboard_harness import (
     MemorySampler,
     run_server,
 )
+from vislib._resources import resource
 
-SAMPLES = sorted(p.stem for p in (ROOT / "assets" / "samples").glob("*.png"))
+SAMPLES = sorted(p.stem for p in resource("assets", "samples").glob("*.png"))
 
 
 @dataclass

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vislib._optional import require
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam prints tqdm bars in its perturbation loops
 
 # library -> (import name, pip distribution)
@@ -112,7 +114,7 @@ def _no_close() -> None:
 
 def _pgc_cam(class_name: str, **kwargs) -> Adapter:
     def make(s: PeerSetup):
-        import pytorch_grad_cam
+        pytorch_grad_cam = require("pytorch_grad_cam", "bench")
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         cam = getattr(pytorch_grad_cam, class_name)(model=s.model, target_layers=[s.module], **kwargs)
@@ -127,7 +129,7 @@ def _pgc_cam(class_name: str, **kwargs) -> Adapter:
 
 
 def _pgc_guided_backprop(s: PeerSetup):
-    from pytorch_grad_cam import GuidedBackpropReLUModel
+    GuidedBackpropReLUModel = require("pytorch_grad_cam", "bench").GuidedBackpropReLUModel
 
     guided = GuidedBackpropReLUModel(s.model, device=s.inputs.device)
 
@@ -149,7 +151,7 @@ def _last_linear(model: nn.Module) -> str:
 
 def _torchcam(class_name: str, *, gradient: bool = True, **kwargs) -> Adapter:
     def make(s: PeerSetup):
-        from torchcam import methods
+        methods = require("torchcam.methods", "bench")
 
         extra = dict(kwargs)
         if class_name == "CAM":
@@ -175,7 +177,7 @@ def _torchcam_smoothed(class_name: str) -> Adapter:
     noise as ours when H·W is a multiple of 16 (see vislib.methods.scorecam.NoiseRows)."""
 
     def make(s: PeerSetup):
-        from torchcam import methods
+        methods = require("torchcam.methods", "bench")
 
         kwargs = {"batch_size": int(s.options.get("batch_size", 32))}
         if class_name == "SSCAM":
@@ -213,7 +215,7 @@ def _smoothed_passes(default_n: int) -> Callable[[PeerSetup], tuple[int, str]]:
 
 def _captum(class_name: str, *, layer: bool = False, kwargs_from: Callable[[PeerSetup], dict] | None = None):
     def make(s: PeerSetup):
-        from captum import attr
+        attr = require("captum.attr", "bench")
 
         cls = getattr(attr, class_name)
         method = cls(s.model, s.module) if layer else cls(s.model)
@@ -230,7 +232,7 @@ def _captum(class_name: str, *, layer: bool = False, kwargs_from: Callable[[Peer
 
 
 def _captum_smoothgrad(s: PeerSetup):
-    from captum import attr
+    attr = require("captum.attr", "bench")
 
     tunnel = attr.NoiseTunnel(attr.Saliency(s.model))
     modes = {"mean": "smoothgrad", "square": "smoothgrad_sq", "var": "vargrad"}  # our mode → Captum's

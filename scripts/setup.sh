@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install requirements.txt into it when it changed (idempotent, offline-safe after once).
-# With --extras, also requirements-extras.txt (transformers, ray[data], zennit: the optional features).
+# With --extras, also requirements-extras.txt (transformers, ray[data], zennit: the optional features)
+# and requirements-dev.txt (the wheel build, the API reference and the type checker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -21,4 +22,5 @@ install() {  # install() FILE STAMP: pip install -r FILE unless FILE's hash is t
 install requirements.txt .requirements.sha256
 if [ "${1:-}" = "--extras" ]; then
   install requirements-extras.txt .requirements-extras.sha256
+  install requirements-dev.txt .requirements-dev.sha256
 fi

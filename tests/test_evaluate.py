@@ -513,13 +513,13 @@ def test_the_module_is_callable_and_engines_are_checked(tiny):
 def test_without_ray_the_ray_engine_says_how_to_install_it(tiny, monkeypatch, tmp_path, capsys, tiny_registered):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
     images = datasets.open_dataset("shapes", LABELS, limit=8)
-    with pytest.raises(evaluate.MissingDependency, match="pip install -r requirements-extras.txt"):
+    with pytest.raises(evaluate.MissingDependency, match=r'pip install "vislib\[ray\]".*requirements-extras.txt'):
         evaluate.evaluate(tiny, images, engine="ray")
     assert not evaluate.ray_available() or importlib.util.find_spec("ray") is not None
     assert cli.main(["evaluate", "shapes", "--model", tiny_registered, "--engine", "ray", "--out",
                      str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "the Ray engine needs Ray" in err and err.count("\n") == 1
+    assert "the Ray engine (or use the local engine) needs ray" in err and "vislib[ray]" in err and err.count("\n") == 1
 
 
 def test_a_bare_module_cannot_go_to_ray_workers(tiny):

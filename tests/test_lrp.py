@@ -386,7 +386,7 @@ def test_without_zennit_the_error_says_how_to_install_it(monkeypatch):
     bundle = bundle_of(lrp_net())
     for name in [m for m in sys.modules if m == "zennit" or m.startswith("zennit.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(MethodError, match=r"pip install -r requirements-extras\.txt"):
+    with pytest.raises(MethodError, match=r'pip install "vislib\[lrp\]".*pip install -r requirements-extras\.txt'):
         vislib.explain(bundle, torch.randn(3, SIZE, SIZE), methods=["lrp"])
 
 

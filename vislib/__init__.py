@@ -10,8 +10,10 @@ Public API::
     image = vislib.load_image("photo.jpg")
     result = vislib.explain(bundle, image, methods=["gradcam", "gradcam++"])
     result.maps["gradcam"]   # H×W float32 in [0, 1] at the model's input resolution
+    vislib.explain(bundle, image, target=vislib.Label("dog", score="probability"))   # what to explain
 """
 
+from ._version import __version__
 from .concepts import Concepts, concepts  # noqa: F401
 from .errors import (  # noqa: F401
     Cancelled,
@@ -37,15 +39,18 @@ from .models import (  # noqa: F401
     register_models,
     sample_images,
 )
+from .models.embedding import as_embedding  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
+from .targets import Class, Label, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "explain", "Explanation", "PassCache", "concepts", "Concepts", "load_image", "load_model", "list_models",
     "register_models", "model_ref", "ModelRef", "METHODS", "method_names",
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
-    "evaluate",
+    "evaluate", "Target", "Class", "Label", "Regression", "Similarity", "Text", "resolve_target",
+    "as_embedding",
 ]
 
 # a callable module: vislib.evaluate(bundle, images, ...) is vislib.evaluate.evaluate

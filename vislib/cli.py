@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_features_parser(sub, DEFAULT_MODEL)
     add_layers_parser(sub, DEFAULT_MODEL)
     add_trust_parser(sub, DEFAULT_MODEL)
+    add_dashboard_parser(sub)
     sub.add_parser("methods", help="list the methods")
     for command in sub.choices.values():  # --models after any command, too
         command.add_argument("--models", action="append", default=[], dest="spec_files", metavar="PATH",
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return _trust(args)
         if args.command == "methods":
             return _list_methods()
+        if args.command == "dashboard":
+            return _dashboard(args)
     except VislibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -117,13 +120,16 @@ def _explain(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
-    result.input_image.save(out / "input.png")
-    arrays = {}
+    view = result.input_image
+    assert not isinstance(view, list)  # one image in, one input view out
+    view.save(out / "input.png")
+    arrays: dict[str, np.ndarray] = {}
     for method in result.methods:
         result.overlay(method, alpha=args.alpha, colormap=args.colormap).save(out / f"{method}.png")
         arrays[method] = result.maps[method]
         arrays[f"{method}_raw"] = result.raw[method]
-    np.savez_compressed(out / "maps.npz", **arrays)
+    # numpy's stubs match **arrays against allow_pickle: bool; the keys are method names
+    np.savez_compressed(out / "maps.npz", **arrays)  # type: ignore[arg-type]
     scores = {
         "model": result.model,
         "weights": result.weights,
@@ -134,6 +140,7 @@ def _explain(args) -> int:
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
         "pass_timings_s": result.pass_timings,
+        "vislib_version": result.vislib_version,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     top = result.top_k(1)[0]
@@ -177,11 +184,14 @@ def _tags_text(tags: list[str]) -> str:
 
 def _list_methods() -> int:
     from .methods import METHODS
+    from .targets import accepted_targets
 
-    rows = [(name, cls.family, cls.passes or "–", cls.paper or cls.title) for name, cls in METHODS.items()]
-    widths = [max(len(r[i]) for r in rows + [("name", "family", "passes", "")]) for i in range(3)]
-    for row in [("name", "family", "passes", "paper")] + rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    rows = [(name, cls.family, cls.passes or "–", accepted_targets(cls), cls.paper or cls.title)
+            for name, cls in METHODS.items()]
+    header = ("name", "family", "passes", "targets", "paper")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     return 0
 
 
@@ -324,6 +334,9 @@ def _evaluate(args) -> int:
     _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
     methods = parse_methods(args.methods)
     trust_names = parse_metrics(args.metrics) if args.metrics else ()
+    from .evaluate.report import _plotly
+
+    _plotly("io")  # before the run: report.html needs the dashboard extra's plotly
     bundle, images, out = _prepare(args)
     maps_dir = out / "maps" if args.maps else None
     if maps_dir is not None:
@@ -398,6 +411,49 @@ def _layers(args) -> int:
     for line in layer_table_lines(bundle, everything=args.all):
         print(line)
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# dashboard: the Streamlit app, from a checkout or an installed package (the dashboard extra)
+
+
+def add_dashboard_parser(sub) -> None:
+    da = sub.add_parser("dashboard", help="start the dashboard (streamlit; needs the dashboard extra)")
+    da.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    da.add_argument("--address", default=None,
+                    help="address to listen on (default: streamlit's, as scripts/dashboard.sh)")
+
+
+def dashboard_command(port: int, specs: list[str],
+                      address: str | None = None) -> tuple[list[str], dict, Path]:
+    """(command line, environment, working folder) of ``streamlit run`` on the packaged app.py: its
+    folder is the working one, so that its ``.streamlit/config.toml`` applies; spec files (``--models``
+    and ``VISLIB_MODELS``) become absolute paths, taken from the current folder."""
+    from ._resources import resource
+    from .models import spec_files_from_env
+
+    app = resource("dashboard", "app.py")
+    if not app.is_file():
+        raise VislibError(f"the dashboard is not part of this installation ({app} is missing)")
+    paths = [str(Path(p).expanduser().resolve()) for p in spec_files_from_env() + list(specs)]
+    env = {**os.environ, "VISLIB_MODELS": os.pathsep.join(paths)}
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+               "--server.fileWatcherType", "none"]
+    if address:
+        command += ["--server.address", address]
+    return command, env, app.parent
+
+
+def _dashboard(args) -> int:
+    import subprocess
+
+    from ._optional import require
+
+    require("streamlit", "dashboard", feature="vislib dashboard")
+    if not 0 < args.port < 65536:
+        raise VislibError("--port must be between 1 and 65535")
+    command, env, folder = dashboard_command(args.port, args.spec_files_first + args.spec_files, args.address)
+    return subprocess.call(command, env=env, cwd=folder)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def concepts(bundle, image, k: int = 5, layer: str | None = None, *, top: int = 
     W = W * peak.T
     vectors = (W + offset).T  # k × C
     raw = H.reshape(k, n, h, w).permute(1, 0, 2, 3)  # N × k × h × w
-    maps = _input_maps(raw.float(), tuple(inputs.shape[-2:]))
+    maps = _input_maps(raw.float(), (inputs.shape[-2], inputs.shape[-1]))
     result = Concepts(
         maps=maps if batched else maps[0], raw=raw.float().numpy() if batched else raw[0].float().numpy(),
         vectors=vectors.float().numpy(), share=(strength / strength.sum().clamp_min(1e-300)).numpy(),
@@ -231,7 +231,8 @@ def head_logits(bundle, layer: str, A: torch.Tensor, logits: torch.Tensor, vecto
 
 def concept_colors(k: int) -> list[tuple[int, int, int]]:
     """k distinct colours: hues evenly spaced around the wheel (as DFF's gist_rainbow), saturated."""
-    return [tuple(int(round(255 * v)) for v in colorsys.hsv_to_rgb(d / k, 0.85, 0.95)) for d in range(k)]
+    rgb = [colorsys.hsv_to_rgb(d / k, 0.85, 0.95) for d in range(k)]
+    return [(round(255 * r), round(255 * g), round(255 * b)) for r, g, b in rgb]
 
 
 def concept_image(image: Image.Image, maps: np.ndarray, *, alpha: float = 0.7,
@@ -243,8 +244,8 @@ def concept_image(image: Image.Image, maps: np.ndarray, *, alpha: float = 0.7,
         raise ValueError(f"concept maps are k×H×W, not shape {maps.shape}")
     colors = colors or concept_colors(len(maps))
     if maps.shape[1:] != (image.height, image.width):
-        maps = np.stack([np.asarray(Image.fromarray(m, mode="F").resize(image.size, Image.BILINEAR))
-                         for m in maps])
+        bilinear = Image.Resampling.BILINEAR
+        maps = np.stack([np.asarray(Image.fromarray(m, mode="F").resize(image.size, bilinear)) for m in maps])
     strongest = maps.argmax(axis=0)
     strength = np.clip(np.take_along_axis(maps, strongest[None], axis=0)[0], 0, 1)[..., None]
     palette = np.asarray(colors, dtype=np.float32)[strongest]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._version import __version__
 from .datasets import ImageSet, cache_dir
 from .errors import InputError, LayerError
 from .features import project_units, receptive_fields
@@ -175,7 +176,8 @@ def top_activations(bundle: ModelBundle, images: ImageSet, layer: str | None = N
     if top < 1:
         raise InputError(f"top must be at least 1, not {top}")
     name, _ = resolve_layer(bundle, layer)
-    shape = tuple(int(s) for s in bundle.layers[name])
+    c, h, w = (int(s) for s in bundle.layers[name])  # (C, h, w) as the methods see the layer
+    shape = (c, h, w)
     if len(images) == 0:
         raise InputError(f"{images.name}: no images")
     reducer = TopK(shape[0], top)
@@ -216,8 +218,7 @@ def projection_rows(bundle: ModelBundle, images: ImageSet, rows, *, layer: str, 
     unique = sorted(set(wanted[:, 0].tolist()))
     batch = images.load(unique)
     loaded = [i for pos, i in enumerate(unique) if pos not in batch.failed]
-    pictures = [Image.fromarray(batch.arrays[unique.index(i)]) if batch.arrays is not None
-                else batch.images[unique.index(i)] for i in loaded]
+    pictures = [batch.picture(unique.index(i)) for i in loaded]
     tensors, views = bundle.prepare(pictures) if pictures else (None, [])
     where = {i: k for k, i in enumerate(loaded)}  # image index → its row in the prepared batch
     for r, (i, *_rest) in enumerate(wanted):
@@ -228,7 +229,7 @@ def projection_rows(bundle: ModelBundle, images: ImageSet, rows, *, layer: str, 
     channels = bundle.channels
     projections = np.zeros((len(rows), channels, h, w), np.float16)
     patches = np.zeros((len(rows), h, w, 3), np.uint8)
-    if ok:
+    if ok and tensors is not None:  # ok: some pictures loaded, so there are tensors
         x = tensors[[where[int(wanted[r, 0])] for r in ok]]
         g = project_units(bundle, x, layer, [int(wanted[r, 1]) for r in ok],
                           [(int(wanted[r, 2]), int(wanted[r, 3])) for r in ok])
@@ -319,7 +320,7 @@ def build_index(bundle: ModelBundle, images: ImageSet, out: str | os.PathLike, l
             "shape": list(index.shape), "dataset": index.dataset, "digest": index.digest,
             "n_images": index.n_images, "top": index.top, "engine": index.engine,
             "batch": max(1, min(batch_size, 32)), "failed": [list(f) for f in index.failed],
-            "seconds": index.seconds}
+            "seconds": index.seconds, "vislib_version": __version__}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))  # last: the folder is complete
     index.folder = out
     return index
@@ -405,7 +406,7 @@ def fit(image: Image.Image, cell: int) -> Image.Image:
     """``image`` scaled (nearest neighbour, aspect kept) and centred on a white ``cell``×``cell`` square."""
     scale = cell / max(image.width, image.height)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    small = image.resize(size, Image.NEAREST)
+    small = image.resize(size, Image.Resampling.NEAREST)
     square = Image.new("RGB", (cell, cell), "white")
     square.paste(small, ((cell - small.width) // 2, (cell - small.height) // 2))
     return square

@@ -279,6 +279,14 @@ class Batch:
     masks: np.ndarray | None = None
     failed: dict[int, str] = field(default_factory=dict)
 
+    def picture(self, position: int) -> Image.Image:
+        """The image at ``position`` (one that loaded) as a PIL image."""
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[position])
+        image = self.images[position] if self.images else None
+        assert image is not None  # a batch has arrays or images, and this one did not fail
+        return image
+
 
 class ImageSet:
     """A labelled image set: ``targets[i]`` indexes the model's ``labels``; loads in batches."""
@@ -308,12 +316,11 @@ class ImageSet:
         batch = self.load([index])
         if batch.failed:
             raise InputError(f"{self.ids[index]}: {batch.failed[0]}")
-        if batch.arrays is not None:
-            return Image.fromarray(batch.arrays[0])
-        return batch.images[0]
+        return batch.picture(0)
 
     def mask(self, index: int) -> np.ndarray | None:
-        return self.load([index]).masks[0] if self.has_masks else None
+        masks = self.load([index]).masks if self.has_masks else None
+        return masks[0] if masks is not None else None
 
 
 class FileImages(ImageSet):
@@ -616,7 +623,7 @@ def open_dataset(source, labels: list[str], *, limit: int | None = None, name: s
             raise InputError(f"{source}: no such folder or zip file (or use 'shapes' for the generated "
                              "test split)")
     if not len(images):
-        problems = " ".join(images.report.lines())
+        problems = " ".join(images.report.lines()) if images.report else ""
         raise InputError(f"{images.name}: no image matches the model's classes. {problems}")
     return subset(images, limit)
 

@@ -36,5 +36,9 @@ class TargetError(VislibError, ValueError):
     """A target class that does not exist."""
 
 
+class MissingDependency(VislibError, ImportError):
+    """An optional package that this feature needs is not installed (the message names the extra)."""
+
+
 class Cancelled(VislibError):
     """The caller cancelled a long computation; the model is left clean."""

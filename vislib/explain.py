@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -15,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import InputError, MethodError, TargetError
+from ._version import __version__
+from .errors import InputError, MethodError
 from .hooks import resolve_layer
 from .imageio import load_image
 from .methods import METHODS
@@ -23,6 +23,7 @@ from .methods.base import ExplainContext, Stopwatch, get_method
 from .methods.registry import FAMILY_ORDER, FAMILY_RUNNERS
 from .methods.sharing import PassCache, share_forward
 from .models import ModelBundle, Preprocess, load_model
+from .targets import Target, class_index, output_scores, refusal, resolve_class_indices, resolve_target
 
 SCORES = ("logit", "probability")
 
@@ -43,7 +44,7 @@ class Explanation:
     timings: dict[str, float]
     pass_timings: dict[str, float]
     probs: np.ndarray
-    target: int | list[int]
+    target: int | list[int] | None  # the class / label index explained (None: a target without classes)
     input_image: Image.Image | list[Image.Image]
     labels: list[str]
     layer: str
@@ -55,6 +56,9 @@ class Explanation:
     reused: list[str] = field(default_factory=list)  # methods served by the cache (``cache=``)
     extras: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. an out-of-memory retry
+    what: Target | None = None  # the target explained (vislib.targets), bound to the images
+    scores: str = "logits"  # the model's output kind; ``probs`` is that output as the chart shows it
+    vislib_version: str = __version__  # provenance: the vislib that computed the maps
 
     @property
     def methods(self) -> list[str]:
@@ -64,7 +68,14 @@ class Explanation:
         return value[index] if self.batched else value
 
     def target_label(self, index: int = 0) -> str:
-        return self.labels[self._pick(self.target, index)]
+        picked = self._pick(self.target, index)
+        if picked is None:
+            return self.what.describe(self.labels, index) if self.what is not None else ""
+        return self.labels[picked]
+
+    def describe_target(self, index: int = 0) -> str:
+        """What was explained, e.g. "logit of class 'dog'" or "cosine similarity to the reference"."""
+        return self.what.describe(self.labels, index) if self.what is not None else self.target_label(index)
 
     def top_k(self, k: int = 5, index: int = 0) -> list[tuple[int, str, float]]:
         """The k most probable classes as (index, label, probability)."""
@@ -98,9 +109,12 @@ def explain(
     """Explain one image or a batch with several methods, sharing passes between them.
 
     ``image_or_batch``: a path, bytes, PIL image or array (one image), a list of those (a batch),
-    or an already preprocessed tensor (3×H×W or N×3×H×W). ``target``: a class index, a label, or
-    ``None`` for the top-1 class; a batch takes one target for all or a list with one per sample.
-    ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output). ``contrast``: a class
+    or an already preprocessed tensor (3×H×W or N×3×H×W). ``target``: what to explain, a
+    :class:`vislib.targets.Target` (``Class``, ``Label``, ``Regression``, ``Similarity``, ``Text``),
+    or as before a class index, a label, or ``None`` for the top-1 class (a batch takes one target for
+    all or a list with one per sample; on a multi-label model these name labels).
+    ``score``: ``"logit"`` (default) or ``"probability"`` (the softmax output; a label's sigmoid;
+    a probabilities model's output as given). ``contrast``: a class
     B (same forms as ``target``) to explain S_A − S_B, "why A rather than B?" (gradient-based methods).
     ``cache``: a :class:`vislib.PassCache`; methods already computed for this model, input, layer,
     target, contrast and score come from it, and new ones reuse its recorded passes.
@@ -113,14 +127,17 @@ def explain(
     if score not in SCORES:
         raise MethodError(f"score must be one of {SCORES}, not {score!r}")
     names = parse_methods(methods)
-    batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
-    layer_name, _ = resolve_layer(bundle, layer)
     if contrast is not None:
         check_contrastive(names)
-    job = _Job(names=names, layer=layer_name, score=score, options=options or {}, progress=progress,
-               cancel=cancel, contrast=contrast, cache=cache)
+    what = resolve_target(bundle, target, score=score, contrast=contrast)
+    bundle, note = what.prepare(bundle)
+    check_target(names, what)
+    batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
+    layer_name, _ = resolve_layer(bundle, layer)
+    job = _Job(names=names, layer=layer_name, score=what.score_name, options=options or {},
+               progress=progress, cancel=cancel, cache=cache, notes=[note] if note else [])
     with device_slot(bundle.device, on_wait):
-        part = _compute_chunked(bundle, inputs, target, job)
+        part = _compute_chunked(bundle, inputs, what, job)
     pick = (lambda a: a) if batched else (lambda a: a[0])
     return Explanation(
         maps={m: pick(a) for m, a in part.maps.items()},
@@ -129,9 +146,11 @@ def explain(
         timings=part.timings, pass_timings=part.pass_timings, probs=pick(part.probs),
         target=part.targets if batched else part.targets[0],
         input_image=views if batched else views[0], labels=bundle.labels, layer=layer_name,
-        score=score, model=bundle.name, weights=bundle.weights, batched=batched, extras=part.extras,
-        notes=job.notes, contrast=part.contrast if batched or part.contrast is None else part.contrast[0],
-        reused=part.reused,
+        score=what.score_name, model=bundle.name, weights=bundle.weights, batched=batched,
+        extras=part.extras, notes=job.notes + [n for n in output_notes(bundle, part.probs)
+                                               if n not in job.notes],
+        contrast=part.contrast if batched or part.contrast is None else part.contrast[0],
+        reused=part.reused, what=part.what, scores=getattr(bundle, "scores", "logits"),
     )
 
 
@@ -184,14 +203,14 @@ class _Part:
     extras: dict[str, dict]
     contrast: list[int] | None = None
     reused: list[str] = field(default_factory=list)
+    what: Target | None = None  # the target bound to the batch (of the first chunk)
 
 
 def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _Part:
-    ctx = ExplainContext(
-        bundle=bundle, inputs=inputs, layer=job.layer, score=job.score, target_spec=target,
-        resolve_targets=lambda logits, spec: resolve_targets(bundle.labels, logits, spec),
-        contrast_spec=job.contrast, progress=job.progress, cancel=job.cancel,
-    )
+    if not isinstance(target, Target):
+        target = resolve_target(bundle, target, score=job.score, contrast=job.contrast)
+    ctx = ExplainContext(bundle=bundle, inputs=inputs, layer=job.layer, target=target,
+                         progress=job.progress, cancel=job.cancel)
     results = job.cache.restore(ctx, job.names, job.options) if job.cache is not None else {}
     missing = [n for n in job.names if n not in results]
     share_forward(ctx, missing, job.options)
@@ -219,8 +238,10 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
         part.timings[name] = result.seconds + sw.seconds
         if result.extra:
             part.extras[name] = result.extra
-    part.probs = F.softmax(ctx.logits.float(), dim=1).cpu().numpy()
-    part.targets = ctx.targets.cpu().tolist()
+    part.probs = output_scores(getattr(bundle, "scores", "logits"), ctx.logits).cpu().numpy()
+    n = inputs.shape[0]
+    part.targets = ctx.targets.cpu().tolist() if ctx.targets is not None else [None] * n
+    part.what = ctx.bound
     job.notes += [n for n in ctx.notes if n not in job.notes]
     if ctx.contrast is not None:
         part.contrast = ctx.contrast.cpu().tolist()
@@ -264,6 +285,7 @@ def _compute_chunked(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Jo
     targets = target.tolist() if isinstance(target, torch.Tensor) else target
     contrast = job.contrast.tolist() if isinstance(job.contrast, torch.Tensor) else job.contrast
     misfit = any(isinstance(s, (list, tuple, np.ndarray)) and len(s) != n for s in (targets, contrast))
+    misfit = misfit or (isinstance(target, Target) and target.per_image_count() not in (None, n))
     if len(sizes) == 1 or misfit:  # one graph; or per-sample lists that do not fit: the error says so
         return _compute_resilient(bundle, inputs, target, job)
     start, done_before, part = 0, 0, None
@@ -285,8 +307,10 @@ def _compute_chunked(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Jo
 
 
 def _rows(spec, start: int, stop: int):
-    """The rows [start, stop) of a per-sample target / contrast (a list, array or tensor); a single
-    spec (one class for every sample, None) as it is."""
+    """The rows [start, stop) of a per-sample target / contrast (a list, array or tensor, or a Target
+    holding one); a single spec (one class for every sample, None) as it is."""
+    if isinstance(spec, Target):
+        return spec.take(start, stop)
     if isinstance(spec, torch.Tensor):
         spec = spec.tolist()
     if isinstance(spec, (list, tuple, np.ndarray)):
@@ -344,6 +368,7 @@ def _merge(a: _Part, b: _Part) -> _Part:
         pass_timings={k: a.pass_timings.get(k, 0.0) + b.pass_timings.get(k, 0.0)
                       for k in {**a.pass_timings, **b.pass_timings}},
         probs=cat(a.probs, b.probs), targets=a.targets + b.targets, reused=a.reused,
+        what=_cat_what(a.what, b.what),
         contrast=None if a.contrast is None else a.contrast + b.contrast,
         extras={m: _merge_extras(a.extras.get(m, {}), b.extras.get(m, {})) for m in {**a.extras, **b.extras}},
     )
@@ -356,6 +381,36 @@ def _merge_extras(a: dict, b: dict) -> dict:
         if isinstance(a[key], list) and isinstance(b[key], list):
             merged[key] = a[key] + b[key]
     return merged
+
+
+def _cat_what(a: Target | None, b: Target | None) -> Target | None:
+    """The bound targets of two halves of a batch as one (per-image indices concatenated)."""
+    if a is None or b is None:
+        return a or b
+    return a.concat(b)
+
+
+def check_target(names: Sequence[str], target: Target) -> None:
+    """Refuse methods that cannot explain ``target``, each with its reason."""
+    reasons = [r for r in (refusal(METHODS[n], target) for n in names) if r]
+    if reasons:
+        raise MethodError("; ".join(reasons))
+
+
+def output_notes(bundle: ModelBundle, shown: np.ndarray) -> list[str]:
+    """Notes on the output the chart shows: saturated probabilities flatten the gradients."""
+    kind = getattr(bundle, "scores", "logits")
+    if kind not in ("probabilities", "sigmoid") or shown.size == 0:
+        return []
+    top = shown.max(axis=-1)
+    if kind == "probabilities" and float(top.max()) > 1 - 1e-4:
+        return ["the model's output is saturated (a probability within 1e-4 of 1): the gradient of a "
+                "probability vanishes there, so gradient maps of score='probability' are weak or flat; "
+                "explain the log-probability (score='logit', the default)"]
+    if kind == "sigmoid" and bool(((shown < 1e-4) | (shown > 1 - 1e-4)).all()):
+        return ["every label's sigmoid is within 1e-4 of 0 or 1 (saturated): explain the labels' "
+                "logits (score='logit', the default); their gradients do not vanish"]
+    return []
 
 
 def check_contrastive(names: Sequence[str]) -> None:
@@ -412,38 +467,11 @@ def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Ten
 
 def resolve_targets(labels: list[str], logits: torch.Tensor, spec) -> torch.Tensor:
     """Turn the user's target (None, index, label, or one per sample) into N class indices."""
-    n = logits.shape[0]
-    if spec is None:
-        return logits.argmax(dim=1)
-    if isinstance(spec, torch.Tensor):
-        spec = spec.tolist()
-    if isinstance(spec, (list, tuple, np.ndarray)):
-        if len(spec) != n:
-            raise TargetError(f"{len(spec)} targets given for a batch of {n} images")
-        idx = [
-            int(logits[i].argmax()) if s is None else _target_index(labels, s) for i, s in enumerate(spec)
-        ]
-    else:
-        idx = [_target_index(labels, spec)] * n
-    return torch.tensor(idx, device=logits.device, dtype=torch.long)
+    return resolve_class_indices(labels, logits, spec)
 
 
 def _target_index(labels: list[str], spec) -> int:
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-        if 0 <= int(spec) < len(labels):
-            return int(spec)
-        raise TargetError(f"class index {spec} is out of range (0–{len(labels) - 1})")
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.isdigit():
-            return _target_index(labels, int(text))
-        lowered = [lab.lower() for lab in labels]
-        if text.lower() in lowered:
-            return lowered.index(text.lower())
-        close = difflib.get_close_matches(text.lower(), lowered, n=3)
-        hint = f"; did you mean {', '.join(labels[lowered.index(c)] for c in close)}?" if close else ""
-        raise TargetError(f"unknown class {spec!r}{hint}")
-    raise TargetError(f"a target must be a class index or label, not {type(spec).__name__}")
+    return class_index(labels, spec)
 
 
 def _prepare_inputs(bundle: ModelBundle, source) -> tuple[bool, list[Image.Image], torch.Tensor]:

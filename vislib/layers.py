@@ -104,7 +104,7 @@ def grid_candidates(first_grid: tuple[int, int] | None) -> set[tuple[int, int]]:
     if first_grid is None:
         return set()
     found = set()
-    frontier = {tuple(first_grid)}
+    frontier = {(first_grid[0], first_grid[1])}
     while frontier:
         found |= frontier
         nxt = set()
@@ -166,7 +166,7 @@ def classify_outputs(shapes: dict[str, tuple[int, ...]], order: list[str], first
     output grid is the patch grid); ``size``: the input's (H, W).
     """
     first = shapes.get(first_conv) if first_conv else None
-    grids = grid_candidates(tuple(first[2:]) if first is not None and len(first) == 4 else None)
+    grids = grid_candidates((first[2], first[3]) if first is not None and len(first) == 4 else None)
     tokens = {n: token_view(s, grids, size) for n, s in shapes.items() if len(s) == 3}
     tokens = {n: v for n, v in tokens.items() if v is not None}
     views: dict[str, LayerView] = {}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ._optional import require
 from .errors import Cancelled, MethodError, VislibError
 from .explain import device_slot, explain, normalize_maps, resolve_targets
 from .hooks import resolve_layer
@@ -750,7 +751,7 @@ def outline_overlay(image: Image.Image, masks: Sequence[np.ndarray], colour=(255
 
 def weights_figure(weights: np.ndarray, top: Sequence[int]):
     """Bar chart of the channel weights α_k, sorted, the top channels highlighted."""
-    import plotly.graph_objects as go
+    go = require("plotly.graph_objects", "dashboard", feature="the lesson's charts")
 
     order = np.argsort(-weights)
     highlight = set(int(i) for i in top)
@@ -773,7 +774,7 @@ SANITY_METRICS = {"spearman": "Spearman ρ of |attribution|", "spearman_signed":
 
 def sanity_figure(check: SanityCheck, metric: str = "spearman", step: int | None = None, titles=None):
     """One line per method: similarity to the trained model's map over the cascade; a marker at ``step``."""
-    import plotly.graph_objects as go
+    go = require("plotly.graph_objects", "dashboard", feature="the lesson's charts")
 
     x = ["trained"] + [f"+{u}" for u in check.units]
     fig = go.Figure()

@@ -198,6 +198,26 @@ class ShapesZFNet(nn.Module):
         input_size: input side, used to size fc1.
     """
 
+    # added in a loop by __init__ (declared here for the type checker)
+    conv2: nn.Conv2d
+    conv3: nn.Conv2d
+    conv4: nn.Conv2d
+    conv5: nn.Conv2d
+    conv6: nn.Conv2d
+    norm2: nn.GroupNorm
+    norm3: nn.GroupNorm
+    norm4: nn.GroupNorm
+    norm5: nn.GroupNorm
+    norm6: nn.GroupNorm
+    relu2: nn.ReLU
+    relu3: nn.ReLU
+    relu4: nn.ReLU
+    relu5: nn.ReLU
+    relu6: nn.ReLU
+    pool2: nn.MaxPool2d
+    pool3: nn.MaxPool2d
+    pool4: nn.MaxPool2d
+
     def __init__(
         self,
         num_classes: int = 8,

@@ -57,7 +57,8 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], not {alpha}")
     values = np.asarray(values)
     if values.shape != (image.height, image.width):
-        resized = Image.fromarray(values.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)
+        resized = Image.fromarray(values.astype(np.float32), mode="F").resize(image.size,
+                                                                              Image.Resampling.BILINEAR)
         values = np.asarray(resized)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     colour = apply_colormap(values, colormap).astype(np.float32)

@@ -93,6 +93,7 @@ def read_weights(data: bytes, filename: str) -> dict[str, torch.Tensor]:
     suffix = Path(filename).suffix.lower().lstrip(".")
     if suffix not in WEIGHTS_TYPES:
         raise WeightsError(f"{filename}: upload a .safetensors file, or a .pt / .pth state dict")
+    state: object  # whatever the file holds, checked below
     if suffix == "safetensors":
         from safetensors.torch import load
 

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from vislib._resources import resource
 from vislib.data import shapes
 from vislib.nets import ARCHITECTURES
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "assets" / "models"
-SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
+MODELS_DIR = resource("assets", "models")
+SAMPLES_DIR = resource("assets", "samples")
 SUBSET = (0, 400)  # test slice whose accuracy the card reports (a quick regression check)
 
 
@@ -177,7 +177,8 @@ def build_model(recipe: Recipe) -> nn.Module:
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     """AdamW parameter groups: one per entry of ``recipe.lr_scales``, then the rest."""
-    groups, taken = [], set()
+    groups: list[dict] = []
+    taken: set[int] = set()
     for name, scale in recipe.lr_scales.items():
         params = list(model.get_submodule(name).parameters())
         taken.update(id(p) for p in params)

@@ -80,12 +80,14 @@ def evaluate(
                         maps_dir=str(maps_dir) if maps_dir else None,
                         trust=tuple(parse_metrics(trust)) if trust else ())
     excluded = [0.0]  # the throughput reference's seconds, left out of the wall time
-    on_inputs = None
+    on_inputs: Callable[[torch.Tensor], float] | None = None
     if _on_batch is not None:
-        def on_inputs(inputs: torch.Tensor) -> float:
+        def count(inputs: torch.Tensor) -> float:
             spent = _on_batch(inputs)
             excluded[0] += spent
             return spent
+
+        on_inputs = count
 
     task = functools.partial(evaluate_rows, config=config, on_inputs=on_inputs) if on_inputs else \
         functools.partial(evaluate_rows, config=config)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..datasets import ImageSet
-from ..errors import VislibError
+from ..errors import MissingDependency, VislibError  # noqa: F401  (MissingDependency: re-exported)
 from ..models import ModelBundle
 from .local import Progress, Task, run_local
 
@@ -22,10 +22,6 @@ ENGINES = ("local", "ray")
 
 class EngineError(VislibError, RuntimeError):
     """An engine that cannot run: a bad option, a cluster that cannot be reached, a worker that fails."""
-
-
-class MissingDependency(VislibError, ImportError):
-    """An optional package that this feature needs is not installed (the message says how)."""
 
 
 def check_engine(engine: str, address: str | None, workers: int | None, threads: int | None = None) -> None:

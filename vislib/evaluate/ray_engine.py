@@ -28,10 +28,11 @@ import time
 import numpy as np
 import torch
 
+from .._optional import require
 from ..datasets import ImageSet
 from ..errors import Cancelled, VislibError
 from ..models import ModelBundle
-from .engine import EngineError, MissingDependency
+from .engine import EngineError
 from .local import Progress, Task
 from .plan import ModelRef, recipe_of, reopen
 
@@ -50,13 +51,9 @@ def ray_available() -> bool:
 
 def require_ray():
     """The ``ray`` module (with Ray Data), or a clear error that says how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise MissingDependency("the Ray engine needs Ray: .venv/bin/pip install -r requirements-extras.txt "
-                                "(or use the local engine)") from None
-    return ray
+    feature = "the Ray engine (or use the local engine)"
+    require("ray.data", "ray", feature=feature)
+    return require("ray", "ray", feature=feature)
 
 
 @contextlib.contextmanager
@@ -157,7 +154,8 @@ def worker_error(exc: BaseException) -> VislibError | None:
     """The VislibError a worker raised, as a plain error of the same class with the worker's own
     message, dug out of Ray's wrappers: a chained exception, or (an actor that died while it was
     being built) the last ``vislib.<module>.<Class>: message`` line of the text. None if none."""
-    seen, stack = set(), [exc]
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -173,9 +171,9 @@ def worker_error(exc: BaseException) -> VislibError | None:
         found = _RAISED.search(line)
         if found:
             module, name, message = found.groups()
-            cls = getattr(sys.modules.get(module), name, None)
-            if isinstance(cls, type) and issubclass(cls, VislibError):
-                return cls(message.strip())
+            raised = getattr(sys.modules.get(module), name, None)
+            if isinstance(raised, type) and issubclass(raised, VislibError):
+                return raised(message.strip())
     return None
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics
+from .._version import __version__
+from ..metrics import Curves
 
 CENTRE = "centre"  # the image-centre baseline, reported beside the methods
 METRIC_COLUMNS = {
@@ -58,7 +60,7 @@ class EvalResult:
     explained: str  # "predicted" or "true": the class the maps explain
     metrics: dict[str, dict[str, np.ndarray]]  # method (and "centre") → metric → N values (NaN: not computed)
     peaks: dict[str, np.ndarray]  # method → N×2 (y, x) of the map's maximum at input resolution
-    curves: dict[str, metrics.Curves] = field(default_factory=dict)  # method → curves of the first images
+    curves: dict[str, Curves] = field(default_factory=dict)  # method → curves of the first images
     failed: list[tuple[str, str]] = field(default_factory=list)  # (id, why) of images that did not load
     timings: dict[str, float] = field(default_factory=dict)
     tolerance: int = 0
@@ -66,6 +68,7 @@ class EvalResult:
     reference_box: tuple[str, tuple[int, int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     engine: str = "local"  # "local" or "ray (N workers)"
+    vislib_version: str = __version__  # provenance: the vislib that ran the evaluation
 
     def __len__(self) -> int:
         return len(self.targets)

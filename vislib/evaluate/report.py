@@ -4,7 +4,8 @@ summary (JSON), plotly figures and a self-contained HTML report (the dashboard u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -15,8 +16,18 @@ from ..models import ModelBundle
 from .error_view import explain_error
 from .records import CENTRE, METRIC_COLUMNS, EvalResult
 
+#: A table column: a list, or a NumPy array (one value, or one row of an N×K array, per row).
+Column = Sequence | np.ndarray
+
 # --------------------------------------------------------------------------------------------------
 # Tables and figures (plain data and plotly figures: the page and the HTML report share them)
+
+
+def _plotly(module: str):
+    """A plotly module (the ``dashboard`` extra), or a MissingDependency naming the extra."""
+    from .._optional import require
+
+    return require(f"plotly.{module}", "dashboard", feature="the evaluation report (report.html)")
 
 
 def class_names(labels: Sequence[str]) -> list[str]:
@@ -46,7 +57,7 @@ def confusion_figure(result: EvalResult, selected: tuple[int, int] | None = None
     """The confusion matrix as a heatmap (rows: true class, columns: predicted), with a transparent
     marker on every cell carrying ``customdata = [true, predicted]`` so a click selects the cell
     (plotly heatmaps themselves send no selection events)."""
-    import plotly.graph_objects as go
+    go = _plotly("graph_objects")
 
     matrix, classes = result.confusion()
     names = class_names(result.labels)
@@ -97,7 +108,7 @@ def cell_from_selection(selection) -> tuple[int, int] | None:
 
 def per_class_figure(result: EvalResult):
     """Accuracy per true class (horizontal bars, worst at the top)."""
-    import plotly.graph_objects as go
+    go = _plotly("graph_objects")
 
     per = result.per_class_accuracy()
     names = class_names(result.labels)
@@ -116,8 +127,8 @@ def per_class_figure(result: EvalResult):
 
 def curves_figure(curves: dict[str, metrics.Curves], title: str = ""):
     """Mean deletion and insertion curves per entry (e.g. per method), with their mean AUCs."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    go = _plotly("graph_objects")
+    make_subplots = _plotly("subplots").make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower is better)",
                                                         "Insertion (higher is better)"))
@@ -170,32 +181,28 @@ def _write_csv(path, header: list[str], rows) -> None:
             writer.writerow([_fmt(v) for v in row])
 
 
-def write_csv_table(path, table: dict[str, Sequence]) -> None:
+def write_csv_table(path, table: Mapping[str, Column]) -> None:
     """A column table (name → values) as CSV: empty cells for NaN and None."""
     _write_csv(path, list(table), zip(*table.values(), strict=True))
 
 
 def require_pyarrow():
     """pyarrow, or a clear error that says how to install it (it comes with ``ray[data]``)."""
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        from .engine import MissingDependency
+    from .._optional import require
 
-        raise MissingDependency("Parquet output needs pyarrow: .venv/bin/pip install -r "
-                                "requirements-extras.txt (or leave out --parquet)") from None
-    return pyarrow
+    feature = "Parquet output (or leave out --parquet)"
+    require("pyarrow.parquet", "ray", feature=feature)
+    return require("pyarrow", "ray", feature=feature)
 
 
-def write_parquet_table(path, table: dict[str, Sequence]) -> None:
+def write_parquet_table(path, table: Mapping[str, Column]) -> None:
     """A column table as a Parquet file (zstd-compressed); N×K arrays become list columns."""
     pa = require_pyarrow()
     import pyarrow.parquet as pq
 
     columns = {}
-    for name, values in table.items():
-        values = np.asarray(values) if not isinstance(values, list) else values
+    for name, column in table.items():
+        values = np.asarray(column) if not isinstance(column, list) else column
         if isinstance(values, np.ndarray) and values.ndim > 1:
             values = list(values)
         columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) and values.dtype == object
@@ -203,7 +210,7 @@ def write_parquet_table(path, table: dict[str, Sequence]) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
-def image_table(result: EvalResult) -> dict[str, Sequence]:
+def image_table(result: EvalResult) -> dict[str, Column]:
     """One row per image: id, true and predicted class, confidence, p(true class), correct."""
     names = class_names(result.labels)
     p_true = result.probs[np.arange(len(result)), result.targets] if len(result) else np.zeros(0)
@@ -215,13 +222,13 @@ def image_table(result: EvalResult) -> dict[str, Sequence]:
 PER_IMAGE_NAMES = {"pointing": "pointing_hit", "reference": "peak_on_reference"}
 
 
-def image_metrics_table(result: EvalResult) -> dict[str, Sequence]:
+def image_metrics_table(result: EvalResult) -> dict[str, Column]:
     """One row per image and method (the centre baseline included): the map's peak and every
     per-image number (NaN where not computed)."""
     n = len(result)
     everyone = [*result.methods, CENTRE]
     keys = [k for k in METRIC_COLUMNS if k not in ("average_drop", "increase")]
-    table: dict[str, list] = {"id": list(result.ids) * len(everyone),
+    table: dict[str, Any] = {"id": list(result.ids) * len(everyone),
                               "method": [m for m in everyone for _ in range(n)], "peak_y": [], "peak_x": []}
     for m in everyone:
         pk = result.peaks.get(m)
@@ -279,6 +286,7 @@ def summary(result: EvalResult) -> dict:
         "methods": [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
                     for row in result.method_table()],
         "engine": result.engine, "notes": list(result.notes), "timings_s": result.timings,
+        "vislib_version": result.vislib_version,
     }
 
 
@@ -337,8 +345,8 @@ def html_report(result: EvalResult, *, bundle: ModelBundle | None = None, images
     library embedded once: it opens offline). ``bundle`` and ``images`` are needed for the gallery."""
     from html import escape
 
-    import plotly.io as pio
-    from plotly.offline import get_plotlyjs
+    pio = _plotly("io")
+    get_plotlyjs = _plotly("offline").get_plotlyjs
 
     from ..render import overlay
 
@@ -349,7 +357,8 @@ def html_report(result: EvalResult, *, bundle: ModelBundle | None = None, images
     parts = [f"<h1>Error analysis: {escape(result.model)}</h1>",
              f"<p class='muted'>{escape(result.dataset)} · {len(result)} images · weights "
              f"{escape(result.weights)} · layer {escape(result.layer)} · maps explain the "
-             f"{escape(result.explained)} class · run on {escape(result.engine)}</p>",
+             f"{escape(result.explained)} class · run on {escape(result.engine)} · vislib "
+             f"{escape(result.vislib_version)}</p>",
              f"<h2>Accuracy {result.accuracy:.1%}</h2>"
              f"<p>{int((~result.correct).sum())} misclassified"
              + (f"; {len(result.failed)} files could not be read" if result.failed else "") + "</p>"]

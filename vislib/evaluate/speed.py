@@ -19,6 +19,7 @@ def bare_gradcam(bundle: ModelBundle, inputs: torch.Tensor, layer: str | None = 
     with bundle.lock, capture_layer(module, grad=True, view=bundle.view(name)) as captured, torch.no_grad():
         logits = bundle.logits(inputs)
     A = captured.activation
+    assert A is not None  # the forward ran through the layer
     with torch.enable_grad():
         score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
         (g,) = torch.autograd.grad(score, A)

@@ -38,7 +38,7 @@ def to_inputs(bundle: ModelBundle, batch: Batch, keep: list[int]) -> tuple[torch
         side = arrays.shape[1]
         fast = (isinstance(pre, Preprocess) and pre.crop == pre.resize == side == arrays.shape[2]
                 and pre.channels == 3)
-        if fast:  # the preprocessing is a plain normalisation: x / (255 std) − mean / std, in place
+        if fast and isinstance(pre, Preprocess):  # plain normalisation: x / (255 std) − mean / std, in place
             x = torch.from_numpy(arrays).to(bundle.device).permute(0, 3, 1, 2)
             x = x.to(torch.float32, memory_format=torch.contiguous_format)
             mean = torch.tensor(pre.mean, device=bundle.device).view(1, 3, 1, 1)
@@ -47,7 +47,8 @@ def to_inputs(bundle: ModelBundle, batch: Batch, keep: list[int]) -> tuple[torch
             return x.mul_(1.0 / (255.0 * std)).sub_(mean / std), masks
         images = [Image.fromarray(a) for a in arrays]
     else:
-        images = [batch.images[i] for i in keep]
+        assert batch.images is not None  # a batch has arrays or images
+        images = [image for i in keep if (image := batch.images[i]) is not None]  # keep: the loaded ones
     tensor, _ = bundle.prepare(images)
     masks = None
     if batch.masks is not None:
@@ -64,7 +65,7 @@ def mask_view(bundle: ModelBundle, mask: np.ndarray) -> np.ndarray:
 
         img = pre.geometry(img, InterpolationMode.NEAREST)
     else:
-        img = img.resize(bundle.input_hw[::-1], Image.NEAREST)
+        img = img.resize(bundle.input_hw[::-1], Image.Resampling.NEAREST)
     return np.asarray(img) > 127
 
 
@@ -211,7 +212,7 @@ def measure(bundle, inputs, part, masks, pos: np.ndarray, index: np.ndarray, out
         else:
             pts, flat = metrics.peaks(m, part.flat[name])
             put("peak", pts)
-        if masks_t is not None:
+        if masks_t is not None and masks_f is not None:
             put("pointing", metrics.near_mask(pts, masks_t, tol) & ~flat)
             if name == CENTRE:  # Σ centre·mask / Σ centre: one matrix-vector product
                 put("energy", (masks_f.flatten(1) @ centre.flatten() / centre.sum()).numpy())
@@ -296,8 +297,9 @@ def write_map_shard(folder: str | os.PathLike, index: np.ndarray, maps: dict[str
     path = folder / f"maps-{int(index[0]):08d}.npz"
     tmp = folder / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "wb") as f:
+        # numpy's stubs match **maps against allow_pickle: bool; the keys are method names
         np.savez_compressed(f, index=np.asarray(index, np.int64),
-                            **{m: np.asarray(v, np.float16) for m, v in maps.items()})
+                            **{m: np.asarray(v, np.float16) for m, v in maps.items()})  # type: ignore[arg-type]
     os.replace(tmp, path)
     return path
 

@@ -52,7 +52,6 @@ from .base import (
     Stopwatch,
     get_method,
     register_method,
-    target_scores,
 )
 from .registry import register_family
 from .relu_rules import (  # noqa: F401  (re-exported: features.py, lessons.py and tests import them here)
@@ -365,12 +364,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def integrated_gradients(
-    ctx: ExplainContext, x: torch.Tensor, targets: torch.Tensor, contrast: torch.Tensor | None = None, *,
+    ctx: ExplainContext, x: torch.Tensor, samples: torch.Tensor | None = None, *,
     baseline="zeros", steps: int = 32, batch_size: int = 16, blur_sigma: float | None = None,
     report: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """IG of the batch ``x`` for ``targets`` (minus ``contrast``'s scores when given): (N×3×H×W
-    attributions, completeness numbers)."""
+    """IG of the batch ``x`` for the context's bound target (rows of ``x`` belong to the images
+    ``samples``; default: one row per image): (N×3×H×W attributions, completeness numbers)."""
     bundle = ctx.bundle
     x = x.detach()
     n = x.shape[0]
@@ -378,7 +377,8 @@ def integrated_gradients(
     nodes, weights = gauss_legendre(steps)
     alphas = torch.tensor(nodes, device=x.device, dtype=x.dtype)
     w = torch.tensor(weights, device=x.device, dtype=x.dtype)
-    sample = torch.arange(n, device=x.device).repeat_interleave(steps)  # path point → image
+    owner = torch.arange(n, device=x.device) if samples is None else samples.to(x.device)
+    sample = torch.arange(n, device=x.device).repeat_interleave(steps)  # path point → row of x
     alpha, weight = alphas.repeat(n), w.repeat(n)
     total = torch.zeros_like(x)
     delta = x - x0
@@ -386,17 +386,15 @@ def integrated_gradients(
         idx = slice(start, min(start + batch_size, n * steps))
         s, a = sample[idx], alpha[idx]
         points = x0[s] + a.view(-1, 1, 1, 1) * delta[s]
-        rows = contrast[s] if contrast is not None else None
-        result = backprop_pass(bundle, points,
-                               lambda lg, s=s, rows=rows: target_scores(ctx.score, lg, targets[s], rows),
+        result = backprop_pass(bundle, points, lambda lg, rows=owner[s]: ctx.row_scores(lg, rows),
                                ["gradient"])
         total.index_add_(0, s, result.signals["gradient"] * weight[idx].view(-1, 1, 1, 1))
         if report is not None:
             report(idx.stop)
     attributions = delta * total
     with bundle.lock, torch.no_grad():
-        f_x = target_scores(ctx.score, bundle.logits(x), targets, contrast)
-        f_x0 = target_scores(ctx.score, bundle.logits(x0), targets, contrast)
+        f_x = ctx.row_scores(bundle.logits(x), owner)
+        f_x0 = ctx.row_scores(bundle.logits(x0), owner)
     gap = attributions.flatten(1).sum(dim=1) - (f_x - f_x0)
     numbers = {
         "sum_attributions": attributions.flatten(1).sum(dim=1),
@@ -532,7 +530,7 @@ def _run_ig(ctx: ExplainContext, opts: dict) -> MethodResult:
     n = ctx.inputs.shape[0]
     with Stopwatch(ctx.bundle.device) as sw:
         ig, numbers = integrated_gradients(
-            ctx, ctx.inputs, ctx.targets, ctx.contrast, baseline=opts["baseline"], steps=steps,
+            ctx, ctx.inputs, baseline=opts["baseline"], steps=steps,
             batch_size=batch, blur_sigma=opts["blur_sigma"], report=lambda done: ctx.report(done, n * steps),
         )
         extra = {k: v.tolist() for k, v in numbers.items()}
@@ -571,7 +569,7 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
             s = sample[start:start + batch]
             noise = torch.randn((s.numel(), *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
             noisy = x[s] + sigma[s].view(-1, 1, 1, 1) * noise
-            a = _base_signal(ctx, base, base_opts, noisy, *ctx.rows(s)).double()
+            a = _base_signal(ctx, base, base_opts, noisy, s).double()
             total.index_add_(0, s, a)
             if squares is not None:
                 squares.index_add_(0, s, a * a)
@@ -589,12 +587,11 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
     return MethodResult(out.detach(), sw.seconds, extra)
 
 
-def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, targets: torch.Tensor,
-                 contrast: torch.Tensor | None):
-    """The base method's input-space signal for a batch of (noisy) inputs."""
+def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, samples: torch.Tensor):
+    """The base method's input-space signal for a batch of (noisy) inputs of the images ``samples``."""
     if base == "integrated_gradients":
         ig, _ = integrated_gradients(
-            ctx, x, targets, contrast, baseline=opts["baseline"],
+            ctx, x, samples, baseline=opts["baseline"],
             steps=_positive_int(base, "steps", opts["steps"]),
             batch_size=_positive_int(base, "batch_size", opts["batch_size"]), blur_sigma=opts["blur_sigma"],
             report=lambda done: ctx.check_cancel(),
@@ -602,7 +599,7 @@ def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, ta
         return ig
     rule = _rule_of(base)
     layer_module = resolve_layer(ctx.bundle, ctx.layer)[1] if base == "guided_gradcam" else None
-    passed = backprop_pass(ctx.bundle, x, lambda lg: target_scores(ctx.score, lg, targets, contrast), [rule],
+    passed = backprop_pass(ctx.bundle, x, lambda lg: ctx.row_scores(lg, samples), [rule],
                            layer_module=layer_module, layer_view=ctx.bundle.view(ctx.layer))
     signal = passed.signals[rule]
     if base == "guided_gradcam":

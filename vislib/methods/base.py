@@ -28,6 +28,9 @@ class Method:
     uses_layer: ClassVar[bool] = True  # False: the result does not depend on the target layer
     slow: ClassVar[bool] = False  # True: many forward passes (the UI marks it and shows progress)
     contrastive: ClassVar[bool] = True  # False: cannot explain a contrastive score S_A − S_B
+    # what the target must offer (vislib.targets.refusal): "linear" (head rows: CAM, LRP),
+    # "class_axis" (other classes to compare: Finer-CAM); () explains any target's score
+    target_needs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options):
         self.options = options
@@ -77,14 +80,19 @@ class MethodResult:
 
 @dataclass
 class ExplainContext:
-    """Everything the family runners share for one explanation of one batch."""
+    """Everything the family runners share for one explanation of one batch.
+
+    ``target`` (a :class:`vislib.targets.Target`) is what is explained; without one it is built from
+    ``target_spec``, ``contrast_spec`` and ``score`` (a :class:`~vislib.targets.Class`). The first
+    forward's output binds it (:meth:`set_logits`): ``bound`` scores any rows of outputs,
+    ``targets`` / ``contrast`` are its per-image class indices where it has a class axis."""
 
     bundle: object
     inputs: torch.Tensor  # N×3×H×W on the model's device
     layer: str
-    score: str  # "logit" or "probability"
-    target_spec: object  # None, int, str or a list of those, resolved against the first logits
-    resolve_targets: Callable[[torch.Tensor, object], torch.Tensor]
+    score: str = "logit"  # "logit" or "probability" (of the class / label targets)
+    target_spec: object = None  # None, int, str or a list of those, resolved against the first logits
+    resolve_targets: Callable | None = None  # unused (kept for callers that pass it)
     contrast_spec: object = None  # the class B of "why A rather than B?" (same forms), or None
     progress: Callable[[int, int], None] | None = None
     cancel: threading.Event | None = None
@@ -94,29 +102,47 @@ class ExplainContext:
     pass_timings: dict[str, float] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # results one family offers another (e.g. Grad-CAM)
     notes: list[str] = field(default_factory=list)  # for the user, e.g. a layer the gradient misses
+    target: object = None  # the Target explained (built from the specs when None)
+    bound: object = None  # the target bound to this batch (after the first forward)
 
-    def set_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Record the first forward's logits and resolve the targets (and contrast) from them."""
+    def __post_init__(self):
+        if self.target is None:
+            from ..targets import resolve_target
+
+            self.target = resolve_target(self.bundle, self.target_spec, score=self.score,
+                                         contrast=self.contrast_spec)
+        self.score = self.target.score_name
+
+    def set_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Record the first forward's output and bind the target to it; returns the class indices."""
         if self.logits is None:
-            # Resolve first, assign after: a bad target (an index past the classes) raises here and
+            # Bind first, assign after: a bad target (an index past the classes) raises here and
             # leaves the context as it was, so a caller that catches the error cannot go on with
             # logits but no targets.
             detached = logits.detach()
-            targets = self.resolve_targets(detached, self.target_spec)
-            contrast = (None if self.contrast_spec is None
-                        else self.resolve_targets(detached, self.contrast_spec))
-            self.logits, self.targets, self.contrast = detached, targets, contrast
+            bound = self.target.bind(detached, self.bundle)
+            self.logits, self.bound = detached, bound
+            self.targets, self.contrast = bound.class_index, bound.contrast_index
         return self.targets
 
     def class_score(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-sample score explained: S_A (the target's logit or softmax probability), or S_A − S_B
-        with a contrast class B ("why A rather than B?")."""
-        targets = self.set_logits(logits)
-        return target_scores(self.score, logits, targets, self.contrast)
+        """Per-sample score explained (the target's: S_A, or S_A − S_B with a contrast class B)."""
+        self.set_logits(logits)
+        return self.bound.score(logits)
+
+    def row_scores(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The target's score of output rows that belong to images ``rows`` (noisy copies, path points,
+        perturbed inputs); the first forward must have bound the target."""
+        return self.bound.score(output, rows)
 
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(targets, contrast) of the samples ``index`` (for copies of samples: noisy inputs, paths)."""
         return self.targets[index], None if self.contrast is None else self.contrast[index]
+
+    @property
+    def target_key(self) -> str:
+        """What identifies the bound target's score (the pass cache's key)."""
+        return self.bound.key()
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():

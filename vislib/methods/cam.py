@@ -123,6 +123,7 @@ class CAM(CAMMethod):
     it always explains the logit."""
 
     name = "cam"
+    target_needs = ("linear",)
     title = "CAM"
     paper = "Zhou et al. 2016, Learning Deep Features for Discriminative Localization"
     passes = "1 fwd"

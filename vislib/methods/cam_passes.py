@@ -62,8 +62,8 @@ def run_group(ctx: ExplainContext, methods: list, *, aug_smooth: bool, fuse_laye
                 from .cam import gap_linear_head
 
                 head = gap_linear_head(bundle.model, passes[0].activation, ctx.logits, ctx.layer)
-                weights = head.weight.detach()
-                class_weights = weights[ctx.targets] - (0 if ctx.contrast is None else weights[ctx.contrast])
+                # the target's coefficients on the outputs (one-hot for a class, minus the contrast's)
+                class_weights = ctx.bound.head_rows(ctx.logits).to(head.weight.dtype) @ head.weight.detach()
         for method in methods:
             with Stopwatch(bundle.device) as sw:
                 maps = [F.relu(method.saliency(p.activation, p.gradients.get(method.score_key),

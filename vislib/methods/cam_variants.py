@@ -204,6 +204,7 @@ class FinerCAM(CAMMethod):
     """
 
     name = "finercam"
+    target_needs = ("class_axis",)
     title = "Finer-CAM"
     paper = ("Zhang et al. 2025, Finer-CAM: Spotting the Difference Reveals Finer Details for Visual "
              "Explanation")
@@ -257,9 +258,11 @@ class FinerCAM(CAMMethod):
 
     def score(self, ctx: ExplainContext, logits: torch.Tensor) -> torch.Tensor:
         classes, weights = self.comparisons(ctx)
-        picked = logits if ctx.score == "logit" else F.softmax(logits, dim=1)
-        own = picked.gather(1, ctx.targets.view(-1, 1)).squeeze(1)
-        return own - float(self.options["alpha"]) * (weights * picked.gather(1, classes)).sum(dim=1)
+        ctx.set_logits(logits)
+        own = ctx.bound.retarget(ctx.targets).score(logits)
+        columns = [ctx.bound.retarget(classes[:, j]).score(logits) for j in range(classes.shape[1])]
+        others = torch.stack(columns, dim=1) if columns else torch.zeros_like(weights)
+        return own - float(self.options["alpha"]) * (weights * others).sum(dim=1)
 
     def saliency(self, A, g, **kw):
         return self.base.saliency(A, g, **kw)

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._optional import install_hint, require
 from ..errors import Cancelled, MethodError, VislibError
 from .backprop import BackpropMethod
 from .base import ExplainContext, MethodResult, Stopwatch, register_method
@@ -58,7 +59,7 @@ from .frozen import fingerprint
 from .relu_rules import OTHER_ACTIVATIONS, RELU_FUNCS
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box")
-INSTALL_HINT = ".venv/bin/pip install -r requirements-extras.txt"
+INSTALL_HINT = install_hint("lrp")
 RULES_TEXT = {
     "epsilon_plus_flat": "first layer: flat; convolutions: z⁺; linear layers: ε; sums and average pools: "
                          "norm; ReLU and batch norm (merged into the convolution before it): pass",
@@ -71,13 +72,8 @@ SUPPORTED = "ReLU networks of convolutions, linear layers, batch norm after a co
 
 def _zennit():
     """The zennit modules used here, or a MethodError saying how to install zennit."""
-    try:
-        import zennit.canonizers
-        import zennit.composites
-        import zennit.torchvision
-    except ImportError:
-        raise MethodError(f"lrp needs zennit (the LRP library), which is not installed; install the optional "
-                          f"extras with: {INSTALL_HINT}") from None
+    for module in ("zennit.canonizers", "zennit.composites", "zennit.torchvision"):
+        zennit = require(module, "lrp", feature="lrp (through zennit, the LRP library)", error=MethodError)
     return zennit
 
 
@@ -325,7 +321,7 @@ def _check_options(opts: dict) -> tuple[str, float, float]:
 def run_lrp(ctx: ExplainContext, opts: dict) -> MethodResult:
     """LRP of ``ctx.inputs`` for the targets (minus the contrast) on the private copy of the model."""
     composite_name, epsilon, gamma = _check_options(opts)
-    if ctx.score != "logit":
+    if ctx.target.score_name != "logit":
         raise MethodError("lrp explains a logit (its relevance starts at the class logit and has no rule "
                           "through the softmax); use score='logit'")
     bundle = ctx.bundle
@@ -373,11 +369,7 @@ def _relevance(private, ctx: ExplainContext, composite) -> tuple[torch.Tensor, t
             raise MethodError(f"lrp cannot explain this model: {watch.problem}. zennit covers {SUPPORTED}.")
         ctx.set_logits(logits)
         ctx.check_cancel()
-        out = torch.zeros_like(logits)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        out[rows, ctx.targets] = 1.0
-        if ctx.contrast is not None:
-            out[rows, ctx.contrast] -= 1.0
+        out = ctx.bound.head_rows(logits.detach())  # e: one-hot of the class (minus the contrast's)
         (relevance,) = torch.autograd.grad(logits, x, grad_outputs=out * logits.detach())
     return relevance, logits.detach(), watch.relus
 
@@ -391,6 +383,7 @@ class LRP(BackpropMethod):
     norm merged, ResNet sums by a Norm rule. ReLU nets only (VGG, ResNet); runs on a private copy."""
 
     name = "lrp"
+    target_needs = ("linear",)
     passes = "1 fwd + 1 modified bwd, on a private copy"
     uses_layer = False
     title = "LRP"

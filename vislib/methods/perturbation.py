@@ -19,7 +19,6 @@ occlusion accepts a per-method ``score`` option to reproduce Zeiler & Fergus (pr
 
 from __future__ import annotations
 
-import copy
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from torch import fx, nn
 
 from ..errors import LayerError, MethodError
 from ..hooks import resolve_layer, this_thread_only
+from ..models.embedding import shallow_clone  # noqa: F401  (moved down; importable here)
 from .base import ExplainContext, MethodResult, Stopwatch, get_method, register_method
 from .frozen import memory_layout
 from .perturbation_base import (  # noqa: F401  (re-exported: the family's public names)
@@ -74,31 +74,6 @@ class _LeafTracer(fx.Tracer):
         if threading.get_ident() != self.thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-
-def shallow_clone(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every parameter and buffer tensor but no container.
-
-    fx tracing runs the model's Python ``forward`` on proxies, so attribute assignments in a
-    forward (a counter, a cached feature map) would land on the shared model; on this copy they do
-    not. In-place weight updates of the original stay visible (same tensors). The copy has no
-    hooks, so other explanations' hooks on the shared model never fire in its forwards.
-    """
-    memo: dict[int, nn.Module] = {}
-
-    def clone(module: nn.Module) -> nn.Module:
-        if id(module) not in memo:
-            copied = copy.copy(module)
-            for key, value in list(copied.__dict__.items()):
-                if isinstance(value, dict):
-                    copied.__dict__[key] = type(value)() if "hook" in key else type(value)(value)
-            memo[id(module)] = copied
-            copied._modules = type(module._modules)(
-                (name, None if child is None else clone(child)) for name, child in module._modules.items()
-            )
-        return memo[id(module)]
-
-    return clone(model)
 
 
 def trace_head(model: nn.Module, layer: str) -> tuple[fx.GraphModule | None, str]:
@@ -247,9 +222,8 @@ class AblationCAM(PerturbationMethod):
             forward = full_forward
 
         def run() -> tuple[torch.Tensor, dict]:
-            base = class_scores(session.logits(), ctx.targets, ctx.score)
-            targets = ctx.targets[owner]
-            dropped = session.scores(len(owner), make_batch, targets, ctx.score, batch_size, forward)
+            base = ctx.row_scores(session.logits().float())
+            dropped = session.scores(len(owner), make_batch, owner, ctx.bound, batch_size, forward)
             divisor = torch.where(base != 0, base, torch.ones_like(base))
             weights = torch.zeros((n, c), device=A.device)
             weights[owner, channel] = (base[owner] - dropped) / divisor[owner]
@@ -421,8 +395,10 @@ class Occlusion(PerturbationMethod):
             return torch.where(mask.unsqueeze(1) > 0, fill, inputs[owner[start:stop]])
 
         def run() -> tuple[torch.Tensor, dict]:
-            base = class_scores(session.logits(), ctx.targets, score)
-            occluded = session.scores(total, make_batch, ctx.targets[owner], score, self.batch_size,
+            session.logits()
+            target = ctx.bound.with_score(score)
+            base = target.score(ctx.logits.float())
+            occluded = session.scores(total, make_batch, owner, target, self.batch_size,
                                       fast_forward=self.fast_forward, channels_last=self.channels_last)
             drops = (base[owner] - occluded).view(n, grid_h, grid_w)
             summed = torch.einsum("yi,nij,xj->nyx", rows_y, drops, rows_x)

@@ -108,8 +108,8 @@ class Session:
         self,
         rows: int,
         make_batch: Callable[[int, int], object],
-        targets: torch.Tensor,
-        score: str,
+        samples: torch.Tensor,
+        target,
         batch_size: int,
         forward: Callable[[object], torch.Tensor] | None = None,
         *,
@@ -123,7 +123,9 @@ class Session:
         for the same start after an out-of-memory retry): by default input batches for the model,
         run by a :class:`~vislib.methods.frozen.BatchForward` (eager, channels-last if asked, or a
         frozen copy: ``fast_forward``), whose choice lands in :attr:`forward_info`; with
-        ``forward``, anything that callable takes. ``targets``: one class per row. ``precision``
+        ``forward``, anything that callable takes. ``samples``: the image of each row, whose ``target``
+        (the bound :class:`~vislib.targets.Target`) scores it; a score name instead of a target
+        scores class ``samples[row]`` of each row (the logit or the softmax). ``precision``
         ("fp32", "bf16", "fp16"): the forwards run under ``torch.autocast`` to that type (eager
         only: autocast does not reach a frozen graph). The model's lock is held for each batch's
         forward only. On CUDA, a batch that runs out of memory is retried at half the size.
@@ -147,7 +149,9 @@ class Session:
                     batch = make_batch(start, stop)  # built in float32, outside autocast
                     with autocast(self.device, precision):
                         logits = runner(batch)
-                    parts.append(class_scores(logits, targets[start:stop], score))
+                    rows_of = samples[start:stop]
+                    parts.append(class_scores(logits, rows_of, target) if isinstance(target, str)
+                                 else target.score(logits.float(), rows_of).float())
             except torch.cuda.OutOfMemoryError:
                 if self.device.type != "cuda" or size == 1:
                     raise

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import MethodError
 from .base import register_method
-from .perturbation_base import PRECISIONS, PerturbationMethod, Plan, Session, autocast, class_scores
+from .perturbation_base import PRECISIONS, PerturbationMethod, Plan, Session, autocast
 
 Perturb = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
@@ -179,14 +179,14 @@ class MaskedScores(PerturbationMethod):
             return make_batch
 
         def weights_at(precision: str) -> torch.Tensor:
-            targets = ctx.targets[owner_all].repeat(draws)
-            row_scores = session.scores(rows_total, batches(), targets, ctx.score, batch_size,
+            samples = owner_all.repeat(draws)
+            row_scores = session.scores(rows_total, batches(), samples, ctx.bound, batch_size,
                                         fast_forward=fast_forward, channels_last=channels_last,
                                         precision=precision)
             per_mask = row_scores.view(draws, masks_count).mean(dim=0) if rows_total else row_scores
             scores = torch.full((n, c), float("-inf"), device=A.device)
             if zero_pass:
-                zero_scores = self._zero_image_scores(session, ctx.targets, precision)
+                zero_scores = self._zero_image_scores(session, precision)
                 scores = torch.where(considered & constant, zero_scores.view(-1, 1), scores)
             for i, (channels, inverse, offset) in enumerate(groups):
                 scores[i, channels] = per_mask[offset + inverse]
@@ -228,7 +228,7 @@ class MaskedScores(PerturbationMethod):
         return Plan(forwards=forwards * (2 if compare else 1), run=run)
 
     @staticmethod
-    def _zero_image_scores(session: Session, targets: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    def _zero_image_scores(session: Session, precision: str = "fp32") -> torch.Tensor:
         """Score of every sample's target on the all-zero input (the mask of a constant channel,
         whatever a variant scales it by)."""
         ctx = session.ctx
@@ -236,7 +236,8 @@ class MaskedScores(PerturbationMethod):
         with torch.inference_mode(), autocast(session.device, precision):
             with session.bundle.lock:
                 logits = session.bundle.logits(zeros)
-            scores = class_scores(logits.expand(len(targets), -1), targets, ctx.score)
+            n = ctx.inputs.shape[0]  # each image's target scored on the one zero-image output
+            scores = ctx.row_scores(logits.float().expand(n, *logits.shape[1:]))
         session.advance(1)
         return scores
 

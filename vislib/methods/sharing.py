@@ -126,7 +126,7 @@ class PassCache:
         return (id(model), fingerprint(model), repr(ctx.bundle.output), input_digest(ctx.inputs))
 
     def _view_key(self, ctx: ExplainContext) -> tuple:
-        return (ctx.layer, _spec(ctx.targets), _spec(ctx.contrast), ctx.score)
+        return (ctx.layer, ctx.target_key, ctx.score)
 
     def restore(self, ctx: ExplainContext, names: list[str], options: dict) -> dict[str, MethodResult]:
         """Put what is known of this call into ``ctx`` (logits, passes); return the cached results of

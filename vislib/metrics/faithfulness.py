@@ -72,7 +72,7 @@ def masked_confidence(model, inputs: torch.Tensor, maps, targets, *, batch_size:
     """O_i: the class confidence on ``map ⊙ image``, the explanation map (in [0, 1], upsampled
     bilinearly if needed) multiplying the input in the model's normalised space, where 0 is the
     dataset mean colour (the same convention as the deletion substrate)."""
-    m = _at_input_size(maps, tuple(inputs.shape[-2:]), inputs.device)
+    m = _at_input_size(maps, (inputs.shape[-2], inputs.shape[-1]), inputs.device)
     return target_probabilities(model, inputs * m.unsqueeze(1), targets, batch_size=batch_size, cancel=cancel)
 
 

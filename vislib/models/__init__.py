@@ -23,6 +23,7 @@ from .bundle import (  # noqa: F401
     select_output,
 )
 from .bundled import ASSETS, DEFAULT_MODEL, MODELS_DIR, read_card, sample_images  # noqa: F401, I001
+from .embedding import as_embedding, shallow_clone  # noqa: F401
 from .probe import Probe, choose_default_layer, probe_model  # noqa: F401
 from .registry import (  # noqa: F401
     _REGISTRY,

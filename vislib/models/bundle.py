@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -79,7 +80,9 @@ class Preprocess:
     @property
     def size(self) -> tuple[int, int]:
         """The model's input size (H, W)."""
-        return _pair(self.crop) or _pair(self.resize)
+        size = _pair(self.crop) or _pair(self.resize)
+        assert size is not None  # __post_init__ refuses a Preprocess without a crop or an exact resize
+        return size
 
     def geometry(self, img: Image.Image, interpolation: InterpolationMode | None = None) -> Image.Image:
         """Resize and crop any PIL image (an RGB image, or a mask with ``NEAREST``)."""
@@ -88,7 +91,7 @@ class Preprocess:
             img = TF.resize(img, size, interpolation=interpolation or self.interpolation,
                             antialias=self.antialias)
         if self.crop is not None:
-            img = TF.center_crop(img, list(_pair(self.crop)))
+            img = TF.center_crop(img, list(self.size))  # the crop's (H, W)
         return img
 
     def view(self, img: Image.Image) -> Image.Image:
@@ -127,7 +130,7 @@ def callable_view(preprocess: Callable, img: Image.Image, tensor: torch.Tensor) 
     the inverse of its ``Normalize`` step, or a per-image min-max."""
     from torchvision import transforms as T
 
-    steps = list(preprocess.transforms) if isinstance(preprocess, T.Compose) else [preprocess]
+    steps: list[Any] = list(preprocess.transforms) if isinstance(preprocess, T.Compose) else [preprocess]
     geometric, mean, std = [], None, None
     for step in steps:
         if isinstance(step, (T.Resize, T.CenterCrop)):
@@ -187,6 +190,12 @@ class ModelBundle:
     layer_table: list[LayerRow] = field(default_factory=list, repr=False)
     description: str = ""
     ref: object = field(default=None, repr=False)  # a ModelRef that rebuilds it elsewhere (vislib.model_ref)
+    # what the output is: "logits" | "probabilities" | "sigmoid" (multi-label logits) | "regression" |
+    # "embedding" (vislib.targets.OUTPUT_KINDS); the class chart and the default target follow it
+    scores: str = "logits"
+    head: str | None = None  # the linear layer whose output is the class scores, when the probe found one
+    embedding: ModelBundle | None = field(default=None, repr=False)  # made by as_embedding, once
+    upload_architecture: str | None = None  # the architecture an uploaded state dict was loaded into
 
     def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Image.Image]]:
         """(the N×C×H×W input batch on the model's device, the input views): the model explains
@@ -232,7 +241,7 @@ class ModelBundle:
     @property
     def input_hw(self) -> tuple[int, int]:
         """(H, W) of the model's input."""
-        return tuple(self.input_shape[1:])
+        return (self.input_shape[1], self.input_shape[2])
 
     @property
     def input_size(self) -> int:
@@ -319,7 +328,8 @@ def input_shape_of(preprocess, channels: int | None) -> tuple[int, int, int]:
         raise ModelError(f"the preprocessing must return a C×H×W tensor, not {describe_output(probe)}")
     if channels is not None and probe.shape[0] != channels:
         raise ModelError(f"the preprocessing makes {probe.shape[0]} channels but the model takes {channels}")
-    return tuple(int(s) for s in probe.shape)
+    c, h, w = (int(s) for s in probe.shape)
+    return (c, h, w)
 
 
 def make_bundle(
@@ -338,11 +348,14 @@ def make_bundle(
     labels_from: str | None = None,
     notes: Sequence[str] = (),
     default_reason: str | None = None,
+    scores: str | None = None,
 ) -> ModelBundle:
     """Put a model in eval mode on ``device`` and work out its input, layers, labels and default layer.
 
     ``channels``: the input channels (default: the preprocessing's, else the first convolution's
-    ``in_channels``, else 3); ``output``: which part of the model's output holds the class scores.
+    ``in_channels``, else 3); ``output``: which part of the model's output holds the class scores;
+    ``scores``: what kind of output that is (:data:`vislib.targets.OUTPUT_KINDS`; default: detected,
+    :func:`detect_scores`).
     """
     device = device or default_device()
     model = model.to(device).eval()
@@ -363,8 +376,11 @@ def make_bundle(
         name=name, model=model, preprocess=preprocess, labels=list(labels),
         layers={n: v.shape for n, v in probe.views.items()}, default_layer="", device=device, weights=weights,
         card=card, output=output, views=probe.views, input_shape=shape, source=source,
-        labels_from=labels_from or "given", notes=list(notes), layer_table=probe.table,
+        labels_from=labels_from or "given", notes=list(notes), layer_table=probe.table, head=probe.head,
     )
+    bundle.scores, note = detect_scores(probe.output, scores)
+    if note:
+        bundle.notes.append(note)
     if default_layer is None:
         default_layer, bundle.default_reason = choose_default_layer(model, probe)
     else:
@@ -378,3 +394,25 @@ def _check_layer_name(bundle: ModelBundle, layer: str) -> None:
     from ..hooks import resolve_layer  # local import: hooks imports nothing from here
 
     resolve_layer(bundle, layer)
+
+
+def detect_scores(output: torch.Tensor | None, given: str | None) -> tuple[str, str | None]:
+    """(output kind, note): ``given`` when set (checked); else "probabilities" where it is safe to
+    say so -- at least two classes, every value in [0, 1] and each row summing to 1 on the probe's
+    random input (a head that ends in a softmax) -- with a note saying so; else "logits"."""
+    from ..targets import OUTPUT_KINDS
+
+    if given is not None:
+        if given not in OUTPUT_KINDS:
+            raise ModelError(f"scores must be one of {', '.join(OUTPUT_KINDS)}, not {given!r}")
+        return given, None
+    if output is None or output.dim() != 2 or output.shape[1] < 2:
+        return "logits", None
+    out = output.detach().float()
+    in_range = bool(((out >= 0) & (out <= 1)).all())
+    sums_to_one = bool(((out.sum(dim=1) - 1).abs() <= 1e-4).all())
+    if in_range and sums_to_one:
+        return "probabilities", ("the model returns probabilities (its outputs are in [0, 1] and sum to 1): "
+                                 "the chart shows them as given, never a softmax of them; say "
+                                 "scores=\"logits\" if that is wrong")
+    return "logits", None

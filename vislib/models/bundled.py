@@ -1,18 +1,20 @@
 """The models bundled in ``assets/models`` (``<name>.json`` card + ``<name>.safetensors``), trained
-offline by ``vislib.data.train`` on the generated shapes dataset."""
+offline by ``vislib.data.train`` on the generated shapes dataset. Every card found there is
+registered (installed packages carry the folder as package data: :mod:`vislib._resources`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .._resources import resource
 from ..errors import ModelError
 from .registry import _seeded, register_source, source_spec
 from .source import SourceModel, preprocess
 from .weights import load_state_dict_file, load_weights
 
-ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
-MODELS_DIR = ASSETS / "models"
+ASSETS = resource("assets")
+MODELS_DIR = resource("assets", "models")
 DEFAULT_MODEL = "shapes_resnet"
 
 
@@ -50,8 +52,10 @@ def bundled_source(name: str, weights, kwargs: dict) -> SourceModel:
         model, note = load_weights(model, weights, build)
         notes += [note] if note else []
         weights_id = str(weights)
-    labels, labels_from = list(card["labels"]), f"assets/models/{name}.json"
-    if notes or arch.get("num_classes", len(labels)) != len(labels):
+    categories = list(card["labels"])
+    labels: list[str] | None = categories
+    labels_from = f"assets/models/{name}.json"
+    if notes or arch.get("num_classes", len(categories)) != len(categories):
         labels, labels_from = None, "class indices"
     size = int(card["input_size"])
     return SourceModel(
@@ -75,5 +79,6 @@ for _card in sorted(MODELS_DIR.glob("*.json")):
 
 def sample_images() -> list[Path]:
     """The bundled sample images."""
-    return sorted(p for p in (ASSETS / "samples").glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    found = resource("assets", "samples").glob("*")
+    return sorted(p for p in found if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 

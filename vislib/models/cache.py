@@ -109,6 +109,7 @@ def fetch_hf(repo: str, filenames: Sequence[str], what: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
+    failure: Exception
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo, filename, cache_dir=str(hf_cache_dir())))

@@ -7,8 +7,8 @@ processor's settings become a :class:`Preprocess` where they can (resize by ``si
 height × width or shortest edge —, ``crop_pct`` for ConvNeXt and PoolFormer, LeViT's 256/224
 rule, centre crop, rescale by 1/255, normalisation); a processor that does something else
 (MobileViT's channel flip, EfficientNet's offset rescale, padding) is kept as the callable, with a
-note. ``transformers`` is optional (``requirements-extras.txt``). Code from the hub is never run
-(``trust_remote_code`` stays off): such a model needs a factory.
+note. ``transformers`` is optional (the ``hf`` extra: ``pip install "vislib[hf]"``). Code from the
+hub is never run (``trust_remote_code`` stays off): such a model needs a factory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+from .._optional import install_hint, require
 from ..errors import ModelError, WeightsError
 from .cache import hf_cache_dir, hf_cached, hf_missing, hf_reachable, offline
 from .registry import ModelSpec, _seeded, source_spec
@@ -26,7 +27,7 @@ from .source import SourceModel, fit_stats, interpolation_mode, preprocess, rand
 PREFIX = "hf:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-INSTALL_HINT = "hf: models need the transformers package: pip install -r requirements-extras.txt"
+INSTALL_HINT = f"hf: models need the transformers package: {install_hint('hf')}"
 
 #: Processors that resize by ``size``, centre-crop by ``crop_size`` when asked, rescale and
 #: normalise, and nothing else (BEiT's and MobileNetV2's own steps concern segmentation maps only).
@@ -41,11 +42,7 @@ UNSUPPORTED_FLAGS = ("do_flip_channel_order", "rescale_offset", "do_pad", "do_th
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ModelError(INSTALL_HINT) from None
-    return transformers
+    return require("transformers", "hf", feature="an hf: model", error=ModelError)
 
 
 # The hub's repo ids: "name" or "namespace/name" of letters, digits, "-", "_" and "." (no "--" or
@@ -118,7 +115,8 @@ def _preprocess_from_settings(kind: str, s: dict, channels: int):
         raise _Unsupported("no rescaling to [0, 1]")
     size = {k: v for k, v in (s.get("size") or {}).items() if v is not None}
     crop_pct = s.get("crop_pct")
-    resize, crop = None, None
+    resize: int | tuple[int, int] | None = None
+    crop: int | tuple[int, int] | None = None
     if s.get("do_resize", True):
         if set(size) == {"height", "width"}:
             h, w = int(size["height"]), int(size["width"])
@@ -228,7 +226,7 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
     transformers = _transformers()
     ref, folder = _split(name)
     what = f"hf:{ref}"
-    load = {"trust_remote_code": False}
+    load: dict[str, object] = {"trust_remote_code": False}
     if folder is None:
         cached = _ensure_files(ref, weights == "default")
         load.update(cache_dir=str(hf_cache_dir()), local_files_only=cached)

@@ -10,6 +10,7 @@ layer with a one-line reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ class Probe:
     pooling_like: set[str] = field(default_factory=set)
     head_input: bool = False  # the gradient was taken of the head's input (the class score was constant)
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    head: str | None = None  # the linear layer whose output is the class scores (None: none such)
+    output: torch.Tensor | None = None  # the probe's class scores (1 × classes, detached)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -43,7 +46,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 def probe_model(model: nn.Module, shape: tuple[int, int, int], device: torch.device, output=None) -> Probe:
     """Forward a seeded random 1×C×H×W input with every module hooked, then one backward."""
-    outputs: dict[str, object] = {}
+    outputs: dict[str, Any] = {}  # whatever each module returns (tensors are picked out below)
     calls: dict[str, int] = {}
     order: list[str] = []
     first_conv: list[str] = []
@@ -83,7 +86,7 @@ def probe_model(model: nn.Module, shape: tuple[int, int, int], device: torch.dev
     once = [n for n in dict.fromkeys(order) if calls[n] == 1]
     shapes = {n: tuple(outputs[n].shape) for n in once if _batch_tensor(outputs[n])}
     views = classify_outputs(shapes, [n for n in once if n in shapes], first_conv[0] if first_conv else None,
-                             tuple(shape[1:]))
+                             (shape[1], shape[2]))
     if not views:
         raise ModelError("the model has no module whose output can be read as a map (N×C×h×w, "
                          "channels-last N×h×w×C, or N×T×C tokens on the patch grid) to explain")
@@ -96,6 +99,7 @@ def probe_model(model: nn.Module, shape: tuple[int, int, int], device: torch.dev
     outs = {n: outputs[n] for n in views}
     probe.gradient = _gradient_reaches(logits[0, logits[0].argmax()], outs, views)
     head = [n for n, inp in linear_inputs.items() if outputs[n] is logits]
+    probe.head, probe.output = (head[-1] if head else None), logits.detach()
     if head and not any(probe.gradient.values()):
         # the class score is constant (a zero-initialised head, as torchvision's ViTs have): what
         # reaches the head's input is what would reach the score

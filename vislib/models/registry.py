@@ -169,6 +169,7 @@ def load_model(
     channels: int | None = None,
     kwargs: dict | None = None,
     processor: object = None,
+    scores: str | None = None,
 ) -> ModelBundle:
     """Load a model by name (see the module docstring), or wrap the user's own ``nn.Module``.
 
@@ -184,14 +185,16 @@ def load_model(
     source knows;
     ``kwargs`` go to the builder (``torchvision.models.get_model``, ``timm.create_model``, the
     Hugging Face config, a factory); ``processor`` is a Hugging Face image processor for a Hugging
-    Face model object.
+    Face model object. ``scores``: what the output is, "logits" | "probabilities" | "sigmoid"
+    (multi-label) | "regression" | "embedding" (default: the source's, else detected: outputs in
+    [0, 1] summing to 1 are probabilities).
     """
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(model, nn.Module):
         from .factory import module_source
 
         src = module_source(model, weights, processor=processor)
-        _override(src, labels, preprocess, default_layer, output, channels)
+        _override(src, labels, preprocess, default_layer, output, channels, scores)
         bundle = finish(name or type(model).__name__, src, dev)
         bundle.ref = None
         return bundle
@@ -200,21 +203,23 @@ def load_model(
         if kwargs or channels:
             raise ModelError(f"model {model!r} takes no kwargs or channels")
         bundle = spec.build(weights)
-        _move_and_override(bundle, dev, labels, default_layer, output)
+        _move_and_override(bundle, dev, labels, default_layer, output, scores)
     else:
         src = spec.make(weights, dict(kwargs or {}))
-        _override(src, labels, preprocess, default_layer, output, channels)
+        _override(src, labels, preprocess, default_layer, output, channels, scores)
         bundle = finish(spec.name, src, dev)
     bundle.ref = ModelRef(
         name=spec.name, weights=weights if weights in (None, "default") else absolute(weights),
         spec_files=(spec.origin,) if spec.origin else (),
         labels=tuple(labels) if labels is not None else None, default_layer=default_layer, output=output,
-        preprocess=preprocess, channels=channels, kwargs=dict(kwargs) if kwargs else None,
+        preprocess=preprocess, channels=channels, kwargs=dict(kwargs) if kwargs else None, scores=scores,
     )
     return bundle
 
 
-def _override(src: SourceModel, labels, preprocess, default_layer, output, channels) -> None:
+def _override(src: SourceModel, labels, preprocess, default_layer, output, channels, scores=None) -> None:
+    if scores is not None:
+        src.scores = scores
     if labels is not None:
         src.labels, src.labels_from = list(labels), "given to load_model"
     if preprocess is not None:
@@ -227,7 +232,12 @@ def _override(src: SourceModel, labels, preprocess, default_layer, output, chann
         src.channels = channels
 
 
-def _move_and_override(bundle: ModelBundle, dev: torch.device, labels, default_layer, output) -> None:
+def _move_and_override(bundle: ModelBundle, dev: torch.device, labels, default_layer, output,
+                       scores=None) -> None:
+    if scores is not None:
+        from .bundle import detect_scores
+
+        bundle.scores, _ = detect_scores(None, scores)
     if dev != bundle.device:
         bundle.model.to(dev)
         bundle.device = dev
@@ -255,9 +265,10 @@ class ModelRef:
     labels: tuple[str, ...] | None = None
     default_layer: str | None = None
     output: object = None
-    preprocess: object = None
+    preprocess: Preprocess | Callable | None = None
     channels: int | None = None
     kwargs: dict | None = field(default=None, hash=False)
+    scores: str | None = None
 
     def load(self, device: str | torch.device | None = None) -> ModelBundle:
         if self.spec_files:
@@ -267,7 +278,7 @@ class ModelRef:
                 register_models(path)
         return load_model(self.name, self.weights, labels=self.labels, default_layer=self.default_layer,
                           output=self.output, preprocess=self.preprocess, channels=self.channels,
-                          kwargs=self.kwargs, device=device)
+                          kwargs=self.kwargs, device=device, scores=self.scores)
 
 
 def model_ref(bundle: ModelBundle) -> ModelRef:

@@ -47,6 +47,7 @@ class SourceModel:
     description: str = ""
     notes: list[str] = field(default_factory=list)
     context: str = ""  # "models.toml [models.NAME]": prefixed to the errors of spec-file models
+    scores: str | None = None  # the output kind (vislib.targets.OUTPUT_KINDS); None: detected
 
 
 def scheme_of(name: str) -> str:
@@ -152,7 +153,7 @@ def finish(name: str, src: SourceModel, device: torch.device | None = None) -> M
             default_reason=src.default_reason if src.default_layer else None, device=device,
             weights=src.weights, card=src.card,
             output=src.output, channels=src.channels, source=src.source, labels_from=src.labels_from,
-            notes=list(src.notes),
+            notes=list(src.notes), scores=src.scores,
         )
     except LayerError as exc:
         if not src.context:

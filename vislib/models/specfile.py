@@ -31,6 +31,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import ModelError, VislibError
 from .bundle import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -128,7 +129,7 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
         raise ModelError(f"{where}: missing key 'source' (a torchvision name, timm:…, hf:… or "
                          f"package.module:callable)")
     get = _Getter(where, table)
-    source = get.text("source")
+    source = get.text("source") or ""  # present (checked above), and TOML has no null
     _check_source(where, source)
     fields: dict = {"name": name, "file": str(file), "source": source}
     fields["kwargs"] = get.mapping("kwargs")
@@ -171,7 +172,7 @@ class _Getter:
     def __init__(self, where: str, table: dict) -> None:
         self.where, self.table = where, table
 
-    def _fail(self, key: str, wanted: str):
+    def _fail(self, key: str, wanted: str) -> NoReturn:
         value = self.table[key]
         raise ModelError(f"{self.where} {key}: must be {wanted}, not {value!r}")
 

@@ -116,7 +116,7 @@ def preprocess_from_timm(config: dict, model=None):
     interpolation = interpolation_mode(config.get("interpolation") or "bilinear")
     scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
     crop = h if h == w else (h, w)
-    resize = None
+    resize: int | tuple[int, int] | None = None
     if mode == "squash":
         resize = scale
     elif mode == "center" and scale[0] == scale[1]:

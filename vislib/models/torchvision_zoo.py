@@ -73,7 +73,9 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
 
     weights_enum = torchvision.models.get_model_weights(name).DEFAULT
     pre = preprocess_from_torchvision(weights_enum.transforms())
-    labels, labels_from = list(weights_enum.meta["categories"]), f"torchvision {weights_enum}"
+    categories = list(weights_enum.meta["categories"])
+    labels: list[str] | None = categories
+    labels_from = f"torchvision {weights_enum}"
     notes, head_note = [], None
     if weights == "default":
         fetch_url(weights_enum.url, name)
@@ -103,7 +105,7 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
         notes += [note] if note else []
         if weights is not None:
             head_note = note  # the file's head has another number of classes
-    if head_note or kwargs.get("num_classes", len(labels)) != len(labels):  # another head: no categories
+    if head_note or kwargs.get("num_classes", len(categories)) != len(categories):  # another head: no labels
         labels, labels_from = None, "class indices"
     return SourceModel(
         model=model, preprocess=pre, labels=labels, labels_from=labels_from, weights=weights_id,

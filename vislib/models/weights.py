@@ -22,6 +22,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.stat().st_size > MAX_WEIGHTS_BYTES:
         raise WeightsError(f"{path.name}: larger than {MAX_WEIGHTS_BYTES // 2**30} GB")
     suffix = path.suffix.lower()
+    state: object  # whatever the file holds, checked below
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -105,7 +106,7 @@ def load_weights(
     name = Path(path).name
     note = None
     n = head_classes(model, state) if rebuild is not None else None
-    if n is not None:
+    if n is not None and rebuild is not None:
         try:
             rebuilt = rebuild(n)
         except Exception:
