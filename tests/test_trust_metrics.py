@@ -411,3 +411,17 @@ def test_trust_command_prints_rows_and_refuses_unknown_metrics(tmp_path, capsys,
     assert {r["method"] for r in rows} == {"gradcam", "gradient"} and len(rows) == 6
     assert cli.main(["trust", str(path), "--model", "shapes_zf", "--metrics", "roads"]) == 2
     assert "unknown metric 'roads'" in capsys.readouterr().err
+
+
+def test_target_objects_score_as_class_indices():
+    """vislib.targets' Class plugs in: bound to the clean batch (its top class), not to each perturbed
+    input's own top class."""
+    from vislib.targets import Class
+
+    net, x, y, a = gray_setup(n=5)
+    fc = metrics.FaithfulnessCorrelation(nr_runs=10, subset_size=8)
+    by_index = fc(net, x, y, a)
+    np.testing.assert_allclose(fc(net, x, Class(y.tolist(), score="probability"), a), by_index)
+    np.testing.assert_allclose(fc(net, x, Class(None, score="probability"), a), by_index)  # y = the top class
+    road = metrics.ROAD(noise=0.0, percentages=(20, 60))
+    np.testing.assert_allclose(road(net, x, Class(None, score="logit"), a), road(net, x, logit_of(y), a))

@@ -75,21 +75,34 @@ def _at_input_size(maps, size: tuple[int, int], device) -> torch.Tensor:
 # What is scored: class indices, a score function, or a vislib.targets Target
 
 
-ScoreFn = Callable[..., torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, rows) -> one score per row
 
 
-def score_function(targets, *, score: str = "probability") -> Callable[[torch.Tensor, torch.Tensor],
-                                                                         torch.Tensor]:
+def bind_targets(targets, model, inputs: torch.Tensor):
+    """A :class:`vislib.targets.Target` bound to the clean batch (its top class, labels resolved), so
+    that perturbed inputs are scored for the class of the image, not their own top class; anything
+    else as given."""
+    if not hasattr(targets, "bind") or model is None or inputs is None:
+        return targets
+    with torch.no_grad():
+        output = _scores(model)(inputs.to(_device(_module(model)), torch.float32))
+    return targets.bind(output, model if hasattr(model, "labels") else None)
+
+
+def score_function(targets, *, score: str = "probability", model=None,
+                   inputs: torch.Tensor | None = None) -> ScoreFn:
     """``targets`` as ``fn(outputs, rows) -> one score per output row`` (``rows[r]``: the image of row r).
 
     - class indices (one per image, or one for all): the softmax probability of the class
       (``score="probability"``, the default, as Average Drop and RISE), or its logit (``"logit"``);
-    - a :class:`vislib.targets.Target` (already bound, or bound here by the caller): ``target.score``;
+    - a :class:`vislib.targets.Target` (``target.score``), bound to the clean ``inputs`` of ``model``
+      when they are given (:func:`bind_targets`);
     - a callable ``fn(outputs, rows)``, or ``fn(outputs)`` when the score is the same for every image
       (``lambda out: out[:, 3]``).
     """
     if hasattr(targets, "score") and callable(targets.score):
-        return lambda out, rows: targets.score(out, rows)
+        bound = bind_targets(targets, model, inputs)
+        return lambda out, rows: bound.score(out, rows)
     if callable(targets):
         try:
             takes_rows = len(inspect.signature(targets).parameters) >= 2
@@ -115,7 +128,7 @@ def class_indices(targets, model, inputs: torch.Tensor) -> torch.Tensor:
     if targets is not None and not callable(targets) and not hasattr(targets, "score"):
         t = torch.as_tensor(np.asarray(targets), dtype=torch.long).view(-1)
         return t.expand(inputs.shape[0]).clone() if t.numel() == 1 else t
-    index = getattr(targets, "class_index", None)
+    index = getattr(bind_targets(targets, model, inputs), "class_index", None)
     if index is not None:
         return torch.as_tensor(index).long().view(-1).cpu()
     with torch.no_grad():

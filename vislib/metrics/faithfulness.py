@@ -351,7 +351,7 @@ class ROAD(Metric):
     def curves(self, model, inputs, targets, maps, *, progress=None, cancel=None) -> torch.Tensor:
         n, _, h, w = inputs.shape
         m = as_maps(maps, n)
-        score_fn = score_function(targets)
+        score_fn = score_function(targets, model=model, inputs=inputs)
         generator = torch.Generator().manual_seed(self.seed)
 
         def fill(x, removed):  # x: N×C×H×W, removed: N×s×1×H×W
@@ -411,7 +411,7 @@ class FaithfulnessCorrelation(Metric):
                             for _ in range(self.nr_runs)], axis=1)  # N×T×|S|
         subsets_t = torch.from_numpy(subsets)
         sums = m.gather(1, subsets_t.flatten(1)).view(n, self.nr_runs, size).sum(2)
-        score_fn = score_function(targets)
+        score_fn = score_function(targets, model=model, inputs=inputs)
         device = _device(_module(model))
         x = inputs.to(device, torch.float32)
         base = _baseline(x, self.baseline)
@@ -459,7 +459,8 @@ class PixelFlipping(Metric):
         m = _at_input_size(as_maps(maps, n), (h, w), "cpu")
         step = self.features_in_step
         counts = [min(h * w, (k + 1) * step) for k in range(-(-h * w // step))]
-        return _removal_curves(model, inputs, score_function(targets), order_ranks(m, "morf"),
+        score_fn = score_function(targets, model=model, inputs=inputs)
+        return _removal_curves(model, inputs, score_fn, order_ranks(m, "morf"),
                                torch.arange(h * w).view(h, w), counts, self.baseline,
                                batch_size=self.batch_size, cancel=cancel, progress=progress)
 
@@ -498,7 +499,7 @@ class RegionPerturbation(Metric):
         sums = torch.zeros(n, count, dtype=torch.float64).index_add_(1, units.flatten(), m.flatten(1))
         ranks = order_ranks(sums, self.order)
         steps = list(range(1, min(count, self.regions_evaluation) + 1))
-        score_fn = score_function(targets)
+        score_fn = score_function(targets, model=model, inputs=inputs)
         full = forward_scores(model, inputs, torch.arange(n), score_fn, batch_size=self.batch_size,
                               cancel=cancel)
         after = _removal_curves(model, inputs, score_fn, ranks, units, steps, self.baseline,
