@@ -181,3 +181,18 @@ def test_shortcut_model_as_a_new_user_sees_it():
     at.radio(key="ea_source").set_value("shapes").run()
     text = " ".join(w.value for w in [*at.warning, *at.info])
     assert "On clean images (no mark)" in text
+
+
+def test_trust_table_shows_intervals_the_random_map_and_rank_agreement():
+    """The method-by-metric table of the trust metrics over the data, beside the random map, with the
+    metrics' rank agreement when several methods are shown."""
+    at = run_page(ea_trust=["sparseness", "complexity", "relevance_mass"], ea_methods=["gradcam", "gradient"])
+    assert_clean(at)
+    assert any(h.value == "How much can I trust these maps?" for h in at.subheader)
+    frames = [df.value for df in at.dataframe]
+    table = next(f for f in frames if "random map" in f.columns)
+    assert set(table["metric"]) == {"Sparseness (Gini)", "Complexity (entropy)", "Relevance mass"}
+    assert len(table) == 6 and table["95% interval"].str.startswith("[").all()
+    assert set(table["verdict"]) <= {"beats the random map", "does not beat the random map", "no value"}
+    agreement = next(f for f in frames if "Sparseness (Gini)" in f.columns and "random map" not in f.columns)
+    assert agreement.shape == (3, 4)

@@ -376,3 +376,46 @@ def write_csv(report: TrustReport, path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(TrustRow.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables for people (the dashboard and the report)
+
+TITLES = {
+    "road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF",
+    "faithfulness_correlation": "Faithfulness Correlation",
+    "pixel_flipping": "Pixel-Flipping", "region_perturbation": "Region Perturbation (AOPC)",
+    "max_sensitivity": "Max-Sensitivity", "avg_sensitivity": "Avg-Sensitivity", "mprt": "MPRT",
+    "smooth_mprt": "Smooth MPRT", "random_logit": "Random Logit", "sparseness": "Sparseness (Gini)",
+    "complexity": "Complexity (entropy)", "pointing_game": "Pointing game", "energy_pointing_game":
+    "Energy pointing game", "relevance_mass": "Relevance mass", "relevance_rank_accuracy": "Relevance rank",
+}
+#: no forward at all, so free beside an evaluation: the Error analysis page's default choice (ROAD
+#: adds 9 forwards and imputations per image and method, Faithfulness Correlation 100)
+DATASET_DEFAULT = ("sparseness", "complexity", "relevance_mass")
+
+
+def display_rows(report: TrustReport, title: Callable[[str], str] = str) -> list[dict]:
+    """One row per method and metric, formatted: value with its interval, the random map's, the centre's
+    (localisation), and the verdict against the random map."""
+    out = []
+    for r in report.rows:
+        interval = f"[{_fmt(r.low)}, {_fmt(r.high)}]" if r.images > 1 else "one image"
+        out.append({
+            "method": title(r.method), "metric": TITLES.get(r.metric, r.metric),
+            "better": "higher" if r.higher_is_better else "lower", "value": r.value, "95% interval": interval,
+            "random map": r.random,
+            "random 95% interval": f"[{_fmt(r.random_low)}, {_fmt(r.random_high)}]" if r.images > 1 else "",
+            "image centre": r.centre,
+            "verdict": "no value" if not np.isfinite(r.value) else
+            "beats the random map" if r.beats_random else "does not beat the random map",
+            "images": r.images,
+        })
+    return out
+
+
+def agreement_rows(report: TrustReport, kind: str = "kendall") -> list[dict]:
+    """The metric × metric rank agreement (:func:`rank_agreement`) as rows, titled."""
+    matrix = rank_agreement(report.rows, kind)
+    return [{"metric": TITLES.get(a, a), **{TITLES.get(b, b): v for b, v in row.items()}}
+            for a, row in matrix.items()]
