@@ -284,3 +284,17 @@ def test_layer_explorer_deconvnet_and_filters_tabs():
     at.run()
     assert_clean(at)
     assert any("filters of `features.0`" in c for c in captions(at))
+
+
+def test_trust_panel_measures_on_demand():
+    """"How much can I trust these maps?": nothing runs until the button; then the fast metrics for the
+    methods shown, each beside the random map, with a verdict."""
+    at = run_app(model="tiny_gap", methods="gradcam,gradient")
+    assert_clean(at)
+    assert not any("random map" in df.value.columns for df in at.dataframe)  # on demand only
+    at.button(key="trust_run").click().run()
+    assert_clean(at)
+    table = next(df.value for df in at.dataframe if "random map" in df.value.columns)
+    assert set(table["method"]) == {ui.method_title("gradcam"), ui.method_title("gradient")}
+    assert len(table) == 2 * 7 and (table["95% interval"] == "one image").all()
+    assert set(table["verdict"]) <= {"beats the random map", "does not beat the random map", "no value"}

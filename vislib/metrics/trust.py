@@ -332,17 +332,26 @@ def explainer(method: str, layer: str | None = None, *, score: str = "logit", op
 
 def trust_for_explanation(bundle, result, metrics: Sequence[str | Metric], *, masks=None, seed: int = 0,
                           progress: Callable[[int, int], None] | None = None, cancel=None) -> TrustReport:
-    """:func:`evaluate_trust` for the maps of a :class:`vislib.Explanation` (one image or a batch):
-    its inputs rebuilt from its input views, its targets, each method re-explained by
-    :func:`explainer` where a metric needs it."""
-    views = result.input_image if isinstance(result.input_image, list) else [result.input_image]
+    """:func:`evaluate_trust` for the maps of a :class:`vislib.Explanation` (one image or a batch)."""
+    return trust_for_explanations(bundle, {m: result for m in result.methods}, metrics, masks=masks,
+                                  seed=seed, progress=progress, cancel=cancel)
+
+
+def trust_for_explanations(bundle, explanations: dict, metrics: Sequence[str | Metric], *, masks=None,
+                           seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                           cancel=None) -> TrustReport:
+    """:func:`evaluate_trust` for ``explanations`` (method → the :class:`vislib.Explanation` holding its
+    map, e.g. the Explain page's): the inputs rebuilt from the first one's input views, its targets,
+    each method re-explained by :func:`explainer` at its own layer where a metric needs it."""
     from ..models import Preprocess
 
+    first = next(iter(explanations.values()))
+    views = first.input_image if isinstance(first.input_image, list) else [first.input_image]
     inputs = bundle.to_input(views) if isinstance(bundle.preprocess, Preprocess) else bundle.prepare(views)[0]
-    targets = np.atleast_1d(np.asarray(result.target, np.int64))
+    targets = np.atleast_1d(np.asarray(first.target, np.int64))
     n, _, h, w = inputs.shape
-    maps = {m: np.asarray(result.maps[m], np.float64).reshape(n, h, w) for m in result.methods}
-    explainers = {m: explainer(m, result.layer, score=result.score, cancel=cancel) for m in result.methods}
+    maps = {m: np.asarray(e.maps[m], np.float64).reshape(n, h, w) for m, e in explanations.items()}
+    explainers = {m: explainer(m, e.layer, score=e.score, cancel=cancel) for m, e in explanations.items()}
     return evaluate_trust(bundle, inputs, targets, maps, metrics, masks=masks, explainers=explainers,
                           seed=seed, progress=progress, cancel=cancel)
 
