@@ -296,7 +296,7 @@ def _cascade(known: torch.Tensor, keep: torch.Tensor, tol: float, max_iter: int)
 
 def noisy_linear_imputation(inputs: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01,
                             generator: torch.Generator | None = None, tol: float = 1e-3,
-                            max_iter: int = 40) -> torch.Tensor:
+                            max_iter: int = 20) -> torch.Tensor:
     """ROAD's imputation (Rong et al. 2022, §4): every removed pixel takes the weighted mean of its
     valid 8 neighbours (direct 1/6, diagonal 1/12), removed neighbours included, plus N(0, noise²).
 
@@ -342,7 +342,7 @@ class ROAD(Metric):
     order: str = "morf"
     noise: float = 0.01
     solver_tol: float = 1e-3  # the imputation's conjugate gradients (see noisy_linear_imputation)
-    solver_iter: int = 40
+    solver_iter: int = 20
 
     @property
     def higher_is_better(self) -> bool:  # type: ignore[override]
