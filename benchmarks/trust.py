@@ -133,8 +133,8 @@ def road_hundred(args) -> None:
         values = metrics.ROAD(order=order)(bundle, x, targets, maps)
         print(f"ROAD {order.upper()} over {len(x)} images ({tuple(x.shape[1:])}, 9 percentages, 900 "
               f"imputations and forwards): {time.perf_counter() - t:.1f} s wall, "
-              f"{time.process_time() - cpu:.1f} s CPU, mean score {values.mean():.3f} (target: under 60 s; load average "
-              f"{os.getloadavg()[0]:.1f})", flush=True)
+              f"{time.process_time() - cpu:.1f} s CPU, mean score {values.mean():.3f} (target: under 60 s; "
+              f"load average {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def main(argv=None) -> None:
