@@ -24,12 +24,13 @@ def _as_tensor(value, dtype=torch.float64) -> torch.Tensor:
 
 
 def _module(model) -> torch.nn.Module:
-    return getattr(model, "model", model)  # a ModelBundle or an nn.Module
+    """The module of a ModelBundle, or the module itself (even one with a ``model`` attribute)."""
+    return model if isinstance(model, torch.nn.Module) else model.model
 
 
 def _scores(model):
     """The forward giving class scores: a bundle's (its output selection applied), or the module's."""
-    return model.logits if hasattr(model, "logits") and hasattr(model, "model") else model
+    return model if isinstance(model, torch.nn.Module) else model.logits
 
 
 def _device(module: torch.nn.Module) -> torch.device:

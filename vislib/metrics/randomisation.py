@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Metric, _check, _device, _module, as_maps, class_indices
+from .base import Metric, _check, _device, _module, _scores, as_maps, class_indices
 from .similarity import spearman, ssim
 
 
@@ -174,7 +174,7 @@ class RandomLogit(Metric):
         k = self.num_classes
         if k is None:
             with torch.no_grad():
-                k = int(getattr(model, "logits", _module(model))(x[:1]).shape[1])
+                k = int(_scores(model)(x[:1]).shape[1])
         rng = np.random.RandomState(self.seed)
         others = torch.tensor([rng.choice([c for c in range(k) if c != int(t)]) for t in classes])
         a = as_maps(maps, n)
