@@ -425,3 +425,14 @@ def test_target_objects_score_as_class_indices():
     np.testing.assert_allclose(fc(net, x, Class(None, score="probability"), a), by_index)  # y = the top class
     road = metrics.ROAD(noise=0.0, percentages=(20, 60))
     np.testing.assert_allclose(road(net, x, Class(None, score="logit"), a), road(net, x, logit_of(y), a))
+
+
+def test_batched_spearman_equals_the_one_pair_version():
+    from vislib.metrics.similarity import spearman_rows
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, (4, 30)).astype(float)  # many ties
+    b = rng.normal(size=(4, 30))
+    expected = [metrics.spearman(a[i], b[i]) for i in range(4)]
+    np.testing.assert_allclose(spearman_rows(torch.from_numpy(a), torch.from_numpy(b)), expected, atol=1e-12)
+    assert np.isnan(spearman_rows(torch.ones(1, 5), torch.rand(1, 5))[0])

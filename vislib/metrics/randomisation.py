@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .base import Metric, _check, _device, _module, _scores, as_maps, class_indices
-from .similarity import spearman, ssim
+from .similarity import spearman, spearman_rows, ssim
 
 
 def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -107,7 +107,10 @@ class MPRT(Metric):
             _check(cancel)
             after = self._maps(randomised, x, classes, explain)
             a, b = self._view(original), self._view(after)
-            out[name] = np.array([sim(a[i], b[i]) for i in range(x.shape[0])])
+            if self.similarity in ("spearman", "spearman_abs"):  # all images at once
+                out[name] = spearman_rows(a, b, absolute=self.similarity == "spearman_abs")
+            else:
+                out[name] = np.array([sim(a[i], b[i]) for i in range(x.shape[0])])
             if progress is not None:
                 progress(step + 1, total)
         return out
@@ -179,7 +182,9 @@ class RandomLogit(Metric):
         others = torch.tensor([rng.choice([c for c in range(k) if c != int(t)]) for t in classes])
         a = as_maps(maps, n)
         b = as_maps(explain(model, x, others), n)
-        sim = _similarity(self.similarity)
         if progress is not None:
             progress(1, 1)
+        if self.similarity in ("spearman", "spearman_abs"):
+            return spearman_rows(a, b, absolute=self.similarity == "spearman_abs")
+        sim = _similarity(self.similarity)
         return np.array([sim(a[i], b[i]) for i in range(n)])

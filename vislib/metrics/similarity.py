@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +87,34 @@ def ssim(a, b, *, data_range: float | None = None, window: int = 11, sigma: floa
     return float((num / den).mean())
 
 
+
+
+def rank_rows(values: torch.Tensor) -> torch.Tensor:
+    """Average ranks 1..P of each row of an N×P tensor (ties: the mean of the ranks they span), all
+    rows at once: one sort, one scatter."""
+    x = values.double()
+    n, p = x.shape
+    order = torch.argsort(x, dim=1, stable=True)
+    sorted_x = x.gather(1, order)
+    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_run[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    flat = new_run.flatten()  # a row's first value starts a run: runs never span two rows
+    run = torch.cumsum(flat, 0) - 1
+    starts = torch.nonzero(flat).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([n * p])])
+    mean = (starts + ends + 1).double() / 2 - (starts // p * p).double()  # mean 1-based rank in its row
+    ranks = torch.empty_like(x)
+    ranks.scatter_(1, order, mean[run].view(n, p))
+    return ranks
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor, *, absolute: bool = False) -> np.ndarray:
+    """:func:`spearman` of each pair of rows of two N×… tensors, batched (NaN for a constant row)."""
+    x, y = _as_tensor(a).flatten(1), _as_tensor(b).flatten(1)
+    if absolute:
+        x, y = x.abs(), y.abs()
+    rx, ry = rank_rows(x), rank_rows(y)
+    rx, ry = rx - rx.mean(1, keepdim=True), ry - ry.mean(1, keepdim=True)
+    den = (rx.pow(2).sum(1) * ry.pow(2).sum(1)).sqrt()
+    nan = torch.full_like(den, math.nan)
+    return torch.where(den > 0, (rx * ry).sum(1) / den.clamp_min(1e-300), nan).numpy()
