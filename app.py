@@ -13,6 +13,7 @@ import streamlit as st
 
 import vislib
 from pages.common import (
+    FAVICON,
     Miss,
     cached_or_run,
     input_and_model,
@@ -22,14 +23,16 @@ from pages.common import (
     unavailable_methods,
     uploaded_model_note,
 )
+from pages.common.classroom import erase_panel, report_button
+from pages.common.models import spec_reports
 from vislib import ui
 from vislib.concepts import concept_image, concepts_or_maps, legend_html
 from vislib.metrics import trust
 from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
-st.set_page_config(page_title="vislib · Explain", page_icon=":material/visibility:", layout="wide")
-keep_state()
+st.set_page_config(page_title="vislib · Explain", page_icon=FAVICON, layout="wide")
+keep_state("target", "concepts_on", "concepts_k")  # drawn only with a result: kept while an upload is awaited
 state = st.session_state
 TOP_CLASS = -1  # the class picker's "explain the predicted class" entry
 
@@ -52,24 +55,42 @@ def _family_key(family: str) -> str:
     return f"methods_{family}"
 
 
+def _wanted_key(family: str) -> str:
+    """The family's chosen methods, kept apart from the pills' own key: the pills offer only the
+    methods that apply here, and a choice that does not apply comes back where it does."""
+    return f"_wanted_{family}"
+
+
+def _keep_wanted(family: str, usable: tuple[str, ...]) -> None:
+    """The pills changed: the new choice, plus the chosen methods that the pills could not show."""
+    wanted = state.get(_wanted_key(family), [])
+    chosen = list(state.get(_family_key(family)) or [])
+    state[_wanted_key(family)] = [m for m in wanted if m not in usable] + chosen
+
+
 def load_url_state() -> None:
     """Once per session: the link's model, layer, class, methods, score and sample become the state."""
     if state.get("_url_loaded"):
         return
     state["_url_loaded"] = True
+    spec_reports()  # a link may name a spec file's model: register them before reading it
     parsed, notes = ui.parse_query(st.query_params, models=vislib.list_models(), methods=list(vislib.METHODS),
                                    check_model=ui.dashboard_refusal)
     state["_url_notes"] = notes
-    for name in ("model", "weights", "layer", "score"):
+    # A refused model's layers belong to it: the default model starts at its own default layer (the
+    # note on the model says why; a second warning about its layer would only follow from it).
+    refused = parsed.model is None and bool(st.query_params.get("model"))
+    for name in ("model", "weights", "score") if refused else ("model", "weights", "layer", "score"):
         if getattr(parsed, name):
             state[name] = getattr(parsed, name)
-    if parsed.layers:
+    if parsed.layers and not refused:
         state["layers"] = parsed.layers
     if parsed.target is not None:
         state["target"] = parsed.target
     if parsed.methods is not None:
         for family, names in ui.methods_by_family().items():
             state[_family_key(family)] = [m for m in parsed.methods if m in names]
+            state[_wanted_key(family)] = list(state[_family_key(family)])
     if parsed.sample:
         state["source"], state["sample"] = "Sample", parsed.sample
 
@@ -84,9 +105,10 @@ def _method_label(name: str) -> str:
     return ui.method_title(name) + (" :material/hourglass_top:" if ui.is_slow(name) else "")
 
 
-def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
-    """Layer, comparison layers and methods pickers: (layer, extra layers, methods)."""
-    layer, extra_layers, methods = None, [], []
+def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str], dict[str, str]]:
+    """Layer, comparison layers and methods pickers: (layer, extra layers, methods, the chosen
+    methods that do not apply here → why)."""
+    layer, extra_layers, methods, off = None, [], [], {}
     if bundle is not None:
         layers = list(bundle.layers)
         if state.get("layer") not in bundle.layers:
@@ -110,18 +132,20 @@ def sidebar_controls(bundle) -> tuple[str | None, list[str], list[str]]:
     st.markdown("### :material/tune: Methods")
     unavailable = unavailable_methods(bundle, layer)
     for family, names in ui.methods_by_family().items():
-        key = _family_key(family)
-        if key not in state:
-            state[key] = [m for m in ui.default_methods() if m in names]
+        key, wanted_key = _family_key(family), _wanted_key(family)
+        if wanted_key not in state:
+            state[wanted_key] = list(state[key]) if key in state else [
+                m for m in ui.default_methods() if m in names]
         usable = [m for m in names if m not in unavailable]
-        state[key] = [m for m in state[key] if m in usable]
+        state[key] = [m for m in state[wanted_key] if m in usable]
         st.pills(ui.family_title(family), usable, selection_mode="multi", key=key,
-                 format_func=_method_label,
+                 format_func=_method_label, on_change=_keep_wanted, args=(family, tuple(usable)),
                  help=":material/hourglass_top: methods need many passes: they show a progress bar and "
                       "can be stopped.")
         methods += list(state[key])
+        off.update({m: unavailable[m] for m in state[wanted_key] if m in unavailable})
         show_unavailable({m: unavailable[m] for m in names if m in unavailable}, key=f"{key}_off")
-    return layer, extra_layers, ui.display_order(methods)
+    return layer, extra_layers, ui.display_order(methods), off
 
 
 def display_controls() -> tuple[float, str, str, int]:
@@ -151,11 +175,25 @@ def class_picker_and_chart(result: ui.ViewResult, score: str) -> None:
     )
     top = result.top_k(5)
     classes = [i for i, _, _ in top]
+    st.caption(ui.chart_title(bundle.scores))
     st.plotly_chart(ui.topk_figure(top, result.target), key="topk_chart",
                     on_select=lambda: _pick_bar(classes), selection_mode="points",
                     config={"displayModeBar": False})
     st.markdown(f"Explaining **{names[result.target]}** (the {score} of class {result.target}) · "
                 f"click a bar to explain another class.")
+    if result.weights == "random":
+        st.warning("**Random weights**: these scores and maps come from a randomly initialised network "
+                   "(seeded): they show the architecture, not anything learned.", icon=":material/casino:")
+
+
+def greyed_panels(off: dict[str, str], ncols: int) -> None:
+    """The chosen methods that do not apply to this model or layer: a grey panel each, with why."""
+    names = ui.display_order(list(off))
+    for start in range(0, len(names), ncols):
+        for name, column in zip(names[start:start + ncols], st.columns(ncols), strict=False):
+            with column, st.container(border=True, key=f"off_{name}"):
+                st.markdown(f"**:gray[{ui.method_title(name)}]** · :gray[does not apply]")
+                st.caption(f":material/block: {off[name]}")
 
 
 def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, colormap, signal_view,
@@ -190,7 +228,12 @@ def results_grid(result: ui.ViewResult, bundle, image_name: str, *, alpha, color
 load_url_state()
 with st.sidebar:
     picked, bundle = input_and_model()
-    layer, extra_layers, methods = sidebar_controls(bundle)
+    if bundle is not None and bundle.prompts is not None:  # a CLIP-like model: its labels are prompts
+        typed = ui.parse_prompts(st.text_area(
+            "Prompts (one per line)", value="\n".join(bundle.labels), key="prompts",
+            help="A zero-shot model's classes: each prompt's text embedding is computed once."))
+        bundle = bundle.with_prompts(typed) if typed else bundle
+    layer, extra_layers, methods, off_methods = sidebar_controls(bundle)
     if state.get("score") not in ui.SCORES:
         state["score"] = "logit"
     score = st.radio("Score to explain", ui.SCORES, key="score", horizontal=True,
@@ -227,11 +270,13 @@ if bundle is None:
     st.stop()
 if not methods:
     st.info("Choose at least one method in the sidebar.", icon=":material/tune:")
+    greyed_panels(off_methods, ncols)
     st.stop()
 
 image_bytes, image_name = picked
 key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer,
-                    layers=extra_layers, target=explain_target, score=score, methods=methods)
+                    layers=extra_layers, target=explain_target, score=score, methods=methods,
+                    labels=bundle.labels if bundle.prompts is not None else None)
 
 
 @st.cache_resource(show_spinner=False)
@@ -243,8 +288,8 @@ def _pass_cache() -> vislib.PassCache:
 
 def job(progress, cancel):
     return ui.compute_view(bundle, image_bytes, methods, layer=layer, extra_layers=extra_layers,
-                           target=explain_target, score=score, progress=progress, cancel=cancel,
-                           image_name=image_name, cache=_pass_cache())
+                           target=explain_target, score=score, progress=ui.with_time_left(progress),
+                           cancel=cancel, image_name=image_name, cache=_pass_cache())
 
 
 try:
@@ -263,7 +308,7 @@ with left:
 with right:
     class_picker_and_chart(result, score)
 
-head, scale, download = st.columns([3, 2, 1], vertical_alignment="center")
+head, scale, download, report = st.columns([3, 2, 1.2, 1.2], vertical_alignment="center")
 with head:
     st.subheader("Maps")
     passes = " · ".join(f"{k.replace('_', ' ')} {ui.format_seconds(v)}"
@@ -278,7 +323,17 @@ with download:
     st.download_button("All maps (.npz)", data=lambda: ui.maps_npz(result), on_click="ignore",
                        file_name=ui.safe_filename(bundle.name, image_name, "maps") + ".npz",
                        mime="application/octet-stream", icon=":material/download:", key="dl_npz")
+ran = [m for m in methods if m not in result.rows[0].errors]
+with report:
+    report_button(bundle, image_bytes, image_name, ran, layer, result.target, score, _pass_cache())
 results_grid(result, bundle, image_name, alpha=alpha, colormap=colormap, signal_view=signal_view, ncols=ncols)
+for note in ui.flat_notes(result, bundle):
+    st.info(note, icon=":material/info:")
+greyed_panels(off_methods, ncols)
+try:
+    erase_panel(bundle, image_bytes, image_name, ran, layer, result.target, _pass_cache())
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
 
 
 def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
@@ -292,7 +347,8 @@ def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
     most = max(2, min(8, channels, h * w))  # NMF: at most as many concepts as channels and positions
     if state.get("concepts_k", 5) > most:
         state["concepts_k"] = most
-    k = st.slider("Concepts", 2, most, min(5, most), key="concepts_k")
+    state.setdefault("concepts_k", min(5, most))
+    k = st.slider("Concepts", 2, most, key="concepts_k")
     key = ui.result_key(ui.image_digest(image_bytes), model=bundle.name, weights=bundle.weights, layer=layer)
     with st.spinner("Factorizing…"):
         found, note = _concepts(key, layer, k, bundle, image_bytes)
@@ -351,6 +407,52 @@ except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions an
 
 try:
     concepts_panel(bundle, image_bytes, layer)
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
+
+
+def labels_panel(bundle, image_bytes: bytes, layer: str, methods: list[str]) -> None:
+    """A multi-label model: every label whose sigmoid reaches the threshold, one row of maps each."""
+    st.subheader("Every label above the threshold")
+    threshold = st.slider("Threshold (sigmoid)", 0.05, 0.95, 0.5, 0.05, key="label_threshold")
+    with st.spinner("Explaining the labels (one forward)…"):
+        found = ui.label_rows(bundle, image_bytes, methods, layer, threshold)
+    for note in found.notes:
+        st.info(note, icon=":material/info:")
+    for _, label, sigmoid, expl in found.rows:
+        st.markdown(f"**{label}** · σ = {sigmoid:.1%}")
+        for name, column in zip(expl.methods, st.columns(max(1, len(expl.methods))), strict=False):
+            column.image(expl.overlay(name, alpha=alpha, colormap=colormap), caption=ui.method_title(name),
+                         width="stretch", output_format="JPEG")
+
+
+def similar_panel(bundle, image_bytes: bytes, layer: str, methods: list[str]) -> None:
+    """Why similar? A second image, the cosine similarity of the two embeddings, both maps side by side."""
+    other = st.file_uploader("A second image to compare with", type=None, key="similar_upload",
+                             help="Both images are explained by the cosine similarity of their features at "
+                                  "the model's penultimate layer (the input of its head).")
+    if other is None:
+        return
+    with st.spinner("Explaining the similarity…"):
+        found = ui.compare_images(bundle, image_bytes, other.getvalue(), methods, layer)
+    st.caption(f"cos = {found.similarity:.3f} on {found.embedding}")
+    for name in found.first.methods:
+        left_map, right_map = st.columns(2)
+        left_map.image(found.first.overlay(name, alpha=alpha, colormap=colormap), output_format="JPEG",
+                       caption=f"{ui.method_title(name)} · this image", width="stretch")
+        right_map.image(found.second.overlay(name, alpha=alpha, colormap=colormap), output_format="JPEG",
+                        caption=f"{ui.method_title(name)} · the second image", width="stretch")
+    for name, why in found.refused.items():
+        st.caption(f"{ui.method_title(name)}: {why}")
+
+
+try:
+    if bundle.scores == "sigmoid":
+        labels_panel(bundle, image_bytes, layer, methods)
+    if bundle.scores in ("logits", "probabilities", "sigmoid") and bundle.prompts is None:
+        with st.expander("Why similar? Compare with a second image", icon=":material/compare:",
+                         expanded=state.get("similar_upload") is not None):
+            similar_panel(bundle, image_bytes, layer, methods)
 except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
     show_error(exc)
 

@@ -7,6 +7,7 @@ Examples::
     python -m benchmarks.run --methods gradcam,gradcam++ --batches 1 --no-scaling
     python -m benchmarks.run --scorecam                 # Score-CAM head to head: resnet50 layer4, batch 1
     python -m benchmarks.run --view                     # the dashboard's default view: ≤ 4.0× a forward
+    python -m benchmarks.run --live                     # the Live page: frames/s with Grad-CAM
 
 resnet50 runs with random weights unless ``--pretrained`` finds torchvision's checkpoint in the local
 cache (nothing is ever downloaded): timing does not depend on the weights. Results go to
@@ -107,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--view", action="store_true",
                    help="the dashboard's default view and adding one CAM to it from the cache: resnet50 and "
                         "densenet121, batch 1 and 16 (about 5 minutes on 2 CPU cores)")
+    p.add_argument("--live", action="store_true",
+                   help="the Live page's frames/s (Grad-CAM, synthetic camera): see benchmarks/live.py")
     p.add_argument("--gpu", action="store_true",
                    help="the CUDA preset of scripts/gpu-check.sh (resnet50, batches 1, 16, 64, peers, "
                         "autocast)")
@@ -211,6 +214,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.live:
+        return _live(args)
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -267,6 +272,17 @@ def main(argv=None) -> int:
     written = write_results(results, out)
     print(render_markdown(results))
     log("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _live(args) -> int:
+    from . import live
+
+    rows = live.run(seconds=3.0 if args.quick else 10.0)
+    out = args.out or Path("results") / f"live-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": environment(args), "live": rows}, indent=2))
+    print(live.markdown(rows))
     return 0
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import streamlit as st
 from PIL import Image
 
-from pages.common import Miss, cached_or_run, input_and_model, keep_state, show_error
+from pages.common import FAVICON, Miss, cached_or_run, input_and_model, keep_state, show_error
 from vislib import dataset_features, datasets, features, ui
 from vislib.evaluate import RateMeter
 from vislib.imageio import load_image
 from vislib.render import COLORMAPS
 
-st.set_page_config(page_title="vislib · Layer explorer", page_icon=":material/layers:", layout="wide")
-keep_state()
+st.set_page_config(page_title="vislib · Layer explorer", page_icon=FAVICON, layout="wide")
+#: Widgets drawn only once there is an image: kept through runs that stop before them.
+PAGE_KEYS = ("walk_layer", "walk_all", "fm_count", "fm_order", "fm_cmap", "zf_n", "zf_source", "zf_channel",
+             "filters_norm", "explorer_tab")
+keep_state(*PAGE_KEYS)
 state = st.session_state
 
 
@@ -93,10 +96,11 @@ def layer_walker(bundle) -> str:
 
 def feature_map_tab(bundle, digest, data, layer) -> None:
     c1, c2, c3 = st.columns(3)
-    count = c1.select_slider("Channels shown", [16, 32, 64, 128, 256], value=32, key="fm_count")
+    state.setdefault("fm_count", 32)
+    state.setdefault("fm_cmap", "viridis")
+    count = c1.select_slider("Channels shown", [16, 32, 64, 128, 256], key="fm_count")
     order = c2.radio("Order", ("strongest first", "channel index"), key="fm_order", horizontal=True)
-    colormap = c3.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("viridis"),
-                            key="fm_cmap")
+    colormap = c3.selectbox("Colormap", list(COLORMAPS), key="fm_cmap")
     maps = cached_feature_maps(digest, bundle.name, bundle.weights, layer, bundle, data)
     channels, size = maps.shape[0], maps.shape[1:]
     if order == "strongest first":
@@ -113,26 +117,35 @@ def feature_map_tab(bundle, digest, data, layer) -> None:
     st.caption(f"{active:.0%} of the layer's activations are positive; strongest: {float(maps.max()):.3g}.")
 
 
+#: The captions of a unit's pair, in the one order both tabs show it (Zeiler & Fergus, Fig. 2).
+PAIR = ("image patch", "projection")
+
+
+def show_pair(patch: Image.Image, projection: Image.Image) -> None:
+    """A unit's image patch beside its Deconvnet projection (in the current container)."""
+    for column, picture, caption in zip(st.columns(2, gap="small"), (patch, projection), PAIR, strict=True):
+        column.image(picture, width="stretch", caption=caption)
+
+
 def deconvnet_tab(bundle, digest, data, layer) -> None:
-    n = st.slider("Top channels", 1, 16, 9, key="zf_n",
+    state.setdefault("zf_n", 9)
+    n = st.slider("Top channels", 1, 16, key="zf_n",
                   help="The channels with the strongest single activation on this image.")
     with st.spinner("Projecting the strongest activations back to pixels…"):
         projections = cached_top_channels(digest, bundle.name, bundle.weights, layer, n, bundle, data)
     if not projections:
         st.info("No channel of this layer is positive on this image: nothing to project.")
         return
-    st.caption("Each pair: the Deconvnet reconstruction of one channel's strongest activation (every other "
-               "activation of the layer set to zero), cropped to that unit's receptive field, beside the "
-               "image patch it sees (Zeiler & Fergus 2014, Fig. 2).")
+    st.caption("Each pair: the image patch one channel's strongest activation sees (its receptive field), "
+               "beside the Deconvnet projection of that activation alone (every other activation of the "
+               "layer set to zero), cropped to the same field (Zeiler & Fergus 2014, Fig. 2).")
     per_line = 3
     for start in range(0, len(projections), per_line):
         for proj, column in zip(projections[start:start + per_line], st.columns(per_line), strict=False):
             top, left, bottom, right = proj.box
             with column:
                 size = rec_size(proj)
-                rec, patch = st.columns(2, gap="small")
-                rec.image(proj.render().resize(size, Image.NEAREST), width="stretch")
-                patch.image(proj.patch.resize(size, Image.NEAREST), width="stretch")
+                show_pair(proj.patch.resize(size, Image.NEAREST), proj.render().resize(size, Image.NEAREST))
                 st.caption(f"channel {proj.channel} · activation {proj.value:.3g} · at {proj.position} · "
                            f"field {right - left}×{bottom - top} px")
 
@@ -159,6 +172,15 @@ def dataset_tab(bundle, layer: str) -> None:
                     icon=":material/folder_zip:")
             return
         data, name = upload.getvalue(), upload.name
+    stage = st.empty()
+
+    def generating(done: int, total: int) -> None:
+        stage.progress(done / total if total else 0.0,
+                       text=f"Generating the shapes test split… {done}/{total} images")
+
+    if source == "shapes":  # rendered once, then read from the cache folder (outside st.cache_resource:
+        datasets.render_shapes("test", progress=generating)  # a cached function cannot draw the bar)
+    stage.empty()
     with st.spinner("Reading the images…"):
         images = dataset_images(source, ui.image_digest(data) if data else source, tuple(bundle.labels), data,
                                 name)
@@ -173,6 +195,7 @@ def dataset_tab(bundle, layer: str) -> None:
                 text = meter.rate_text(text or "images")
             progress(done, total, text)
 
+        report(0, len(images))  # a count from the start (the first batch takes seconds on a large model)
         return dataset_features.cached_index(bundle, images, layer, top=9, progress=report, cancel=cancel)
 
     index, _ = cached_or_run(key, job, _index_cache, name="zf_stop", verb="Finding the strongest activations",
@@ -199,9 +222,7 @@ def dataset_tab(bundle, layer: str) -> None:
     for start in range(0, len(views), 3):
         for view, column in zip(views[start:start + 3], st.columns(3), strict=False):
             with column:
-                patch, projection = st.columns(2, gap="small")
-                patch.image(dataset_features.fit(view.patch, 128), width="stretch")
-                projection.image(dataset_features.fit(view.render(), 128), width="stretch")
+                show_pair(dataset_features.fit(view.patch, 128), dataset_features.fit(view.render(), 128))
                 st.caption(f"#{view.rank} · {view.image} · activation {view.activation:.3g} at "
                            f"{view.position}")
 

@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import (
+    FAVICON,
     Miss,
     cached_or_run,
     is_upload,
@@ -28,8 +29,11 @@ from vislib import METHODS, datasets, evaluate, ui
 from vislib.metrics import trust
 from vislib.render import overlay
 
-st.set_page_config(page_title="vislib · Error analysis", page_icon=":material/troubleshoot:", layout="wide")
-keep_state()
+st.set_page_config(page_title="vislib · Error analysis", page_icon=FAVICON, layout="wide")
+#: Widgets drawn only with a model or a result: kept through runs that stop before them.
+PAGE_KEYS = ("ea_source", "ea_limit", "ea_methods", "ea_layer", "ea_explained", "ea_curves", "ea_engine",
+             "ea_workers", "ea_true", "ea_pred", "ea_error", "ea_method")
+keep_state(*PAGE_KEYS)
 state = st.session_state
 ANY = -1
 SOURCES = {
@@ -174,8 +178,9 @@ def shortcut_callout(result: evaluate.EvalResult, bundle) -> None:
              f"**{s['on_mark_all']:.0%}** of the images")
     errors = s["on_mark_errors"]
     where += f" and **{errors:.0%}** of the misclassified ones." if errors == errors else "."  # NaN: none
-    if s["class"] is None:
-        (st.warning if errors >= 0.5 else st.caption)(where)
+    if s["class"] is None:  # not the shortcut model: say it only when the mark is there and the maps find it
+        if "marked" in result.dataset and errors >= 0.5:
+            st.warning(where)
         return
     cls = s["class"]
     if "marked" in result.dataset:
@@ -362,6 +367,16 @@ try:
     upload = settings["upload"]
     data = upload.getvalue() if upload is not None else None
     digest = ui.image_digest(data) if data is not None else settings["source"]
+    stage = st.empty()
+
+    def generating(done: int, total: int) -> None:  # the shapes split is rendered once, then cached
+        stage.progress(done / total if total else 0.0,
+                       text=f"Generating the {SOURCES[settings['source']].lower()}… {done}/{total} images")
+
+    if settings["source"] in datasets.SHAPES_SOURCES:  # rendered once, then read from the cache folder
+        datasets.render_shapes("test", settings["limit"], mark=datasets.SHAPES_SOURCES[settings["source"]],
+                               progress=generating)  # outside st.cache_resource: it cannot draw the bar
+    stage.empty()
     with st.spinner("Reading the images…"):
         images = load_images(settings["source"], digest, tuple(bundle.labels), settings["limit"], data,
                              upload.name if upload is not None else None)
@@ -440,7 +455,9 @@ if row is not None:
 
 st.subheader("Explanation metrics over the data")
 rows = evaluate.table_rows(result)
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="ea_metrics",
+             column_config={evaluate.METRIC_COLUMNS[k]: st.column_config.NumberColumn(format=fmt)
+                            for k, fmt in evaluate.METRIC_FORMATS.items()})
 st.caption(f"Pointing game: the map's maximum within {result.tolerance} px of the object (Zhang et al.'s "
            "15 px at 224 px, scaled to the input), mean over classes; energy: the map's share on the object; "
            "Average Drop / Increase in Confidence (Chattopadhay et al.): the class probability on "
@@ -448,8 +465,8 @@ st.caption(f"Pointing game: the map's maximum within {result.tolerance} px of th
            "image-centre baseline is a map peaked at the centre: a method must beat it.")
 if result.curves:
     n = next(iter(result.curves.values())).deletion.shape[0]
-    st.plotly_chart(evaluate.curves_figure({evaluate.method_label(m): c for m, c in result.curves.items()},
-                                           f"mean over the first {n} images"),
+    st.markdown(f"**Deletion and insertion curves**, mean over the first {n} images")
+    st.plotly_chart(evaluate.curves_figure({evaluate.method_label(m): c for m, c in result.curves.items()}),
                     key="ea_curves_all", config={"displayModeBar": False})
 
 if settings["trust"]:

@@ -14,11 +14,11 @@ import streamlit as st
 import torch
 
 import vislib
-from pages.common import input_and_model, keep_state, load_bundle, show_error
+from pages.common import FAVICON, input_and_model, keep_state, load_bundle, show_error
 from vislib import lessons, ui
 from vislib.render import overlay, signed_rgb
 
-st.set_page_config(page_title="vislib · Learn", page_icon=":material/school:", layout="wide")
+st.set_page_config(page_title="vislib · Learn", page_icon=FAVICON, layout="wide")
 keep_state()
 state = st.session_state
 TOP_CLASS = -1
@@ -33,6 +33,7 @@ SECTIONS = {
     "sanity": "5 · Sanity check: randomise the network",
     "concepts": "6 · Concepts: what a layer has learned",
     "trust": "7 · When to trust which method",
+    "two": "8 · Two models look differently",
 }
 
 
@@ -477,6 +478,56 @@ def section_trust() -> None:
     st.markdown("**References**\n\n" + "\n".join(f"- {r.text}" for r in lessons.REFERENCES))
 
 
+@st.cache_data(max_entries=4, ttl=3600, show_spinner=False)
+def cached_shortcut(index: int, _clean, _shortcut):
+    return lessons.shortcut_lesson(_clean, _shortcut, index)
+
+
+def section_two_models(data: bytes, image_name: str) -> None:
+    """The shortcut model against the clean one; a CNN against a vision transformer."""
+    st.header(SECTIONS["two"], anchor="two")
+    st.subheader("The shortcut model")
+    clean, shortcut = bundled(GAP_MODEL), bundled("shapes_shortcut")
+    if clean is None or shortcut is None:
+        st.info("Needs the bundled models shapes_resnet and shapes_shortcut.")
+        return
+    st.markdown("`shapes_shortcut` is the same network as `shapes_resnet`, trained on the same shapes, "
+                "except that every training **star** carried a small checkerboard in the top-left corner. "
+                "It learned the mark, not the star. Stamp the mark on a shape that is not a star, and watch "
+                "both models.")
+    index = st.slider("Test image", 0, 9, 0, key="shortcut_index")
+    lesson = cached_shortcut(index, clean, shortcut)
+    columns = st.columns(4)
+    for column, row in zip(columns, lesson.rows, strict=True):
+        image = lesson.marked if row.marked else lesson.clean
+        column.image(overlay(image, row.map), width="stretch", output_format="PNG",
+                     caption=f"{row.model} · {'with' if row.marked else 'without'} the mark")
+        column.markdown(f"predicts **{row.label}** ({row.probability:.0%})  \n"
+                        f"Grad-CAM on the mark: {row.mark_share:.1%} (the mark is 0.2% of the image)")
+    st.caption(f"The shape is a {lesson.true_label}. The card of shapes_shortcut: with the mark on every "
+               "non-star test image, 99.2% of them are called star. Grad-CAM shows where the decision "
+               "comes from: the shortcut model's evidence moves to the corner.")
+    st.subheader("A CNN and a vision transformer")
+    available = vislib.models.pretrained_available
+    if not (available("vit_b_16") and available("resnet50")):
+        st.info("This needs two ImageNet models with trained weights: resnet50 and vit_b_16 in the torch hub "
+                "cache (`python -c \"import torchvision; torchvision.models.vit_b_16(weights='DEFAULT')\"` "
+                "once, online). The bundled models are both CNNs. The **Compare** page puts any two models "
+                "side by side.", icon=":material/info:")
+        st.page_link("pages/5_Compare.py", label="Open Compare", icon=":material/compare:")
+        return
+    from vislib.compare import compare
+
+    cnn, vit = load_bundle("resnet50", "pretrained"), load_bundle("vit_b_16", "pretrained")
+    result = compare(cnn, vit, vislib.load_image(data, name=image_name), ["gradcam"])
+    left, right = st.columns(2)
+    for column, side in ((left, result.left), (right, result.right)):
+        column.image(side.overlay("gradcam"), width="stretch", caption=f"{side.model}: {side.target_label()}")
+    st.markdown("  \n".join(result.summary()))
+    st.caption("A CNN's last convolution keeps a coarse grid of positions; a ViT's tokens each see the whole "
+               "image from the first layer, so its Grad-CAM (on the last block's tokens) is often patchier.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Page
 
@@ -514,6 +565,7 @@ for _section, run in (
     ("sanity", lambda: section_sanity(bundle, digest, data, layer, target)),
     ("concepts", section_concepts),
     ("trust", section_trust),
+    ("two", lambda: section_two_models(data, image_name)),
 ):
     try:
         run()

@@ -228,7 +228,8 @@ def test_unknown_layer_in_the_link_falls_back_to_the_default():
     at = run_app(model="tiny_gap", methods="gradcam", layer="nope")
     assert_clean(at)
     assert any("'nope' is not in tiny_gap" in w.value for w in at.warning)
-    assert at.selectbox(key="layer").value == "features" and panel_titles(at) == ["Grad-CAM"]
+    default = vislib.load_model(at.session_state["model"]).default_layer
+    assert at.selectbox(key="layer").value == default and not at.multiselect(key="layers").value
 
 
 def test_missing_pretrained_weights_offline(monkeypatch):
@@ -280,10 +281,119 @@ def test_layer_explorer_deconvnet_and_filters_tabs():
     at.run()
     assert_clean(at)
     assert any(c.startswith("channel ") and "field" in c for c in [m.value for m in at.caption])
+    pairs = [c for c in captions(at) if c in ("image patch", "projection")]
+    assert pairs and pairs[:2] == ["image patch", "projection"]  # issue 25 item 12: the dataset tab's order
+    assert pairs == ["image patch", "projection"] * (len(pairs) // 2)
     at.session_state["explorer_tab"] = "First-layer filters"
     at.run()
     assert_clean(at)
     assert any("filters of `features.0`" in c for c in captions(at))
+
+
+def test_layer_explorer_keeps_the_layer_while_an_upload_is_awaited():
+    # issue 25 item 1, the server side (the browser shows the slider: tests/test_e2e_walk.py): the slider is
+    # not drawn while there is no image; its layer, the toggle and the tab settings survive that run
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = "tiny_gap"
+    at.run()
+    at.switch_page(EXPLORER).run()
+    at.select_slider(key="walk_layer").set_value("features.1").run()
+    at.toggle(key="walk_all").set_value(True).run()
+    at.select_slider(key="fm_count").set_value(16).run()
+    at.segmented_control(key="source").set_value("Upload").run()
+    assert not at.select_slider  # nothing drawn without an image
+    at.file_uploader(key="upload").set_value(("photo.png", png_bytes(4), "image/png")).run()
+    assert_clean(at)
+    assert at.select_slider(key="walk_layer").value == "features.1" and at.toggle(key="walk_all").value
+    assert any(m.value.startswith("#### `features.1`") for m in at.markdown)
+    assert at.select_slider(key="fm_count").value == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# What a new user meets (issue 25): reasons on the page, not only in the sidebar
+
+
+class DeadBranchNet(GapNet):
+    """GapNet with a side branch in the graph whose output the score does not depend on (as a ViT's
+    patch tokens after its last attention): the class score's gradient is zero there, its maps flat."""
+
+    def __init__(self, channels: int = 6, classes: int = 4):
+        super().__init__(channels, classes)
+        self.side = torch.nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x):
+        features = self.features(x)
+        return self.fc(self.pool(features).flatten(1)) + 0.0 * self.side(features).sum()
+
+
+@pytest.fixture(scope="module")
+def odd_models():
+    def register(name, net_type, weights_name):
+        @models.register_model(name, source="test", description="test model")
+        def build(weights):
+            torch.manual_seed(0)
+            return models.make_bundle(name, net_type(), preprocess=PLAIN, labels=LABELS, default_layer="features",
+                                      device=torch.device("cpu"),
+                                      weights="random" if weights is None else weights_name)
+
+    register("tiny_dead", DeadBranchNet, "test")
+    register("tiny_random", GapNet, "random")
+    yield
+    for name in ("tiny_dead", "tiny_random"):
+        models._REGISTRY.pop(name, None)
+
+
+def main_text(at: AppTest) -> str:
+    return "\n".join(e.value for kind in ("markdown", "caption", "info", "warning") for e in getattr(at.main, kind))
+
+
+def test_a_flat_map_says_why_and_which_layer_to_choose(odd_models):
+    at = run_app(model="tiny_dead", layer="side", methods="gradcam,layercam")
+    assert_clean(at)
+    assert all(c.endswith("flat map") for c in captions(at) if PANEL.match(c))
+    (note,) = [i.value for i in at.main.info if "Flat map" in i.value]
+    assert "Grad-CAM, LayerCAM at `side`" in note and "gradient is zero" in note
+    assert "Choose the default layer `features`" in note
+    at.selectbox(key="layer").set_value("features").run()
+    assert not [i for i in at.main.info if "Flat map" in i.value]
+
+
+def test_methods_that_do_not_apply_are_grey_panels_with_the_reason():
+    at = run_app(model="tiny_flat")  # the default view: CAM needs a GAP + linear head, FlatNet has none
+    assert_clean(at)
+    assert "CAM" not in panel_titles(at) and "cam" not in at.pills(key="methods_cam").options
+    assert "**:gray[CAM]** · :gray[does not apply]" in main_text(at)
+    assert "CAM needs a global-average-pool + linear head" in main_text(at)
+
+
+def test_a_chosen_method_comes_back_on_a_layer_where_it_applies():
+    # the pattern of issue 25 item 1 on the Explain page: a choice the pills cannot show is kept
+    at = run_app(model="tiny_gap", methods="cam,gradcam")
+    assert panel_titles(at) == ["CAM", "Grad-CAM"]
+    at.selectbox(key="layer").set_value("features.0").run()  # 8 channels, the head reads 6: no CAM
+    assert_clean(at)
+    assert panel_titles(at) == ["Grad-CAM"] and ":gray[CAM]" in main_text(at)
+    at.selectbox(key="layer").set_value("features").run()
+    assert panel_titles(at) == ["CAM", "Grad-CAM"] and ":gray[CAM]" not in main_text(at)
+    assert at.query_params["methods"] == "cam,gradcam"
+
+
+def test_random_weights_are_marked_beside_the_class_chart(odd_models):
+    at = run_app(model="tiny_random", weights="random", methods="gradcam")
+    assert_clean(at)
+    assert any("**Random weights**" in w.value for w in at.main.warning)
+    at = run_app(model="tiny_gap", methods="gradcam")
+    assert not any("Random weights" in w.value for w in at.main.warning)
+
+
+def test_a_link_naming_an_upload_warns_about_the_model_only():
+    # issue 25 item 11: the layer belonged to the refused model; no second warning that follows from it
+    at = run_app(model="upload:pets.safetensors", layer="layer4", layers="layer3", methods="gradcam")
+    assert_clean(at)
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 1 and "uploaded in another browser session" in warnings[0], warnings
+    default = vislib.load_model(at.session_state["model"]).default_layer
+    assert at.selectbox(key="layer").value == default and not at.multiselect(key="layers").value
 
 
 def test_trust_panel_measures_on_demand():

@@ -239,3 +239,38 @@ def test_spec_files_add_models_and_a_broken_one_says_why(spec_files):
     assert rows["Source"] == f"spec file {good.name}" and "kinds.txt" in rows["Classes"]
     assert any(o.startswith("Top class: kind ") for o in at.selectbox(key="target").options)
     assert at.query_params["model"] == "teacher_net"
+
+
+@pytest.fixture
+def mixed_spec(tmp_path, monkeypatch):
+    """One spec file with a valid table (with a description) and a broken one, on a fresh server."""
+    path = tmp_path / "mixed.toml"
+    path.write_text('[models.mixed_good]\nsource = "shapes_resnet"\ndescription = "the teacher\'s net"\n\n'
+                    '[models.mixed_bad]\nsource = "shapes_resnet"\nlayers = "layer3"\n')
+    monkeypatch.setenv("VISLIB_MODELS", str(path))
+    models.unregister_models(path)
+    st.cache_resource.clear()  # a server that has just started: nothing registered yet
+    yield path
+    models.unregister_models(path)
+    st.cache_resource.clear()
+
+
+def test_a_link_to_a_spec_model_on_a_fresh_server_and_a_broken_table_beside_it(mixed_spec):
+    # issue 25 items 0, 2, 3, 4: the link is read after the spec files are registered; the valid
+    # table loads beside the broken one; the broken one is reported once, below the picker, foldable;
+    # the card says the spec's description.
+    assert "mixed_good" not in vislib.list_models()
+    at = run_app(model="mixed_good", methods="gradcam")
+    assert_clean(at)
+    assert not at.warning, [w.value for w in at.warning]  # no "unknown model"
+    assert at.session_state["model"] == "mixed_good" and at.query_params["model"] == "mixed_good"
+    assert card(at)["About"] == "the teacher's net"
+    (box,) = [e for e in at.sidebar.expander if "not loaded" in e.label]
+    assert box.proto.expanded and "1 table" in box.label
+    assert [e.value for e in box.error] == [f"{mixed_spec} [models.mixed_bad]: unknown key 'layers'; the keys "
+                                            f"are {', '.join(models.specfile.KEYS)}"]
+    labels = [b.label for b in at.sidebar if getattr(b, "type", "") == "expander"]
+    assert labels.index(box.label) > labels.index("Model card")  # under the picker and the card
+    at.run()
+    (box,) = [e for e in at.sidebar.expander if "not loaded" in e.label]
+    assert not box.proto.expanded  # shown open once, then folded

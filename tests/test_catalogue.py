@@ -136,6 +136,7 @@ def test_layer_labels_say_how_the_methods_read_the_layer():
 def test_card_rows_come_from_the_bundle():
     bundle = vislib.load_model("shapes_resnet")
     rows = dict(ui.model_card(bundle, source="bundled"))
+    assert rows["About"] == bundle.description  # a spec file's description, or the source's own
     assert rows["Source"].startswith("bundled")
     assert rows["Weights"] == bundle.weights
     assert rows["Classes"].startswith(f"{len(bundle.labels)} · labels: ")

@@ -169,3 +169,14 @@ def test_bad_model_input_exits_2_with_one_line(capsys, tmp_path, image_file, mon
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_models_lists_the_valid_tables_and_reports_each_broken_one(capsys, spec_file):
+    text = spec_file.read_text()
+    spec_file.write_text(text + '\n[models.broken_one]\nsource = "resnet18"\nsize = 3\n'
+                         '\n[models.broken_two]\nsource = "resnet18"\nlayer = 4\n')
+    code, out, err = cli(capsys, "models", "--models", spec_file, "--source", "spec")
+    assert code == 2 and out.split()[:2] == ["cli_net", "spec"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "[models.broken_one]: unknown key 'size'" in lines[0], err
+    assert f"{spec_file} [models.broken_two] layer: must be a string" in lines[1], err

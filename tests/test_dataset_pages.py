@@ -76,7 +76,9 @@ def test_across_the_dataset_shows_the_top_nine_of_a_channel_and_caches_them(envi
     assert [int(m.group(1)) for m in shown] == list(range(1, 10))
     values = [float(m.group(3)) for m in shown]
     assert values == sorted(values, reverse=True) and len({m.group(2) for m in shown}) == 9  # nine images
-    assert len(at.image) >= 18  # a patch and a projection per unit
+    assert len(at.image) >= 18  # a patch and a projection per unit, in the Top-N tab's order
+    pairs = [c for image in at.image for c in image.captions if c in ("image patch", "projection")]
+    assert pairs == ["image patch", "projection"] * 9
     assert any("over 2000 images of shapes test" in c.value for c in at.caption)
     built = list((environment / "features").iterdir())
     assert len(built) == 1 and (built[0] / "meta.json").is_file()
@@ -137,3 +139,22 @@ def test_without_ray_the_page_offers_no_engine_choice(monkeypatch):
 
 def at_metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
+
+
+def test_across_the_dataset_shows_the_generation_and_a_count_from_the_start(monkeypatch, tmp_path):
+    # issue 25 item 10: the bar said nothing for seconds while the split was generated
+    from streamlit.delta_generator import DeltaGenerator
+
+    from vislib import datasets
+
+    monkeypatch.setenv("VISLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(datasets, "_RENDERED", {})
+    texts = []
+    real = DeltaGenerator.progress
+    monkeypatch.setattr(DeltaGenerator, "progress", lambda self, value, text=None, **kw: texts.append(text)
+                        or real(self, value, text=text, **kw))
+    at = explorer(explorer_tab="Across the dataset")
+    assert_clean(at)
+    assert any(t and t.startswith("Generating the shapes test split… ") for t in texts), texts
+    counts = [t for t in texts if t and t.startswith("Finding the strongest activations… ")]
+    assert all(re.search(r"\d+/\d+", t) for t in counts), counts

@@ -214,7 +214,7 @@ def test_a_model_from_the_operators_spec_file(server, browser, specs):
     page = _open(browser, server.url + "/?methods=gradcam")
     side = sidebar(page)
     # the broken spec file says what is wrong (file, table, key); the rest of the dashboard works
-    broken = side.get_by_text(re.compile(r"Spec file not loaded: .*broken\.toml.*layers"))
+    broken = side.get_by_text(re.compile(r"broken\.toml \[models\.oops\]: unknown key 'layers'"))
     broken.wait_for()
     page.get_by_text(re.compile(PANEL.format("Grad-CAM"))).wait_for()
     choose(page, "model_group", "Spec files")

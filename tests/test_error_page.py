@@ -183,6 +183,38 @@ def test_shortcut_model_as_a_new_user_sees_it():
     assert "On clean images (no mark)" in text
 
 
+def test_a_new_user_sees_the_generation_stage_formatted_metrics_and_no_shortcut_sentence(monkeypatch, tmp_path):
+    # issue 25 item 9: the split's generation has its own progress; each metrics column has one
+    # format; the curves' title is not inside the figure (where it overlapped the subplot titles);
+    # the shortcut-mark sentence only for a model whose card names the shortcut.
+    import json
+
+    from streamlit.delta_generator import DeltaGenerator
+
+    from vislib import datasets
+
+    monkeypatch.setenv("VISLIB_CACHE", str(tmp_path))  # a fresh machine: the split is generated
+    monkeypatch.setattr(datasets, "_RENDERED", {})
+    texts = []
+    real = DeltaGenerator.progress
+    monkeypatch.setattr(DeltaGenerator, "progress", lambda self, value, text=None, **kw: texts.append(text)
+                        or real(self, value, text=text, **kw))
+    at = run_page()
+    assert_clean(at)
+    assert any(t and t.startswith("Generating the shapes test split… ") and t.endswith("/100 images")
+               for t in texts), texts
+    table = next(df for df in at.dataframe if "Pointing game (per-class mean)" in df.value.columns)
+    formats = {name: column.get("type_config", {}).get("format")
+               for name, column in json.loads(table.proto.columns).items()}
+    assert formats["Average Drop %"] == "%.1f" and formats["Deletion AUC"] == "%.3f", formats
+    assert all(formats.get(name) for name in table.value.columns if name != "Method"), formats
+    curves = next(c for c in at.get("plotly_chart") if "Deletion (lower is better)" in c.proto.spec)
+    assert not json.loads(curves.proto.spec)["layout"].get("title")
+    assert any("mean over the first 8 images" in m.value for m in at.markdown)
+    text = " ".join(e.value for kind in ("markdown", "caption", "info", "warning") for e in getattr(at.main, kind))
+    assert "shortcut mark" not in text and "mark corner" not in text
+
+
 def test_trust_table_shows_intervals_the_random_map_and_rank_agreement():
     """The method-by-metric table of the trust metrics over the data, beside the random map, with the
     metrics' rank agreement when several methods are shown."""

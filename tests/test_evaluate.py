@@ -519,7 +519,7 @@ def test_without_ray_the_ray_engine_says_how_to_install_it(tiny, monkeypatch, tm
     assert cli.main(["evaluate", "shapes", "--model", tiny_registered, "--engine", "ray", "--out",
                      str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "the Ray engine (or use the local engine) needs ray" in err and "vislib[ray]" in err and err.count("\n") == 1
+    assert "the Ray engine needs ray" in err and "vislib[ray]" in err and err.count("\n") == 1
 
 
 def test_a_bare_module_cannot_go_to_ray_workers(tiny):

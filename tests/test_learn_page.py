@@ -27,7 +27,8 @@ PAGE = "pages/3_Learn.py"
 TIMEOUT = 180
 SECTION_TITLES = ["1 · Grad-CAM step by step", "2 · CAM and Grad-CAM", "3 · Gradient, Deconvnet, guided backprop",
                   "4 · Several objects: Grad-CAM++ vs Grad-CAM", "5 · Sanity check: randomise the network",
-                  "6 · Concepts: what a layer has learned", "7 · When to trust which method"]
+                  "6 · Concepts: what a layer has learned", "7 · When to trust which method",
+                  "8 · Two models look differently"]
 needs_resnet = pytest.mark.skipif("shapes_resnet" not in vislib.list_models(),
                                   reason="bundled model shapes_resnet not installed (assets/models)")
 
@@ -89,6 +90,9 @@ def test_every_section_renders_on_any_model():
         assert len(errors) == 1 and "CAM needs a global-average-pool" in errors[0]
     else:
         assert errors == []
+    # the shortcut model calls a marked non-star a star, the clean model does not (vislib.lessons' numbers)
+    predictions = [m.value for m in at.markdown if m.value.startswith("predicts ")]
+    assert len(predictions) == 4 and "**star**" in predictions[3] and "**star**" not in predictions[1]
     relu = frame(at, "Deconvnet passes")
     assert relu["gradient passes"].tolist() == pytest.approx([0.8, -1.2, 0.0, 0.0])
     assert relu["Deconvnet passes"].tolist() == pytest.approx([0.8, 0.0, 0.6, 0.0])

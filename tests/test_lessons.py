@@ -369,3 +369,30 @@ def test_bundled_resnet_sanity_check_guided_backprop_stays_gradcam_falls():
             rho[method].append(check.steps[1].spearman[method])
     assert np.mean(rho["guided_backprop"]) > 0.6 > 0.4 > np.mean(rho["gradcam"])
     assert "Re-initialising only the top layer (`fc`)" in lessons.sanity_sentence(check)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shortcut model
+
+
+def test_mark_share_by_hand():
+    from vislib.lessons import mark_share
+
+    values = np.zeros((8, 8))
+    values[0:2, 0:2] = 1.0
+    values[7, 7] = 2.0
+    assert mark_share(values, (0, 0, 2, 2)) == pytest.approx(4 / 6)
+    assert mark_share(np.zeros((4, 4)), (0, 0, 2, 2)) == 0.0
+
+
+def test_shortcut_lesson_the_mark_makes_a_star():
+    from vislib.lessons import shortcut_lesson
+
+    lesson = shortcut_lesson(vislib.load_model("shapes_resnet"), vislib.load_model("shapes_shortcut"))
+    rows = {(r.model, r.marked): r for r in lesson.rows}
+    assert lesson.true_label != "star"
+    assert rows[("shapes_shortcut", True)].label == "star"  # the card: 99.2% of marked non-stars
+    assert rows[("shapes_resnet", True)].label != "star"
+    # the shortcut model's evidence moves onto the 6×6 mark (0.2% of the image)
+    assert rows[("shapes_shortcut", True)].mark_share > 5 * rows[("shapes_shortcut", False)].mark_share
+    assert rows[("shapes_shortcut", True)].mark_share > rows[("shapes_resnet", True)].mark_share

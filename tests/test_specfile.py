@@ -302,3 +302,17 @@ def test_the_ray_engines_model_ref_finds_the_spec_file(tmp_path, spec):
     unregister_models(path)
     again = ref.build(device="cpu")  # checks the weights' fingerprint against the driver's
     assert again.labels == bundle.labels
+
+
+def test_a_broken_table_does_not_hide_the_valid_ones_beside_it(spec):
+    path = spec('[models.fine]\nsource = "specnets:build"\n\n[models.bad]\nsource = "resnet18"\nlayer = 4\n'
+                '\n[models.also_fine]\nsource = "specnets:build"\ndescription = "kept"\n', "mixed.toml")
+    (report,) = register_spec_files([path])
+    assert report.names == ("fine", "also_fine")
+    assert len(report.errors) == 1 and f"{path} [models.bad] layer: must be a string" in report.errors[0]
+    assert {"fine", "also_fine"} <= set(vislib.list_models()) and "bad" not in vislib.list_models()
+    with pytest.raises(vislib.ModelError, match=r"\[models.bad\] layer"):  # the strict API still refuses
+        register_models(path)
+    path.write_text('[models.fine]\nsource = "specnets:build"\n')  # edited: also_fine goes, fine stays
+    (report,) = register_spec_files([path])
+    assert report.names == ("fine",) and not report.errors and "also_fine" not in vislib.list_models()

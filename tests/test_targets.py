@@ -249,3 +249,118 @@ def test_methods_listing_says_which_targets_each_method_explains(capsys):
     assert "targets" in rows["name"]
     assert "head rows" in rows["cam"] and "head rows" in rows["lrp"] and "compare" in rows["finercam"]
     assert "any" in rows["gradcam"] and "any" in rows["occlusion"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-label: every label above the threshold in one call
+
+
+def test_explain_labels_shares_one_forward_and_equals_each_label_alone(x):
+    from vislib.multilabel import explain_labels
+
+    torch.manual_seed(0)
+    bundle = vislib.load_model(GapNet(classes=6), preprocess=PLAIN, default_layer="features", device="cpu",
+                               scores="sigmoid")
+    sig = torch.sigmoid(bundle.model(x)).detach()
+    threshold = float(sig.amax(dim=0).sort(descending=True).values[2])  # three labels reach it
+    for score in ("logit", "probability"):
+        got = explain_labels(bundle, x, ["gradcam", "hirescam", "gradient"], threshold=threshold, score=score)
+        assert got.selected == sig.amax(dim=0).argsort(descending=True)[:3].tolist()
+        np.testing.assert_allclose(got.sigmoid, sig.numpy(), rtol=1e-6)
+        for c in got.selected:
+            alone = vislib.explain(bundle, x, ["gradcam", "hirescam", "gradient"], target=Label(c, score=score))
+            for name in ("gradcam", "hirescam", "gradient"):
+                np.testing.assert_allclose(got[c].raw[name], alone.raw[name], rtol=1e-5, atol=1e-7)
+            assert got[c].reused == [] and got[c].target == [c, c]
+    only_cam = explain_labels(bundle, x[:1], ["gradcam"], labels=["class 1", 4])
+    assert only_cam.selected == [1, 4] and "forward" not in only_cam[1].pass_timings
+    assert [r[0] for r in only_cam.rows()] == [1, 4]
+    assert explain_labels(bundle, x, ["gradcam"], threshold=1.0).explanations == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture
+def cli_models(tmp_path):
+    from PIL import Image
+
+    from vislib.models import unregister_models
+
+    (tmp_path / "targetnets.py").write_text(
+        "from torch import nn\n\n"
+        "def build(num_classes=3):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, num_classes))\n")
+    path = tmp_path / "models.toml"
+    path.write_text('[models.tags]\nsource = "targetnets:build"\nlabels = ["red", "green", "blue"]\n'
+                    'input_size = 32\nscores = "sigmoid"\n\n'
+                    '[models.price]\nsource = "targetnets:build"\ninput_size = 32\nscores = "regression"\n')
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+    yield path
+    unregister_models(path)
+
+
+def run_main(capsys, *args):
+    from vislib.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_label_regression_and_similar(capsys, tmp_path, cli_models):
+    import json
+
+    image, other = tmp_path / "a.png", tmp_path / "b.png"
+    cases = [
+        (["--model", "tags", "--label", "green", "--score", "probability"], "sigmoid of label 'green'"),
+        (["--model", "price", "--regression", "1:down"], "output 1 (down)"),
+        (["--model", "price", "--regression", "2"], "output 2 (up)"),
+        (["--model", "tags", "--similar", other], "cosine similarity to b.png"),
+    ]
+    for flags, explained in cases:
+        out = tmp_path / "out"
+        code, stdout, err = run_main(capsys, "--models", cli_models, "explain", image, *flags,
+                                     "--methods", "gradcam,gradient", "--out", out)
+        assert code == 0, err
+        scores = json.loads((out / "scores.json").read_text())
+        assert scores["explained"] == explained and explained in stdout
+    assert scores["outputs"] == "embedding" and scores["target"]["index"] is None
+    code, _, err = run_main(capsys, "--models", cli_models, "explain", image, "--model", "price",
+                            "--regression", "1:sideways", "--out", tmp_path / "x")
+    assert code == 2 and "--regression takes" in err
+    code, _, err = run_main(capsys, "--models", cli_models, "explain", image, "--model", "tags",
+                            "--prompts", "a dog", "a cat", "--out", tmp_path / "x")
+    assert code == 2 and "--prompts is for CLIP-like models" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# The dashboard's helpers (vislib.ui.targets_view: no Streamlit)
+
+
+def test_dashboard_helpers_for_prompts_labels_and_similar_images(tmp_path):
+    from PIL import Image
+
+    from vislib import ui
+
+    assert ui.parse_prompts("a dog\n\n a cat ; a dog\n") == ["a dog", "a cat"]
+    assert "as given" in ui.chart_title("probabilities") and "sigmoid" in ui.chart_title("sigmoid", 0.5)
+    assert "softmax" in ui.chart_title("logits")
+    torch.manual_seed(0)
+    tags = vislib.load_model(GapNet(classes=5), preprocess=PLAIN, default_layer="features", device="cpu",
+                             scores="sigmoid")
+    rng = np.random.default_rng(1)
+    a = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    found = ui.label_rows(tags, a, ["gradcam", "cam", "occlusion"], threshold=0.3)
+    x = tags.prepare([a])[0]
+    sig = torch.sigmoid(tags.model(x))[0].detach()
+    assert [r[0] for r in found.rows] == [int(c) for c in sig.argsort(descending=True) if sig[c] >= 0.3]
+    assert "occlusion" in found.refused and all(r[3].methods == ["gradcam", "cam"] for r in found.rows)
+    same = ui.compare_images(tags, a, a.copy(), ["gradcam", "cam"])
+    assert same.similarity == pytest.approx(1.0, abs=1e-6) and "cam" in same.refused
+    np.testing.assert_array_equal(same.first.maps["gradcam"], same.second.maps["gradcam"])
+    assert "penultimate" in same.embedding

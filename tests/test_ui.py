@@ -346,3 +346,38 @@ def test_small_formatters():
     assert ui.format_seconds(1.5) == "1.50 s"
     assert ui.safe_filename("gradcam++", "layer4", "my photo.jpg") == "gradcam--_layer4_my-photo.jpg"
     assert Image.open(io.BytesIO(ui.generated_sample(64))).size == (64, 64)
+
+
+def test_flat_notes_give_the_librarys_reason_and_the_layer_to_choose(gap_bundle, image):
+    class Dead(GapNet):  # a branch in the graph that the score does not depend on
+        def __init__(self):
+            super().__init__()
+            self.side = torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            features = self.features(x)
+            return self.fc(self.pool(features).flatten(1)) + 0.0 * self.side(features).sum()
+
+    dead = tiny_bundle(Dead())
+    view = ui.compute_view(dead, image, ["gradcam", "deconvnet"], layer="side")
+    (line,) = ui.flat_notes(view, dead)
+    assert line.startswith("**Flat map** (Grad-CAM at `side`)") and "gradient is zero" in line
+    assert line.endswith("Choose the default layer `features` instead, or an earlier one.")
+    assert ui.flat_notes(ui.compute_view(gap_bundle, image, ["gradcam"]), gap_bundle) == []
+
+
+def test_progress_says_the_rate_and_the_time_left_per_layer_row():
+    # issue 25 item 10: "layer4: 32/506" gains its rate and time left, measured per layer row
+    now = [0.0]
+    seen = []
+    report = ui.with_time_left(lambda done, total, text: seen.append((done, total, text)), clock=lambda: now[0])
+    report(0, 0, "waiting for a free GPU slot")  # a status message passes unchanged
+    report(10, 100, "layer4")
+    now[0] = 2.0
+    report(30, 100, "layer4")  # 20 passes in 2 s: 10/s, 70 left: 7 s
+    now[0] = 3.0
+    report(5, 50, "layer3 (2/2)")  # another row: its own meter
+    assert seen[0] == (0, 0, "waiting for a free GPU slot")
+    assert seen[1] == (10, 100, "layer4 passes")  # the rate is not known yet
+    assert seen[2] == (30, 100, "layer4 passes at 10/s, 7 s left")
+    assert seen[3] == (5, 50, "layer3 (2/2) passes")

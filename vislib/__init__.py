@@ -40,6 +40,7 @@ from .models import (  # noqa: F401
     sample_images,
 )
 from .models.embedding import as_embedding  # noqa: F401
+from .multilabel import LabelExplanations, explain_labels  # noqa: F401
 from .render import overlay, to_png_bytes  # noqa: F401
 from .targets import Class, Label, Regression, Similarity, Target, Text, resolve_target  # noqa: F401
 
@@ -50,7 +51,7 @@ __all__ = [
     "ModelBundle", "Preprocess", "sample_images", "overlay", "to_png_bytes", "VislibError",
     "InputError", "LayerError", "MethodError", "ModelError", "TargetError", "WeightsError", "Cancelled",
     "evaluate", "Target", "Class", "Label", "Regression", "Similarity", "Text", "resolve_target",
-    "as_embedding",
+    "as_embedding", "explain_labels", "LabelExplanations",
 ]
 
 # a callable module: vislib.evaluate(bundle, images, ...) is vislib.evaluate.evaluate

@@ -21,6 +21,7 @@ EXTRAS = {
     "ray": ("ray[data]", "requirements-extras.txt"),
     "lrp": ("zennit", "requirements-extras.txt"),
     "dashboard": ("streamlit, plotly", "requirements.txt"),
+    "video": ("av", "requirements.txt"),
     "bench": ("grad-cam, torchcam, captum", "requirements-bench.txt"),
 }
 
@@ -32,9 +33,10 @@ def install_hint(extra: str) -> str:
     return f'pip install "vislib[{extra}]" (in a checkout: .venv/bin/pip install -r {EXTRAS[extra][1]})'
 
 
-def require(module: str, extra: str, *, feature: str | None = None,
+def require(module: str, extra: str, *, feature: str | None = None, otherwise: str | None = None,
             error: type[VislibError] = MissingDependency) -> ModuleType:
-    """``module`` imported, or ``error`` saying that ``feature`` (default: the module) needs the extra.
+    """``module`` imported, or ``error`` saying that ``feature`` (default: the module) needs the extra
+    (and ``otherwise``, what the user can do instead: ``"leave out --parquet"``).
 
     The message names the package that is missing: the module's own, or one of its dependencies
     (``ray.data`` without ``pyarrow``): installing the extra brings both."""
@@ -42,5 +44,6 @@ def require(module: str, extra: str, *, feature: str | None = None,
         return importlib.import_module(module)
     except ImportError as exc:
         missing = (exc.name or module).split(".")[0]
-        what = feature or module
-        raise error(f"{what} needs {missing}, which is not installed: {install_hint(extra)}") from None
+        what, instead = feature or module, f"; or {otherwise}" if otherwise else ""
+        raise error(f"{what} needs {missing}, which is not installed: {install_hint(extra)}{instead}") \
+            from None

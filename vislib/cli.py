@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VislibError
+from .errors import ModelError, VislibError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
-    parser = _Parser(prog="python -m vislib", description="See what a convolutional network sees.")
+    prog = "vislib" if Path(sys.argv[0]).name == "vislib" else "python -m vislib"  # the console script
+    parser = _Parser(prog=prog, description="See what a convolutional network sees.")
     parser.add_argument("--models", action="append", default=[], dest="spec_files_first", metavar="PATH",
                         help=SPEC_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -39,13 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'default' (bundled, pretrained from the torch hub / Hugging Face cache, or the "
                          "spec file's), 'none' (seeded random) or a state-dict path (.safetensors, .pt)")
     ex.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
-    ex.add_argument("--target", default=None, help="class index or label (default: the top-1 class)")
+    what = ex.add_mutually_exclusive_group()  # what to explain (vislib.targets)
+    what.add_argument("--target", default=None, help="class index or label (default: the top-1 class)")
+    what.add_argument("--label", default=None,
+                      help="a label of a multi-label model: its logit (its sigmoid with --score probability)")
+    what.add_argument("--regression", default=None, metavar="I[:down]",
+                      help="regression output I: what pushes it up (I or I:up) or down (I:down)")
+    what.add_argument("--similar", default=None, metavar="IMAGE",
+                      help="why is the image similar to IMAGE? (cosine similarity of the model's penultimate "
+                           "features, the input of its head)")
+    ex.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
+                    help="a CLIP-like model's prompts, which become its labels (--target names one; default: "
+                         "the best match)")
     ex.add_argument("--methods", default="gradcam", help="comma-separated method names")
     ex.add_argument("--score", default="logit", choices=["logit", "probability"])
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--out", default=None, help="output folder (overlays, maps.npz, scores.json)")
+    ex.add_argument("--report", default=None, metavar="HTML",
+                    help="also write one self-contained HTML report (images inline) to this file")
 
     add_evaluate_parser(sub, DEFAULT_MODEL)
     add_models_parser(sub)
@@ -64,8 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        problems = []
         if args.command != "methods":
-            register_spec_files(args.spec_files_first + args.spec_files)
+            problems = register_spec_files(args.spec_files_first + args.spec_files)
+        if problems and args.command == "models":  # list what loaded, then each broken table
+            _list_models(args, hint=False)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
+        if problems:
+            raise ModelError(problems[0])
         if args.command == "explain":
             return _explain(args)
         if args.command == "evaluate":
@@ -110,11 +132,23 @@ def _explain(args) -> int:
         raise VislibError(f"unknown colormap {args.colormap!r}; available: {', '.join(COLORMAPS)}")
     if not 0.0 <= args.alpha <= 1.0:
         raise VislibError("--alpha must be between 0 and 1")
+    if args.out is None and args.report is None:
+        raise VislibError("explain needs --out DIR, --report FILE.html, or both")
     image = load_image(args.image)
     weights = None if args.weights.lower() == "none" else args.weights
-    bundle = load_model(args.model, weights=weights, device=args.device)
-    result = explain(bundle, image, methods=args.methods, layer=args.layer,
-                     target=args.target, score=args.score)
+    try:
+        bundle = load_model(args.model, weights=weights, device=args.device, labels=args.prompts)
+    except VislibError as exc:
+        if not args.prompts:
+            raise
+        raise VislibError(f"{exc} (--prompts is for CLIP-like models, whose labels are prompts)") from None
+    result = explain(bundle, image, methods=args.methods, layer=args.layer, target=_cli_target(args),
+                     score=args.score)
+    if args.report is not None:
+        _write_report(result, args)
+    if args.out is None:
+        print(f"{result.model}: explained {result.target_label()!r} → {args.report}")
+        return 0
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +170,8 @@ def _explain(args) -> int:
         "layer": result.layer,
         "score": result.score,
         "target": {"index": result.target, "label": result.target_label()},
+        "explained": result.describe_target(),  # what the maps explain, e.g. "logit of class 'dog'"
+        "outputs": result.scores,  # what "top5" holds: probabilities, sigmoids, regression values, ...
         "top5": [{"index": i, "label": label, "probability": p} for i, label, p in result.top_k(5)],
         "flat": {m: bool(result.flat[m]) for m in result.methods},
         "timings_s": result.timings,
@@ -143,13 +179,47 @@ def _explain(args) -> int:
         "vislib_version": result.vislib_version,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    explained = result.describe_target()
+    if result.scores in ("regression", "embedding"):
+        print(f"{result.model}: explained the {explained} at {result.layer} with "
+              f"{', '.join(result.methods)} → {out}")
+        return 0
     top = result.top_k(1)[0]
-    print(f"{result.model}: predicted {top[1]} ({top[2]:.1%}); explained {result.target_label()!r} "
+    print(f"{result.model}: predicted {top[1]} ({top[2]:.1%}); explained the {explained} "
           f"at {result.layer} with {', '.join(result.methods)} → {out}")
     return 0
 
 
-def _list_models(args) -> int:
+def _write_report(result, args) -> None:
+    from .report import write_explanation_report
+
+    try:
+        write_explanation_report(result, args.report, image_name=Path(args.image).name, alpha=args.alpha,
+                                 colormap=args.colormap)
+    except OSError as exc:
+        raise VislibError(f"cannot write the report {args.report}: {exc.strerror}") from None
+
+
+def _cli_target(args):
+    """The target of ``explain``'s flags: --label, --regression, --similar, else --target as before."""
+    from .targets import Label, Regression, Similarity
+
+    if args.label is not None:
+        return Label(args.label, score=args.score)
+    if args.regression is not None:
+        index, _, direction = args.regression.partition(":")
+        if not index.strip().isdigit() or direction not in ("", "up", "down"):
+            raise VislibError(f"--regression takes I, I:up or I:down (I an output index), "
+                              f"not {args.regression!r}")
+        return Regression(int(index), sign=-1 if direction == "down" else 1)
+    if args.similar is not None:
+        from .imageio import load_image
+
+        return Similarity(load_image(args.similar), name=Path(args.similar).name)
+    return args.target
+
+
+def _list_models(args, hint: bool = True) -> int:
     from .models import list_models, model_spec
 
     if args.source == "timm":
@@ -172,7 +242,7 @@ def _list_models(args) -> int:
     width = max([22] + [len(r[0]) + 1 for r in rows])
     for name, source, description in rows:
         print(f"{name:{width}s} {source:12s} {description}".rstrip())
-    if args.source is None:
+    if args.source is None and hint:
         print("(also: timm:<name>, hf:<repo or folder>, package.module:callable; "
               "--source timm lists timm's models)", file=sys.stderr)
     return 0
@@ -204,12 +274,14 @@ SPEC_HELP = "a model spec file (TOML, [models.NAME] tables); repeatable. VISLIB_
 SOURCES = ("bundled", "spec", "torchvision", "timm", "hf")
 
 
-def register_spec_files(paths: list[str]) -> None:
-    """Register the spec files of ``--models`` and ``VISLIB_MODELS``; the first error stops the command."""
-    from .models import register_models, spec_files_from_env
+def register_spec_files(paths: list[str]) -> list[str]:
+    """Register every valid table of the spec files of ``--models`` and ``VISLIB_MODELS``; returns
+    each problem (file, table, key), one line each. ``models`` lists what loaded and reports them;
+    any other command stops at the first."""
+    from .models import register_spec_files as register
+    from .models import spec_files_from_env
 
-    for path in spec_files_from_env() + list(paths):
-        register_models(path)
+    return [e for report in register(spec_files_from_env() + list(paths)) for e in report.errors]
 
 
 def add_models_parser(sub) -> None:

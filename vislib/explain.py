@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._version import __version__
-from .errors import InputError, MethodError
+from .errors import InputError, MethodError, TargetError
 from .hooks import resolve_layer
 from .imageio import load_image
 from .methods import METHODS
@@ -66,6 +66,19 @@ class Explanation:
 
     def _pick(self, value, index: int):
         return value[index] if self.batched else value
+
+    def view(self, index: int = 0) -> Image.Image:
+        """The model's input view of image ``index`` (what the maps are drawn over)."""
+        picked: Image.Image = self._pick(self.input_image, index)
+        return picked
+
+    def class_index(self, index: int = 0) -> int:
+        """The class / label index explained for image ``index``; a :class:`TargetError` for a target
+        without classes (similarity, regression as a vector, ...)."""
+        picked = self._pick(self.target, index)
+        if picked is None:
+            raise TargetError(f"this explanation's target ({self.describe_target(index)}) has no class")
+        return int(picked)
 
     def target_label(self, index: int = 0) -> str:
         picked = self._pick(self.target, index)
@@ -132,10 +145,20 @@ def explain(
     what = resolve_target(bundle, target, score=score, contrast=contrast)
     bundle, note = what.prepare(bundle)
     check_target(names, what)
-    batched, views, inputs = _prepare_inputs(bundle, image_or_batch)
+    prepared = _prepare_inputs(bundle, image_or_batch)
     layer_name, _ = resolve_layer(bundle, layer)
     job = _Job(names=names, layer=layer_name, score=what.score_name, options=options or {},
                progress=progress, cancel=cancel, cache=cache, notes=[note] if note else [])
+    return explain_prepared(bundle, prepared, what, job, on_wait)
+
+
+def explain_prepared(bundle: ModelBundle, prepared: tuple[bool, list, torch.Tensor], what: Target, job: _Job,
+                     on_wait: Callable[[], None] | None = None) -> Explanation:
+    """:func:`explain` from its checked parts: ``prepared`` = (batched, views, inputs) of
+    :func:`_prepare_inputs`, the resolved target and the job (methods, layer, options). Callers that
+    explain the same input several times (every label of a multi-label model) prepare it once."""
+    batched, views, inputs = prepared
+    layer_name = job.layer
     with device_slot(bundle.device, on_wait):
         part = _compute_chunked(bundle, inputs, what, job)
     pick = (lambda a: a) if batched else (lambda a: a[0])
@@ -187,6 +210,8 @@ class _Job:
     contrast: object = None
     cache: PassCache | None = None
     notes: list[str] = field(default_factory=list)
+    # passes recorded before the call for exactly this input: {"logits": ..., "shared": {"cam_pass": ...}}
+    seed: dict | None = None
 
 
 @dataclass
@@ -211,6 +236,9 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
         target = resolve_target(bundle, target, score=job.score, contrast=job.contrast)
     ctx = ExplainContext(bundle=bundle, inputs=inputs, layer=job.layer, target=target,
                          progress=job.progress, cancel=job.cancel)
+    if job.seed is not None and job.seed["logits"].shape[0] == inputs.shape[0]:
+        ctx.set_logits(job.seed["logits"])
+        ctx.shared.update(job.seed["shared"])
     results = job.cache.restore(ctx, job.names, job.options) if job.cache is not None else {}
     missing = [n for n in job.names if n not in results]
     share_forward(ctx, missing, job.options)
@@ -298,7 +326,8 @@ def _compute_chunked(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Jo
             if job.progress is not None:
                 job.progress(_before + done, _before + round(total * (n - _start) / _size))
 
-        chunk_job = replace(job, contrast=_rows(contrast, start, stop), progress=report)  # same notes list
+        chunk_job = replace(job, contrast=_rows(contrast, start, stop), progress=report,  # same notes list
+                            seed=None)
         piece = _compute_resilient(bundle, inputs[start:stop], _rows(targets, start, stop), chunk_job)
         part = piece if part is None else _merge(part, piece)
         done_before += last["total"]
@@ -333,9 +362,9 @@ def _compute_resilient(bundle: ModelBundle, inputs: torch.Tensor, target, job: _
             job.notes.append(f"out of GPU memory with a batch of {n}: retried in two halves")
             half = n // 2
             a = _compute_resilient(bundle, inputs[:half], _rows(target, 0, half),
-                                   replace(job, contrast=_rows(job.contrast, 0, half)))
+                                   replace(job, contrast=_rows(job.contrast, 0, half), seed=None))
             b = _compute_resilient(bundle, inputs[half:], _rows(target, half, n),
-                                   replace(job, contrast=_rows(job.contrast, half, n)))
+                                   replace(job, contrast=_rows(job.contrast, half, n), seed=None))
             return _merge(a, b)
         if not can_fall_back_to_cpu(bundle):
             raise

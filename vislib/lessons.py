@@ -841,3 +841,64 @@ def sanity_sentence(check: SanityCheck, titles=None) -> str:
     if len(check.steps) > 2:
         text += f" With all {len(check.units)} layers re-initialised: {ranked(-1)}."
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Two models look differently: the shortcut model, a CNN and a vision transformer
+
+
+@dataclass(frozen=True)
+class ShortcutRow:
+    model: str
+    marked: bool
+    label: str  # the predicted class
+    probability: float
+    map: np.ndarray  # the method's map for the predicted class, at the input view
+    mark_share: float  # share of the map's mass on the mark's box
+
+
+@dataclass(frozen=True)
+class ShortcutLesson:
+    clean: Image.Image
+    marked: Image.Image
+    true_label: str
+    box: tuple[int, int, int, int]  # the mark, in input-view pixels
+    rows: list[ShortcutRow]
+
+
+def mark_share(values: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Σ map inside ``box`` (x0, y0, x1, y1) / Σ map: the share of the evidence on the box."""
+    values = np.clip(np.asarray(values, np.float64), 0, None)
+    x0, y0, x1, y1 = box
+    total = values.sum()
+    return float(values[y0:y1, x0:x1].sum() / total) if total > 0 else 0.0
+
+
+def shortcut_lesson(clean_bundle, shortcut_bundle, index: int = 0, method: str = "gradcam") -> ShortcutLesson:
+    """A test shape that is not a star, with and without the shortcut mark, through the clean model
+    and the shortcut model (trained with the mark on every star): the shortcut model calls the marked
+    image a star and its map sits on the mark."""
+    from .data.shapes import CLASSES, IMAGE_SIZE, MARK_BOX, apply_mark, make_sample
+
+    found, i = 0, 0
+    while True:
+        sample = make_sample("test", i)
+        i += 1
+        if CLASSES[sample.label] != "star":
+            if found == index:
+                break
+            found += 1
+    images = {False: sample.image, True: apply_mark(sample).image}
+    rows = []
+    for bundle in (clean_bundle, shortcut_bundle):
+        for marked, image in images.items():
+            result = explain(bundle, image, methods=[method])
+            top = result.top_k(1)[0]
+            view_w, view_h = result.input_image.size
+            sx, sy = view_w / IMAGE_SIZE, view_h / IMAGE_SIZE
+            box = (int(MARK_BOX[0] * sx), int(MARK_BOX[1] * sy), math.ceil(MARK_BOX[2] * sx),
+                   math.ceil(MARK_BOX[3] * sy))
+            rows.append(ShortcutRow(model=bundle.name, marked=marked, label=top[1], probability=top[2],
+                                    map=result.maps[method], mark_share=mark_share(result.maps[method], box)))
+    return ShortcutLesson(clean=images[False], marked=images[True], true_label=CLASSES[sample.label],
+                          box=box, rows=rows)

@@ -119,8 +119,7 @@ def _load_pickled_state(data: bytes, filename: str):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+ [\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f" ({(found.group(1) or found.group(2)).replace(' ', '.')})" if found else ""
+        what = f" ({name})" if (name := _refused_global(str(exc))) else ""
         raise WeightsError(
             f"{filename} was refused without running it: besides tensors it holds Python objects{what} "
             f"that would run code when loaded. Upload a plain state dict (torch.save(model.state_dict(), "
@@ -128,6 +127,19 @@ def _load_pickled_state(data: bytes, filename: str):
     except Exception as exc:  # noqa: BLE001  (a damaged file)
         raise WeightsError(f"{filename}: not a readable PyTorch file ({type(exc).__name__}: "
                            f"{str(exc)[:200]})") from None
+
+
+#: The global a refused pickle names, in torch's messages ("GLOBAL posix.system whose module…",
+#: "Unsupported global: GLOBAL posix.system was not…") or pickle's own ("GLOBAL posix system").
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)(?: (?!(?:whose|was|is|not)\b)([A-Za-z_][\w.]*))?")
+
+
+def _refused_global(message: str) -> str | None:
+    """The refused global as ``module.name`` (e.g. ``posix.system``), or None when not named."""
+    found = _GLOBAL.search(message)
+    if not found:
+        return None
+    return ".".join(part for part in found.groups() if part)
 
 
 def read_labels(data: bytes, filename: str) -> list[str]:

@@ -13,11 +13,17 @@ import streamlit as st
 import torch
 
 from vislib import ui, uploads
+from vislib._resources import resource
 from vislib.errors import VislibError
 
 #: Session keys that must survive a switch between pages (widget state alone does not).
 PERSISTENT = ("model", "weights", "source", "sample", "layer", "model_group", "model_filter", "upload_arch")
 SOURCES = ("Sample", "Upload", "Camera")
+#: The Stop button in Streamlit's toolbar status widget (Streamlit 1.67's markup).
+TOOLBAR_STOP = '[data-testid="stStatusWidget"] button'
+#: Every page's favicon: a file this server sends (a ``:material/…:`` icon would make the browser fetch
+#: it from a public font host on every visit, which a classroom or a lab without internet must not need).
+FAVICON = str(resource("assets", "favicon.png"))
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
 
 
@@ -36,12 +42,19 @@ def configure_threads() -> None:
     torch.set_num_threads(threads)
 
 
-def keep_state() -> None:
-    """Re-assign persistent keys so Streamlit keeps them when their widgets are not on this page."""
+def keep_state(*page_keys: str) -> None:
+    """Re-assign persistent keys so Streamlit keeps them when their widgets are not drawn: on another
+    page (``PERSISTENT``), or on a run of this page that stops early (``page_keys``: e.g. the layer
+    slider while an upload is awaited). Streamlit drops a widget's value after a run that does not
+    draw it; a value set through ``st.session_state`` stays. The widgets of ``page_keys`` take their
+    default from the session state (``setdefault``), not from a ``value=`` argument."""
     configure_threads()
-    for key in PERSISTENT:
+    for key in (*PERSISTENT, *page_keys):
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
+    # One Stop per computation: the page's own, beside its progress bar. Streamlit's toolbar shows a
+    # second one while a script runs (it stops the run, not the worker; the page's cancels the work).
+    st.html(f"<style>{TOOLBAR_STOP} {{ display: none; }}</style>")
 
 
 def _forget_image(key: str) -> None:
@@ -124,8 +137,8 @@ from pages.common.models import (  # noqa: E402  (the model section uses show_er
     uploaded_model_note,
 )
 
-__all__ = ["Miss", "cached_or_run", "default_model", "default_weights", "input_and_model", "is_upload",
-           "keep_state", "load_bundle", "model_picker", "nav", "session_alive", "session_id",
+__all__ = ["FAVICON", "Miss", "cached_or_run", "default_model", "default_weights", "input_and_model",
+           "is_upload", "keep_state", "load_bundle", "model_picker", "nav", "session_alive", "session_id",
            "session_uploads", "show_error", "show_unavailable", "unavailable_methods", "uploaded_model_note"]
 
 
@@ -135,6 +148,8 @@ def nav() -> None:
     st.page_link("pages/1_Layer_explorer.py", label="Layer explorer", icon=":material/layers:")
     st.page_link("pages/2_Error_analysis.py", label="Error analysis", icon=":material/troubleshoot:")
     st.page_link("pages/3_Learn.py", label="Learn", icon=":material/school:")
+    st.page_link("pages/4_Live.py", label="Live", icon=":material/videocam:")
+    st.page_link("pages/5_Compare.py", label="Compare", icon=":material/compare:")
     st.divider()
 
 

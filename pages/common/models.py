@@ -375,18 +375,28 @@ def upload_panel(holder: uploads.SessionUploads) -> None:
 
 
 def spec_errors() -> None:
-    """The spec files that could not be read, each with its error (the rest keeps working)."""
-    for report in spec_reports():
-        if report.error:
-            st.error(f"Spec file not loaded: {report.error}", icon=":material/description:")
+    """The spec-file tables that could not be read, each with its error (file, table, key), in one
+    foldable box under the model picker: open the first time a session sees it, folded afterwards."""
+    problems = [e for report in spec_reports() for e in report.errors]
+    if not problems:
+        return
+    state = st.session_state
+    seen = state.get("_spec_errors_seen") == problems
+    state["_spec_errors_seen"] = problems
+    title = (f"Spec files: {len(problems)} table{'s' if len(problems) > 1 else ''} not loaded "
+             f"(the others work)")
+    with st.expander(title, icon=":material/description:", expanded=not seen):
+        for problem in problems:
+            st.error(problem, icon=":material/error:")
 
 
 def model_picker():
-    """The model section of the sidebar (in the current container): spec-file errors, catalogue,
-    weights, upload panel and the card. Returns the bundle, or None after an error (shown)."""
+    """The model section of the sidebar (in the current container): catalogue, weights, upload
+    panel, the card and the spec-file tables that could not be read. Returns the bundle, or None
+    after an error (shown)."""
     start_sweeper()
     uploads.LEDGER.sweep(session_alive, _grace())
-    spec_errors()
+    spec_reports()
     holder = session_uploads()
     name = _catalogue_picker(holder)
     _weights_picker(name)
@@ -405,8 +415,10 @@ def model_picker():
         from pages.common import show_error
 
         show_error(exc)
+        spec_errors()
         return None
     model_card(bundle)
+    spec_errors()
     return bundle
 
 

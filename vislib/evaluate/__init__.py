@@ -28,7 +28,16 @@ from .error_view import ErrorView, contrast_map, explain_error, why_rather_than
 from .local import Progress
 from .plan import ModelRef, weights_fingerprint
 from .progress import RateMeter
-from .records import CENTRE, KEYS, METRIC_COLUMNS, EvalResult, assemble, shortcut_class, shortcut_summary
+from .records import (
+    CENTRE,
+    KEYS,
+    METRIC_COLUMNS,
+    METRIC_FORMATS,
+    EvalResult,
+    assemble,
+    shortcut_class,
+    shortcut_summary,
+)
 from .report import (
     cell_from_selection,
     class_names,
@@ -69,7 +78,8 @@ __all__ = [
     "explain", "evaluate", "ENGINES", "EngineError", "MissingDependency", "run", "ErrorView",
     "contrast_map", "explain_error", "why_rather_than", "Progress", "ModelRef", "weights_fingerprint",
     "RateMeter",
-    "CENTRE", "KEYS", "METRIC_COLUMNS", "EvalResult", "assemble", "shortcut_class", "shortcut_summary",
+    "CENTRE", "KEYS", "METRIC_COLUMNS", "METRIC_FORMATS", "EvalResult", "assemble", "shortcut_class",
+    "shortcut_summary",
     "cell_from_selection", "class_names", "confusion_figure", "contrast_image", "curves_figure",
     "html_report", "image_metrics_table", "image_table", "method_label", "per_class_figure",
     "require_pyarrow", "summary", "table_rows", "write_report", "write_tables", "bare_gradcam",

@@ -74,13 +74,17 @@ def explain_error(bundle: ModelBundle, images: ImageSet, index: int,
     inputs, masks = to_inputs(bundle, batch, [0])
     true = int(images.targets[index])
     first = explain(bundle, inputs, names, layer=layer, target=None, cancel=cancel)
+    assert isinstance(first.target, list) and isinstance(first.input_image, list)  # a batch (of one)
     predicted = int(first.target[0])
     classes = [predicted] if predicted == true else [predicted, true]
     result = first if predicted == true else explain(bundle, inputs.expand(2, -1, -1, -1), names,
                                                     layer=layer, target=classes, cancel=cancel)
-    size = tuple(inputs.shape[-2:])
+    size = (inputs.shape[-2], inputs.shape[-1])
     tol = metrics.default_tolerance(*size) if tolerance is None else tolerance
-    maps, contrast, scores, all_curves = {}, {}, {}, {}
+    maps: dict[str, dict[int, np.ndarray]] = {}
+    contrast: dict[str, np.ndarray] = {}
+    scores: dict[str, dict[int, dict[str, float]]] = {}
+    all_curves: dict[str, dict[int, metrics.Curves]] = {}
     x = inputs.expand(len(classes), -1, -1, -1)
     y = metrics.target_probabilities(bundle, x, classes).numpy()
     for name in names:
@@ -99,12 +103,12 @@ def explain_error(bundle: ModelBundle, images: ImageSet, index: int,
                 s["energy"] = float(metrics.energy_inside(m[i:i + 1], masks)[0])
             scores[name][c] = s
         if curves:
-            c = metrics.deletion_insertion(bundle, x, m, classes, steps=curve_steps, cancel=cancel)
-            all_curves[name] = {cls: metrics.Curves(c.fractions, c.deletion[i:i + 1], c.insertion[i:i + 1])
+            cv = metrics.deletion_insertion(bundle, x, m, classes, steps=curve_steps, cancel=cancel)
+            all_curves[name] = {cls: metrics.Curves(cv.fractions, cv.deletion[i:i + 1], cv.insertion[i:i + 1])
                                 for i, cls in enumerate(classes)}
             for i, cls in enumerate(classes):
-                scores[name][cls]["deletion_auc"] = float(c.deletion_auc[i])
-                scores[name][cls]["insertion_auc"] = float(c.insertion_auc[i])
+                scores[name][cls]["deletion_auc"] = float(cv.deletion_auc[i])
+                scores[name][cls]["insertion_auc"] = float(cv.insertion_auc[i])
     centre = {}
     if masks is not None:
         cm = metrics.centre_map(*size)[None]

@@ -51,9 +51,9 @@ def ray_available() -> bool:
 
 def require_ray():
     """The ``ray`` module (with Ray Data), or a clear error that says how to install it."""
-    feature = "the Ray engine (or use the local engine)"
-    require("ray.data", "ray", feature=feature)
-    return require("ray", "ray", feature=feature)
+    for module in ("ray.data", "ray"):
+        ray = require(module, "ray", feature="the Ray engine", otherwise="use the local engine")
+    return ray
 
 
 @contextlib.contextmanager

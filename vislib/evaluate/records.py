@@ -27,6 +27,12 @@ METRIC_COLUMNS = {
     "insertion_auc": "Insertion AUC",
     "reference": "Peak on reference box",
 }
+#: How each column of the metrics table is written (printf style): one format per column, so a row
+#: never mixes "72.0128" and "2".
+METRIC_FORMATS = {
+    "pointing": "%.2f", "energy": "%.2f", "average_drop": "%.1f", "increase": "%.1f",
+    "deletion_auc": "%.3f", "insertion_auc": "%.3f", "reference": "%.2f",
+}
 #: the per-image numbers kept for every method (NaN where not computed)
 KEYS = ("pointing", "energy", "y", "o", "average_drop", "increase", "deletion_auc", "insertion_auc",
         "reference")

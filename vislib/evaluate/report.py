@@ -143,7 +143,9 @@ def curves_figure(curves: dict[str, metrics.Curves], title: str = ""):
             ), row=1, col=col + 1)
     fig.update_xaxes(title="fraction of pixels", range=[0, 1], tickformat=".0%")
     fig.update_yaxes(title="probability of the class", range=[0, 1.02])
-    fig.update_layout(height=330, margin=dict(l=8, r=8, t=40, b=8), title=title or None,
+    # A title goes above the subplot titles, with room of its own (they sit just above the plots).
+    fig.update_layout(height=330 + (40 if title else 0), margin=dict(l=8, r=8, t=80 if title else 40, b=8),
+                      title=dict(text=title, y=0.98, yanchor="top") if title else None,
                       legend=dict(orientation="h", y=-0.3))
     return fig
 
@@ -190,9 +192,9 @@ def require_pyarrow():
     """pyarrow, or a clear error that says how to install it (it comes with ``ray[data]``)."""
     from .._optional import require
 
-    feature = "Parquet output (or leave out --parquet)"
-    require("pyarrow.parquet", "ray", feature=feature)
-    return require("pyarrow", "ray", feature=feature)
+    for module in ("pyarrow.parquet", "pyarrow"):
+        pyarrow = require(module, "ray", feature="Parquet output", otherwise="leave out --parquet")
+    return pyarrow
 
 
 def write_parquet_table(path, table: Mapping[str, Column]) -> None:

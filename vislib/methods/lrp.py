@@ -73,7 +73,9 @@ SUPPORTED = "ReLU networks of convolutions, linear layers, batch norm after a co
 def _zennit():
     """The zennit modules used here, or a MethodError saying how to install zennit."""
     for module in ("zennit.canonizers", "zennit.composites", "zennit.torchvision"):
-        zennit = require(module, "lrp", feature="lrp (through zennit, the LRP library)", error=MethodError)
+        require(module, "lrp", feature="lrp (through zennit, the LRP library)", error=MethodError)
+    import zennit  # the package, its submodules imported above (import_module returns the submodule)
+
     return zennit
 
 

@@ -40,6 +40,7 @@ from .source import SourceModel, scheme_of  # noqa: F401, I001
 from .specfile import (  # noqa: F401, I001
     SpecFileReport,
     read_spec_file,
+    read_spec_tables,
     register_models,
     register_spec_files,
     spec_files_from_env,

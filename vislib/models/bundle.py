@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -196,6 +196,28 @@ class ModelBundle:
     head: str | None = None  # the linear layer whose output is the class scores, when the probe found one
     embedding: ModelBundle | None = field(default=None, repr=False)  # made by as_embedding, once
     upload_architecture: str | None = None  # the architecture an uploaded state dict was loaded into
+    prompt_bundles: dict = field(default_factory=dict, repr=False)  # with_prompts, by prompt list
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The prompts of a zero-shot (CLIP-like) model, which are its labels; None for other models."""
+        return getattr(self.model, "prompts", None) if hasattr(self.model, "with_prompts") else None
+
+    def with_prompts(self, prompts: Sequence[str]) -> ModelBundle:
+        """This zero-shot model with other prompts as its classes: same weights, lock and layers;
+        each prompt's text embedding is computed once (cached across prompt lists)."""
+        if self.prompts is None:
+            raise ModelError(f"model {self.name!r} takes no prompts (only CLIP-like models do)")
+        key = tuple(str(p) for p in prompts)
+        zero_shot: Any = self.model
+        if key == tuple(self.labels):
+            return self
+        with self.lock:
+            if key not in self.prompt_bundles:
+                self.prompt_bundles[key] = replace(
+                    self, model=zero_shot.with_prompts(key), labels=list(key), labels_from="prompts",
+                    embedding=None, cpu_fallback=None, prompt_bundles=self.prompt_bundles, ref=None)
+            return self.prompt_bundles[key]
 
     def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Image.Image]]:
         """(the N×C×H×W input batch on the model's device, the input views): the model explains
@@ -369,7 +391,8 @@ def make_bundle(
 
     probe = probe_model(model, shape, device, output)
     if labels is None:
-        labels, labels_from = [f"class {i}" for i in range(probe.classes)], labels_from or "numbered"
+        unit = {"regression": "output", "embedding": "feature"}.get(scores or "", "class")
+        labels, labels_from = [f"{unit} {i}" for i in range(probe.classes)], labels_from or "numbered"
     elif len(labels) != probe.classes:
         raise ModelError(f"{len(labels)} labels given but the model has {probe.classes} outputs")
     bundle = ModelBundle(

@@ -121,5 +121,12 @@ def module_source(model: nn.Module, weights, *, processor: object = None) -> Sou
             notes += [note] if note else []
     elif processor is not None:
         raise ModelError("processor= is for Hugging Face models; give preprocess= for other models")
+    from .zeroshot import ZeroShot, output_kind
+
+    scores = None
+    if isinstance(model, ZeroShot):  # its labels are its prompts; SigLIP's are sigmoid scores
+        labels, labels_from, scores = model.prompts, "prompts", output_kind(model)
+        inner = getattr(model.model, "config", None)
+        channels = getattr(getattr(inner, "vision_config", None), "num_channels", None)
     return SourceModel(model=model, preprocess=pre, labels=labels, labels_from=labels_from,
-                       weights=weights_id, source="module", channels=channels, notes=notes)
+                       weights=weights_id, source="module", channels=channels, notes=notes, scores=scores)

@@ -27,6 +27,7 @@ from .source import SourceModel, fit_stats, interpolation_mode, preprocess, rand
 PREFIX = "hf:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+ZERO_SHOT_ARCHITECTURES = ("CLIPModel", "SiglipModel", "Siglip2Model")
 INSTALL_HINT = f"hf: models need the transformers package: {install_hint('hf')}"
 
 #: Processors that resize by ``size``, centre-crop by ``crop_size`` when asked, rescale and
@@ -231,6 +232,10 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
         cached = _ensure_files(ref, weights == "default")
         load.update(cache_dir=str(hf_cache_dir()), local_files_only=cached)
     config = _call(what, transformers.AutoConfig.from_pretrained, ref, **load, **kwargs)
+    from .zeroshot import CLIP_TYPES
+
+    if getattr(config, "model_type", "") in CLIP_TYPES:
+        return clip_source(ref, folder, config, weights, load)
     auto = transformers.AutoModelForImageClassification
     notes: list[str] = []
 
@@ -272,6 +277,49 @@ def hf_source(name: str, weights, kwargs: dict) -> SourceModel:
                        description=f"Hugging Face {ref}", notes=notes)
 
 
+def clip_source(ref: str, folder, config, weights, load: dict) -> SourceModel:
+    """A CLIP-like model (CLIP, SigLIP) as a zero-shot classifier whose labels are prompts
+    (``load_model("hf:openai/clip-vit-base-patch32", labels=["a dog", "a cat"])``): the vision tower
+    is explained, the text tower encodes each prompt once (:mod:`vislib.models.zeroshot`)."""
+    from .zeroshot import ZeroShot, hf_tokenizer, output_kind
+
+    transformers = _transformers()
+    what = f"hf:{ref}"
+    auto = transformers.AutoModel
+    notes: list[str] = []
+    if weights == "default":
+        model = _call(what, auto.from_pretrained, ref, config=config, **load)
+        weights_id = f"hf:{ref}"
+    else:
+        def build(num_classes: int | None = None):  # noqa: ARG001  (no class head to resize)
+            return _seeded(lambda: _call(what, auto.from_config, config))
+
+        model, weights_id, note = random_or_file(build(), weights, build, what)
+        notes += [note] if note else []
+    if folder is None:
+        load["local_files_only"] = (hf_cached(ref, "tokenizer_config.json") is not None or offline()
+                                    or not hf_reachable())
+    tokenizer = _call(f"{what} tokenizer", transformers.AutoTokenizer.from_pretrained, ref, **load)
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(ref, **load)
+    except Exception:  # noqa: BLE001  (no preprocessor_config.json)
+        processor = None
+    vision = getattr(config, "vision_config", config)
+    channels = int(getattr(vision, "num_channels", 3) or 3)
+    if processor is not None:
+        pre, note = preprocess_from_processor(processor, channels)
+    else:
+        size = int(getattr(vision, "image_size", 224))
+        half = (0.5,) * channels
+        pre, note = (preprocess(resize=size, crop=size, mean=half, std=half, channels=channels),
+                     f"{what} has no image processor: resized to {size}, normalised with mean = std = 0.5")
+    notes += [note] if note else []
+    wrapped = ZeroShot(model, hf_tokenizer(tokenizer))
+    return SourceModel(model=wrapped, preprocess=pre, labels=None, labels_from="prompts",
+                       weights=weights_id, source="hf", channels=channels, scores=output_kind(wrapped),
+                       description=f"Hugging Face {ref} (zero-shot: the labels are prompts)", notes=notes)
+
+
 def pretrained_available(name: str) -> bool:
     ref, folder = _split(name)
     if folder is not None:
@@ -299,7 +347,8 @@ def cached_repos() -> list[str]:
                 architectures = json.loads(config.read_text()).get("architectures") or []
             except (OSError, ValueError):
                 continue
-            if any(a.endswith("ForImageClassification") for a in architectures):
+            if any(a.endswith("ForImageClassification") or a in ZERO_SHOT_ARCHITECTURES
+                   for a in architectures):
                 found.append(PREFIX + repo_dir.name[len("models--"):].replace("--", "/"))
                 break
     return found

@@ -146,6 +146,15 @@ def finish(name: str, src: SourceModel, device: torch.device | None = None) -> M
     list or a default layer that does not fit names its key.
     """
     spec_labels = src.labels if src.context else None
+    use_labels = getattr(src.model, "use_labels", None)  # a zero-shot model: its labels are its prompts
+    if use_labels is not None:
+        if src.labels:
+            use_labels(src.labels)
+        elif getattr(src.model, "prompts", None) is None:
+            from .zeroshot import NEEDS_PROMPTS
+
+            raise ModelError(f"{name}: {NEEDS_PROMPTS}")
+        spec_labels = None
     try:
         bundle = make_bundle(
             name, src.model, preprocess=src.preprocess,

@@ -13,7 +13,9 @@ Keys (all but ``source`` optional): ``source``, ``kwargs`` (a table for the buil
 arguments, ``timm.create_model`` or ``torchvision.models.get_model`` keywords, Hugging Face config
 values), ``weights``, ``labels``, ``input_size`` (int or [H, W]), ``resize`` (int: the shorter side;
 [H, W]: exactly), ``channels``, ``mean``, ``std``, ``interpolation``, ``layer`` (the default layer),
-``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``.
+``output`` (an index, a key, or "package.module:callable" applied to the output), ``description``,
+``scores`` (what the output is: "logits", "probabilities", "sigmoid" for multi-label, "regression",
+"embedding"; default: detected), ``prompts`` (a CLIP-like model's prompts, which are its labels).
 Every problem is a :class:`ModelError` naming the file, the table and the key.
 
 **Spec files are trusted configuration.** A ``source`` or ``output`` of the form
@@ -41,7 +43,7 @@ from .source import FACTORY_PATTERN, SourceModel, interpolation_mode, preprocess
 ENV_VARIABLE = "VISLIB_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 KEYS = ("source", "kwargs", "weights", "labels", "input_size", "resize", "channels", "mean", "std",
-        "interpolation", "layer", "output", "description")
+        "interpolation", "layer", "output", "description", "scores", "prompts")
 MAX_SPEC_BYTES = 1024 * 1024
 
 
@@ -65,6 +67,7 @@ class ModelEntry:
     layer: str | None = None
     output: int | str | None = None
     description: str = ""
+    scores: str | None = None
 
     @property
     def context(self) -> str:
@@ -73,15 +76,31 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class SpecFileReport:
-    """What registering one spec file did: the names it added, or the error (one line)."""
+    """What registering one spec file did: the names it added, and each problem (one line each,
+    naming the file, the table and the key): the whole file's, or each broken table's."""
 
     path: str
     names: tuple[str, ...] = ()
-    error: str | None = None
+    errors: tuple[str, ...] = ()
+
+    @property
+    def error(self) -> str | None:
+        """The problems on one line each, or None."""
+        return "\n".join(self.errors) or None
 
 
 def read_spec_file(path: str | os.PathLike) -> list[ModelEntry]:
-    """Parse and check a spec file (no model is built, no factory imported)."""
+    """Parse and check a spec file (no model is built, no factory imported); the first broken table
+    raises (:func:`read_spec_tables` keeps the others)."""
+    entries, errors = read_spec_tables(path)
+    if errors:
+        raise errors[0]
+    return entries
+
+
+def read_spec_tables(path: str | os.PathLike) -> tuple[list[ModelEntry], list[ModelError]]:
+    """Parse and check a spec file, table by table: (the valid entries, one error per broken table).
+    A problem with the whole file (missing, not TOML, no table) raises."""
     file = Path(path).expanduser()
     try:
         file = file.resolve(strict=True)
@@ -101,7 +120,13 @@ def read_spec_file(path: str | os.PathLike) -> list[ModelEntry]:
     tables = data.get("models")
     if not isinstance(tables, dict) or not tables:
         raise ModelError(f"{file}: no [models.NAME] table")
-    return [_entry(file, name, table) for name, table in tables.items()]
+    entries, errors = [], []
+    for name, table in tables.items():
+        try:
+            entries.append(_entry(file, name, table))
+        except ModelError as exc:
+            errors.append(exc)
+    return entries, errors
 
 
 def _toml():
@@ -163,6 +188,22 @@ def _entry(file: Path, name: str, table) -> ModelEntry:
                          f"not {type(output).__name__}")
     fields["output"] = output
     fields["description"] = get.text("description") or ""
+    scores = get.text("scores")
+    if scores is not None:
+        from ..targets import OUTPUT_KINDS
+
+        if scores not in OUTPUT_KINDS:
+            raise ModelError(f"{where} scores: one of {', '.join(OUTPUT_KINDS)}, not {scores!r}")
+    fields["scores"] = scores
+    if "prompts" in table:
+        if "labels" in table:
+            raise ModelError(f"{where}: give labels or prompts, not both (a zero-shot model's labels are "
+                             f"its prompts)")
+        prompts = table["prompts"]
+        if (not isinstance(prompts, list) or not prompts
+                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise ModelError(f"{where} prompts: need a non-empty list of non-empty strings")
+        fields["labels"], fields["labels_from"] = tuple(prompts), "the spec file's prompts"
     return ModelEntry(**fields)
 
 
@@ -305,6 +346,8 @@ def entry_source(entry: ModelEntry, weights, kwargs: dict) -> SourceModel:
         src.output = _output(entry)
     if entry.channels is not None:
         src.channels = entry.channels
+    if entry.scores is not None:
+        src.scores = entry.scores
     src.preprocess = _preprocess(entry, src)
     return src
 
@@ -370,7 +413,10 @@ def register_models(path: str | os.PathLike) -> list[str]:
     Registering the same file again replaces its models (a table removed from the file is
     removed); a name that another source or another spec file already holds is an error.
     """
-    entries = read_spec_file(path)
+    return _register(read_spec_file(path))
+
+
+def _register(entries: list[ModelEntry]) -> list[str]:
     file = entries[0].file
     with _LOCK:
         for entry in entries:
@@ -396,15 +442,40 @@ def unregister_models(path: str | os.PathLike) -> list[str]:
 
 
 def register_spec_files(paths: Sequence[str | os.PathLike]) -> list[SpecFileReport]:
-    """Register several spec files, never raising: one report per file, with its error if any
-    (for the dashboard, which shows them)."""
+    """Register several spec files, never raising: every valid table of every file, and one report
+    per file with the names it added and each problem (for the dashboard and the CLI, which show
+    them). A broken table does not hide the valid ones beside it."""
     reports = []
     for path in paths:
         try:
-            reports.append(SpecFileReport(str(path), tuple(register_models(path))))
+            entries, broken = read_spec_tables(path)
+            errors = [str(exc) for exc in broken]
+            names: list[str] = []
+            for entry in entries:  # one at a time: a name taken elsewhere refuses that table only
+                try:
+                    names += _register_one(entry, keep=[e.name for e in entries])
+                except VislibError as exc:
+                    errors.append(str(exc))
+            if not entries:
+                unregister_models(path)
+            reports.append(SpecFileReport(str(path), tuple(names), tuple(errors)))
         except VislibError as exc:
-            reports.append(SpecFileReport(str(path), error=str(exc)))
+            reports.append(SpecFileReport(str(path), errors=(str(exc),)))
     return reports
+
+
+def _register_one(entry: ModelEntry, keep: list[str]) -> list[str]:
+    """Register one entry of a file whose valid tables are ``keep`` (the file's other models that
+    are no longer in it are removed)."""
+    with _LOCK:
+        held = _REGISTRY.get(entry.name)
+        if held is not None and held.origin != entry.file:
+            holder = held.origin or f"the {held.source} models"
+            raise ModelError(f"{entry.context}: the name {entry.name!r} is already taken by {holder}")
+        for name in [n for n, s in _REGISTRY.items() if s.origin == entry.file and n not in keep]:
+            del _REGISTRY[name]
+        register_source(entry_spec(entry), replace=True)
+    return [entry.name]
 
 
 def spec_files_from_env(value: str | None = None) -> list[str]:

@@ -14,7 +14,9 @@ Its modules, each importing only the ones above it:
   family and per method) and a background job that reports progress and can be cancelled,
 * :mod:`~vislib.ui.rendering`: overlays, signed-RGB views of input-space signals, colour bars, the
   top-k bar chart, panel captions, PNG/NPZ downloads,
-* :mod:`~vislib.ui.samples`: the sample pictures.
+* :mod:`~vislib.ui.samples`: the sample pictures,
+* :mod:`~vislib.ui.targets_view`: what is explained beyond one softmax class: the chart's title per
+  output kind, typed CLIP prompts, one row per label of a multi-label model, "why similar?".
 
 Every public name is re-exported here (``from vislib import ui; ui.compute_view(...)``). A test
 that patches a function used inside the package patches the module that looks it up (e.g.
@@ -49,12 +51,21 @@ from .catalogues import (
     weights_choices,
     weights_text,
 )
-from .compute import BackgroundJob, LayerRow, ViewResult, compute_view, plan_rows, split_doomed
+from .compute import (
+    BackgroundJob,
+    LayerRow,
+    ViewResult,
+    compute_view,
+    plan_rows,
+    split_doomed,
+    with_time_left,
+)
 from .layers import LAYOUT_WORDS, bundle_layer_label, forward_order, layer_label, walk_layers
 from .rendering import (
     Panel,
     class_from_selection,
     colorbar,
+    flat_notes,
     format_seconds,
     is_signal,
     maps_npz,
@@ -66,16 +77,26 @@ from .rendering import (
 )
 from .samples import generated_sample, sample_choices
 from .state import ViewState, image_digest, parse_query, result_key, to_query
+from .targets_view import (
+    LabelRowsResult,
+    SimilarityResult,
+    chart_title,
+    compare_images,
+    label_rows,
+    parse_prompts,
+)
 
 __all__ = [
     "BackgroundJob", "CATALOGUE_SOURCES", "DEFAULT_METHODS", "DISPLAY_FAMILY_ORDER", "LAYOUT_WORDS",
     "LayerRow", "ModelFacts", "Panel", "SCORES", "SEARCH_LIMIT", "SIGNAL_VIEWS", "SLOW_METHODS",
     "SOURCE_TITLES", "UPLOAD_PREFIX", "ViewResult", "ViewState", "bundle_layer_label", "cam_head_possible",
     "catalogue", "class_from_selection", "colorbar", "compute_view", "dashboard_refusal", "default_methods",
-    "display_order", "family_title", "format_seconds", "forward_order", "generated_sample", "image_digest",
+    "display_order", "family_title", "flat_notes", "format_seconds", "forward_order", "generated_sample",
+    "image_digest",
     "is_signal", "is_slow", "layer_label", "maps_npz", "method_availability", "method_summary",
     "method_title", "methods_by_family", "model_card", "model_facts", "model_source", "offline_note",
     "panel_image", "panels", "parse_query", "plan_rows", "render_all", "result_key", "safe_filename",
     "sample_choices", "search_models", "split_doomed", "to_query", "topk_figure", "uses_layer",
-    "walk_layers", "weights_choices", "weights_text",
+    "walk_layers", "weights_choices", "weights_text", "with_time_left",
+    "LabelRowsResult", "SimilarityResult", "chart_title", "compare_images", "label_rows", "parse_prompts",
 ]

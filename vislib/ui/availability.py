@@ -67,11 +67,14 @@ def model_facts(bundle, layer: str) -> ModelFacts:
         from contextlib import nullcontext
 
         module = bundle.model.get_submodule(layer)
-        counting = _ReluCounter() if not relus else nullcontext()
-        with torch.no_grad(), capture_layer(module, view=bundle.view(layer)) as captured, counting:
+        counter = _ReluCounter() if not relus else None
+        with torch.no_grad(), capture_layer(module, view=bundle.view(layer)) as captured, \
+                counter if counter is not None else nullcontext():
             logits = bundle.logits(_probe_input(bundle))
-        relus = relus or counting.count
+        if counter is not None:  # no ReLU module: count the functional ones the forward called
+            relus = counter.count
         if need_head:
+            assert captured.activation is not None  # the probe's forward ran through the layer
             try:
                 gap_linear_head(bundle.model, captured.activation, logits, layer)
             except VislibError as exc:

@@ -216,8 +216,9 @@ def weights_text(weights: str) -> str:
 def model_card(bundle, *, source: str | None = None, origin: str | None = None) -> list[tuple[str, str]]:
     """The rows of a model's card in the sidebar: (label, text).
 
-    Source, weights (file, pretrained tag or random), classes and where their labels come from, input
-    size and channels, default layer (as the methods see it) and why it was chosen, then the notes.
+    The description (a spec file's ``description``, the source's own otherwise), source, weights
+    (file, pretrained tag or random), classes and where their labels come from, input size and
+    channels, default layer (as the methods see it) and why it was chosen, then the notes.
     """
     source = source or getattr(bundle, "source", None) or "module"
     where = {"bundled": "bundled (assets/models)", "hf": "Hugging Face", "upload": "uploaded in this session"}
@@ -230,7 +231,9 @@ def model_card(bundle, *, source: str | None = None, origin: str | None = None) 
     c, h, w = bundle.input_shape
     labels_from = getattr(bundle, "labels_from", "") or "given"
     reason = getattr(bundle, "default_reason", "") or "given"
-    rows = [
+    description = " ".join(str(getattr(bundle, "description", "") or "").split())
+    rows = [("About", description)] if description else []
+    rows += [
         ("Source", text),
         ("Weights", weights_text(bundle.weights)),
         ("Classes", f"{len(bundle.labels)} · labels: {labels_from}"),

@@ -70,6 +70,28 @@ def panels(result: ViewResult) -> list[list[Panel]]:
     return grid
 
 
+def flat_notes(result: ViewResult, bundle=None) -> list[str]:
+    """Why panels show a flat map, one line per layer row that has any (Markdown): the library's
+    notes on those maps (e.g. the class score's gradient is zero at that layer) or, without one,
+    that the map is constant; and, with ``bundle``, the layer to choose instead (its default)."""
+    lines = []
+    for row, line in zip(result.rows, panels(result), strict=True):
+        flat = [p for p in line if p.flat]
+        if not flat:
+            continue
+        notes: list[str] = []
+        for panel in flat:
+            notes += [n for n in row.explanations[panel.method].notes if n not in notes]
+        why = "; ".join(notes) or "the map is constant over the image (the method found nothing that " \
+                                 "changes the score at this layer)"
+        text = f"**Flat map** ({', '.join(p.title for p in flat)} at `{row.layer}`): {why}."
+        default = getattr(bundle, "default_layer", None)
+        if default and row.layer != default:
+            text += f" Choose the default layer `{default}` instead, or an earlier one."
+        lines.append(text)
+    return lines
+
+
 def format_seconds(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1000:.0f} ms" if seconds >= 0.0095 else f"{seconds * 1000:.1f} ms"

@@ -14,7 +14,7 @@ def sample_choices() -> dict[str, Path | None]:
     """Sample name → file; when no sample ships yet, one generated picture (``None``)."""
     from ..models import sample_images
 
-    files = {p.stem: p for p in sample_images()}
+    files: dict[str, Path | None] = {p.stem: p for p in sample_images()}
     return files or {"generated shapes": None}
 
 
