@@ -79,7 +79,7 @@ def _at_input_size(maps, size: tuple[int, int], device) -> torch.Tensor:
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, rows) -> one score per row
 
 
-def bind_targets(targets, model, inputs: torch.Tensor):
+def bind_targets(targets, model, inputs: torch.Tensor | None):
     """A :class:`vislib.targets.Target` bound to the clean batch (its top class, labels resolved), so
     that perturbed inputs are scored for the class of the image, not their own top class; anything
     else as given."""

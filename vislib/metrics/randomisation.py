@@ -31,7 +31,8 @@ def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def _with_model(model, module: nn.Module):
     """``model`` (a bundle or a module) with its module replaced by ``module``."""
     if hasattr(model, "model") and dataclasses.is_dataclass(model):
-        return dataclasses.replace(model, model=module, lock=threading.RLock(), cpu_fallback=None)
+        return dataclasses.replace(model, model=module, lock=threading.RLock(),  # type: ignore[type-var]
+                                   cpu_fallback=None)
     return module
 
 
@@ -49,7 +50,7 @@ def cascading_randomisation(model, *, seed: int = 0, order: str = "top_down") ->
     for name, layer in layers:
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             torch.manual_seed(seed + 1)  # as Quantus: the same seed before each layer
-            layer.reset_parameters()
+            layer.reset_parameters()  # type: ignore[operator]
         yield name, wrapped
 
 
@@ -143,7 +144,7 @@ class SmoothMPRT(MPRT):
         generator = torch.Generator().manual_seed(self.seed)  # the same noise for every model
         flat = inputs.flatten(1)
         sigma = (flat.amax(1) - flat.amin(1)).view(-1, 1, 1, 1) * self.noise_magnitude
-        total = None
+        total = torch.zeros((n, *inputs.shape[-2:]), dtype=torch.float64)
         per_chunk = max(1, self.batch_size // n)
         for lo in range(0, self.nr_samples, per_chunk):
             hi = min(self.nr_samples, lo + per_chunk)
@@ -151,7 +152,7 @@ class SmoothMPRT(MPRT):
             noisy = (inputs.unsqueeze(0) + noise * sigma.unsqueeze(0)).flatten(0, 1)
             maps = as_maps(explain(model, noisy, classes.repeat(hi - lo)), noisy.shape[0])
             part = maps.view(hi - lo, n, *maps.shape[1:]).sum(0)
-            total = part if total is None else total + part
+            total = total + part
         return total / self.nr_samples
 
 

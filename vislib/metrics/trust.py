@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -184,7 +184,7 @@ class TrustReport:
         return [r.as_dict() for r in self.rows]
 
 
-def evaluate_trust(model, inputs: torch.Tensor, targets, maps: dict[str, object],
+def evaluate_trust(model, inputs: torch.Tensor, targets, maps: Mapping[str, object],
                    metrics: Sequence[str | Metric], *, masks=None,
                    explainers: dict[str, Callable] | None = None, seed: int = 0,
                    n_boot: int = 1000, progress: Callable[[int, int], None] | None = None,
