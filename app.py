@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 import streamlit as st
 
 import vislib
@@ -26,6 +27,7 @@ from pages.common.classroom import erase_panel, report_button
 from pages.common.models import spec_reports
 from vislib import ui
 from vislib.concepts import concept_image, concepts_or_maps, legend_html
+from vislib.metrics import trust
 from vislib.render import COLORMAPS, to_png_bytes
 
 STARTED = time.perf_counter()
@@ -358,6 +360,50 @@ def concepts_panel(bundle, image_bytes: bytes, layer: str) -> None:
     if note:
         legend.info(note, icon=":material/info:")
 
+
+@st.cache_data(max_entries=24, ttl=3600, show_spinner=False)
+def _trust_cache(key: str, _result=None):
+    """Trust reports keyed by the view's key and the metrics; called with ``_result`` to store."""
+    if _result is None:
+        raise Miss
+    return _result
+
+
+def trust_panel(bundle, result: ui.ViewResult, view_key: str) -> None:
+    """The fast metrics of trust for the methods shown, on demand, beside a random map."""
+    explanations = dict(result.rows[0].explanations) if result.rows else {}
+    with st.expander("How much can I trust these maps?", icon=":material/verified:"):
+        st.caption("The fast metrics of trust (ROAD, Faithfulness Correlation, Region Perturbation, Random "
+                   "Logit, Sparseness, Complexity) for the maps above, each beside the same metric on a "
+                   "random map. One image: a hint, not a verdict; use Error analysis for a dataset.")
+        if not explanations:
+            st.info("No map to measure.", icon=":material/info:")
+            return
+        key = ui.result_key(view_key, trust=list(trust.FAST), methods=sorted(explanations))
+        if state.get("trust_asked") != key:
+            if st.button("Measure", key="trust_run", icon=":material/speed:"):
+                state["trust_asked"] = key
+            else:
+                return
+
+        def measure(progress, cancel):
+            def report(done, total):
+                progress(done, total, "metric runs")
+
+            return trust.trust_for_explanations(bundle, explanations, trust.FAST, progress=report,
+                                                cancel=cancel)
+
+        report, _ = cached_or_run(key, measure, _trust_cache, name="trust_stop", verb="Measuring",
+                                  again="Measure again")
+        if report is not None:
+            st.dataframe(pd.DataFrame(trust.display_rows(report, ui.method_title)), hide_index=True,
+                         width="stretch", key="trust_table")
+
+
+try:
+    trust_panel(bundle, result, key)
+except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+    show_error(exc)
 
 try:
     concepts_panel(bundle, image_bytes, layer)

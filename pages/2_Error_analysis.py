@@ -26,6 +26,7 @@ from pages.common import (
     unavailable_methods,
 )
 from vislib import METHODS, datasets, evaluate, ui
+from vislib.metrics import trust
 from vislib.render import overlay
 
 st.set_page_config(page_title="vislib · Error analysis", page_icon=FAVICON, layout="wide")
@@ -118,11 +119,17 @@ def sidebar(bundle) -> dict | None:
     state.setdefault("ea_curves", 32)
     curves = st.slider("Deletion / insertion curves on the first N images", 0, 200, step=8, key="ea_curves",
                        help="Each curve image costs 65 forward passes per method.")
+    state.setdefault("ea_trust", list(trust.DATASET_DEFAULT))
+    st.multiselect("Metrics of trust", list(trust.METRICS), key="ea_trust",
+                   format_func=lambda m: trust.TITLES.get(m, m),
+                   help="Each beside the same metric on a random map, with a bootstrap 95% interval over the "
+                        "images. Sensitivity and MPRT re-explain every image many times: slow.")
     engine, workers = engine_picker()
     if source == "zip" and upload is None:
         return None
     return dict(source=source, upload=upload, limit=limit, methods=list(state["ea_methods"]),
-                layer=state["ea_layer"], explained=explained, curves=curves, engine=engine, workers=workers)
+                layer=state["ea_layer"], explained=explained, curves=curves, engine=engine, workers=workers,
+                trust=list(state["ea_trust"]))
 
 
 def engine_picker() -> tuple[str, int | None]:
@@ -380,7 +387,7 @@ data_report(images)
 
 key = ui.result_key(images.digest, model=bundle.name, weights=bundle.weights, layer=settings["layer"],
                     methods=settings["methods"], explained=settings["explained"], curves=settings["curves"],
-                    n=len(images))
+                    n=len(images), trust=settings["trust"])
 
 
 def job(progress, cancel):
@@ -394,7 +401,8 @@ def job(progress, cancel):
 
     return evaluate.evaluate(bundle, images, settings["methods"], layer=settings["layer"],
                              explained=settings["explained"], curves=settings["curves"], progress=report,
-                             cancel=cancel, engine=settings["engine"], workers=settings["workers"])
+                             cancel=cancel, engine=settings["engine"], workers=settings["workers"],
+                             trust=settings["trust"])
 
 
 try:
@@ -460,6 +468,20 @@ if result.curves:
     st.markdown(f"**Deletion and insertion curves**, mean over the first {n} images")
     st.plotly_chart(evaluate.curves_figure({evaluate.method_label(m): c for m, c in result.curves.items()}),
                     key="ea_curves_all", config={"displayModeBar": False})
+
+if settings["trust"]:
+    st.subheader("How much can I trust these maps?", anchor="trust")
+    report = result.trust_report()
+    st.dataframe(pd.DataFrame(trust.display_rows(report, evaluate.method_label)), hide_index=True,
+                 width="stretch", key="ea_trust_table")
+    st.caption("Each metric's mean over the images with its bootstrap 95% interval, beside the same metric "
+               "on a random map (and the image centre for localisation). A method whose paired difference "
+               "to the random map is not on the better side with 95% confidence is marked. The metrics "
+               "ask different questions and often disagree: see Learn, section 7.")
+    if len(settings["methods"]) > 1:
+        st.markdown("**Do the metrics rank the methods alike?** Kendall τ between the metrics' rankings "
+                    "of the methods (1: the same order, −1: reversed).")
+        st.dataframe(pd.DataFrame(trust.agreement_rows(report)), hide_index=True, key="ea_trust_agreement")
 
 d1, d2, _ = st.columns([1, 1, 3])
 d1.download_button("Per-image CSV", data=lambda: per_image_csv(result, names), on_click="ignore",

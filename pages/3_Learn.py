@@ -473,6 +473,8 @@ def section_trust() -> None:
     st.markdown("In short: a map is only as good as its sanity check. Prefer the CAM family to say "
                 "*where* the evidence is; use Deconvnet and guided backprop to see *what pattern* the early "
                 "layers react to, never alone to explain a decision.")
+    st.subheader("Why the metrics of trust disagree", anchor="disagree")
+    st.markdown("\n".join(f"- **{head}.** {body}" for head, body in lessons.METRICS_DISAGREE))
     st.markdown("**References**\n\n" + "\n".join(f"- {r.text}" for r in lessons.REFERENCES))
 
 

@@ -394,3 +394,17 @@ def test_a_link_naming_an_upload_warns_about_the_model_only():
     assert len(warnings) == 1 and "uploaded in another browser session" in warnings[0], warnings
     default = vislib.load_model(at.session_state["model"]).default_layer
     assert at.selectbox(key="layer").value == default and not at.multiselect(key="layers").value
+
+
+def test_trust_panel_measures_on_demand():
+    """"How much can I trust these maps?": nothing runs until the button; then the fast metrics for the
+    methods shown, each beside the random map, with a verdict."""
+    at = run_app(model="tiny_gap", methods="gradcam,gradient")
+    assert_clean(at)
+    assert not any("random map" in df.value.columns for df in at.dataframe)  # on demand only
+    at.button(key="trust_run").click().run()
+    assert_clean(at)
+    table = next(df.value for df in at.dataframe if "random map" in df.value.columns)
+    assert set(table["method"]) == {ui.method_title("gradcam"), ui.method_title("gradient")}
+    assert len(table) == 2 * 7 and (table["95% interval"] == "one image").all()
+    assert set(table["verdict"]) <= {"beats the random map", "does not beat the random map", "no value"}

@@ -213,3 +213,18 @@ def test_a_new_user_sees_the_generation_stage_formatted_metrics_and_no_shortcut_
     assert any("mean over the first 8 images" in m.value for m in at.markdown)
     text = " ".join(e.value for kind in ("markdown", "caption", "info", "warning") for e in getattr(at.main, kind))
     assert "shortcut mark" not in text and "mark corner" not in text
+
+
+def test_trust_table_shows_intervals_the_random_map_and_rank_agreement():
+    """The method-by-metric table of the trust metrics over the data, beside the random map, with the
+    metrics' rank agreement when several methods are shown."""
+    at = run_page(ea_trust=["sparseness", "complexity", "relevance_mass"], ea_methods=["gradcam", "gradient"])
+    assert_clean(at)
+    assert any(h.value == "How much can I trust these maps?" for h in at.subheader)
+    frames = [df.value for df in at.dataframe]
+    table = next(f for f in frames if "random map" in f.columns)
+    assert set(table["metric"]) == {"Sparseness (Gini)", "Complexity (entropy)", "Relevance mass"}
+    assert len(table) == 6 and table["95% interval"].str.startswith("[").all()
+    assert set(table["verdict"]) <= {"beats the random map", "does not beat the random map", "no value"}
+    agreement = next(f for f in frames if "Sparseness (Gini)" in f.columns and "random map" not in f.columns)
+    assert agreement.shape == (3, 4)

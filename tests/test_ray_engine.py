@@ -173,3 +173,19 @@ def test_features_on_ray_equal_the_local_index(cluster, tmp_path):
                         strict=True):
             np.testing.assert_allclose(a.projection, b.projection, atol=1e-3)
             assert np.array_equal(np.asarray(a.patch), np.asarray(b.patch))
+
+
+def test_ray_trust_metrics_equal_the_local_engine(cluster):
+    """``evaluate(..., trust=...)``: the trust metrics (ROAD's noise and Faithfulness Correlation's
+    subsets seeded by each batch's first image) give the local engine's numbers on two workers."""
+    model = bundle()
+    images = datasets.open_dataset("shapes", model.labels, limit=24)
+    options = dict(methods=["gradcam"], confidence=False, batch_size=8,
+                   trust="road_morf,faithfulness_correlation,sparseness,relevance_mass")
+    local = evaluate.evaluate(model, images, **options)
+    remote = evaluate.evaluate(model, images, engine="ray", workers=2, **options)
+    assert_same(local, remote)
+    assert {"trust_road_morf", "trust_sparseness"} <= set(remote.metrics["random"])
+    assert np.isfinite(remote.metrics["random"]["trust_relevance_mass"]).all()  # 24 images, all measured
+    rows = {(r.method, r.metric): r for r in remote.trust_report().rows}
+    assert rows["gradcam", "relevance_mass"].images == np.isfinite(remote.metrics["gradcam"]["trust_relevance_mass"]).sum()

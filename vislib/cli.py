@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
     add_features_parser(sub, DEFAULT_MODEL)
     add_layers_parser(sub, DEFAULT_MODEL)
+    add_trust_parser(sub, DEFAULT_MODEL)
     add_dashboard_parser(sub)
     sub.add_parser("methods", help="list the methods")
     for command in sub.choices.values():  # --models after any command, too
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return _layers(args)
         if args.command == "models":
             return _list_models(args)
+        if args.command == "trust":
+            return _trust(args)
         if args.command == "methods":
             return _list_methods()
         if args.command == "dashboard":
@@ -354,6 +357,9 @@ def add_evaluate_parser(sub, default_model: str) -> None:
     ev.add_argument("--gallery", type=int, default=24, help="misclassified images shown in the report")
     ev.add_argument("--maps", action="store_true",
                     help="also write every image's maps to OUT/maps (compressed float16 shards)")
+    ev.add_argument("--metrics", default=None,
+                    help="trust metrics, each beside a random map with a bootstrap interval (OUT/trust.csv): "
+                         "comma-separated, e.g. road,faithfulness_correlation,sparseness; 'fast' or 'all'")
 
 
 def add_features_parser(sub, default_model: str) -> None:
@@ -417,6 +423,7 @@ def _evaluate(args) -> int:
     from .evaluate import evaluate, map_bytes, write_report
     from .evaluate.progress import StderrBar, format_bytes
     from .explain import parse_methods
+    from .metrics.trust import parse_metrics
 
     _check_numbers(args, ("limit", "batch_size", "curves", "gallery", "threads", "workers"))
     from .objects.cli import evaluate_command, is_object_set
@@ -424,6 +431,7 @@ def _evaluate(args) -> int:
     if is_object_set(args.data):  # a detection / segmentation set: mAP / mIoU and the error list
         return evaluate_command(args)
     methods = parse_methods(args.methods)
+    trust_names = parse_metrics(args.metrics) if args.metrics else ()
     from .evaluate.report import _plotly
 
     _plotly("io")  # before the run: report.html needs the dashboard extra's plotly
@@ -439,10 +447,16 @@ def _evaluate(args) -> int:
     try:
         result = evaluate(bundle, images, methods, layer=args.layer, explained=args.explain,
                           batch_size=args.batch_size, confidence=not args.no_confidence, curves=args.curves,
-                          progress=bar, maps_dir=maps_dir, **_engine_options(args))
+                          progress=bar, maps_dir=maps_dir, trust=trust_names, **_engine_options(args))
     finally:
         bar.close()
     write_report(result, out, bundle=bundle, images=images, gallery=args.gallery, parquet=args.parquet)
+    if trust_names:
+        from .metrics.trust import format_table, write_csv
+
+        report = result.trust_report()
+        write_csv(report, out / "trust.csv")
+        print(format_table(report))
     wrong = int((~result.correct).sum())
     failed = f", {len(result.failed)} unreadable" if result.failed else ""
     print(f"{result.model} on {result.dataset}: accuracy {result.accuracy:.1%} on {len(result)} images, "
@@ -538,3 +552,43 @@ def _dashboard(args) -> int:
         raise VislibError("--port must be between 1 and 65535")
     command, env, folder = dashboard_command(args.port, args.spec_files_first + args.spec_files, args.address)
     return subprocess.call(command, env=env, cwd=folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# trust: can I trust this map? The trust metrics for one image, beside a random map
+
+
+def add_trust_parser(sub, default_model: str) -> None:
+    tr = sub.add_parser("trust", help="how far to trust the maps of one image: metrics beside a random map")
+    tr.add_argument("image", help="image file")
+    tr.add_argument("--model", default=default_model, help=f"model name (default: {default_model})")
+    tr.add_argument("--weights", default="default", help="'default', 'none' (random) or a state-dict path")
+    tr.add_argument("--layer", default=None, help="target layer (default: the model's default layer)")
+    tr.add_argument("--target", default=None, help="class index or label (default: the top-1 class)")
+    tr.add_argument("--methods", default="gradcam", help="comma-separated method names")
+    tr.add_argument("--metrics", default="fast",
+                    help="comma-separated trust metrics (default 'fast'; 'all' for every one)")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def _trust(args) -> int:
+    from .explain import explain, parse_methods
+    from .imageio import load_image
+    from .metrics.trust import format_table, parse_metrics, trust_for_explanation
+    from .models import load_model
+
+    methods = parse_methods(args.methods)
+    names = parse_metrics(args.metrics)
+    image = load_image(args.image)
+    weights = None if args.weights.lower() == "none" else args.weights
+    bundle = load_model(args.model, weights=weights, device=args.device)
+    result = explain(bundle, [image], methods=methods, layer=args.layer,
+                     target=None if args.target is None else [args.target])
+    report = trust_for_explanation(bundle, result, names)
+    print(f"{result.model}: explained {result.target_label()!r} at {result.layer}; one image, so no "
+          f"interval (use 'vislib evaluate --metrics' for a dataset)")
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.table(), indent=2))
+    return 0

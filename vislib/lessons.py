@@ -687,6 +687,26 @@ TRUST = (
 )
 
 
+#: why the metrics of trust disagree (Hedström et al. 2023, MetaQuantus), each point in plain language.
+METRICS_DISAGREE = (
+    ("They ask different questions", "Faithfulness (ROAD, Faithfulness Correlation, Region Perturbation) "
+     "asks whether removing what the map calls important changes the score; robustness (Max-/Avg-"
+     "Sensitivity) whether the map stays put when the input barely moves; randomisation (MPRT, Random "
+     "Logit) whether it depends on the weights and the class; complexity (Sparseness) whether it is "
+     "concentrated. A constant map is perfectly robust and fails every other test."),
+    ("Removal is not neutral", "Deletion puts grey holes in the image, which the network never saw in "
+     "training: the score may fall because of the holes, not because of what they hid. ROAD fills them "
+     "by interpolation from the neighbours (Rong et al. 2022), and MoRF and LeRF can rank methods "
+     "differently."),
+    ("Settings decide", "Patch size, baseline colour, noise level and the number of steps move the "
+     "numbers, sometimes the ranking: the settings are recorded beside every figure."),
+    ("One number hides the spread", "Over a few images the bootstrap interval is wide; two methods "
+     "whose intervals overlap are not shown apart. Each figure stands beside the same metric on a "
+     "random map: a method that does not beat noise is marked."),
+    ("So compare rankings", "The Error analysis page shows how far the metrics agree on the order of "
+     "the methods (Kendall τ): low agreement says to read each metric for its own question."),
+)
+
 # --------------------------------------------------------------------------------------------------
 # Pictures and charts for the page (PIL and plotly, no Streamlit)
 

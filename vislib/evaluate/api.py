@@ -14,6 +14,7 @@ from ..datasets import ImageSet
 from ..errors import InputError, MethodError
 from ..explain import parse_methods
 from ..hooks import resolve_layer
+from ..metrics.trust import parse_metrics
 from ..models import ModelBundle
 from .engine import run
 from .local import Progress
@@ -40,6 +41,7 @@ def evaluate(
     workers: int | None = None,
     threads: int | None = None,
     maps_dir: str | None = None,
+    trust: Sequence[str] | str = (),
     _on_batch: Callable[[torch.Tensor], float] | None = None,
 ) -> EvalResult:
     """Predict every image of ``images`` and measure the ``methods``' maps.
@@ -57,7 +59,9 @@ def evaluate(
     actors, default one per GPU or CPU, each with ``threads`` torch threads, default 1). Both run
     the same per-batch step and merge the rows with the same code: the results are equal up to
     floating-point noise. ``maps_dir``: also write every image's maps there, in compressed shards
-    (float16, ``maps-<first index>.npz``).
+    (float16, ``maps-<first index>.npz``). ``trust``: metrics of :mod:`vislib.metrics.trust` (e.g.
+    ``"road,faithfulness_correlation"``) per image for every method and the random map; summarised
+    by :meth:`EvalResult.trust_report`.
     """
     names = parse_methods(methods)
     if explained not in ("predicted", "true"):
@@ -73,7 +77,8 @@ def evaluate(
     config = EvalConfig(methods=tuple(names), layer=layer_name, explained=explained, confidence=confidence,
                         curves=max(0, int(curves)), curve_steps=curve_steps, tolerance=tol,
                         reference_box=images.reference_box, image_size=images.image_size,
-                        maps_dir=str(maps_dir) if maps_dir else None)
+                        maps_dir=str(maps_dir) if maps_dir else None,
+                        trust=tuple(parse_metrics(trust)) if trust else ())
     excluded = [0.0]  # the throughput reference's seconds, left out of the wall time
     on_inputs: Callable[[torch.Tensor], float] | None = None
     if _on_batch is not None:

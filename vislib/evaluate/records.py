@@ -40,6 +40,10 @@ KEYS = ("pointing", "energy", "y", "o", "average_drop", "increase", "deletion_au
 TIME_COLUMNS = ("load", "explain", "metrics")
 
 
+TRUST_PREFIX = "trust_"  # per-image columns of vislib.metrics.trust metrics: method|trust_<metric>
+TRUST_RANDOM = "random"  # the random-map baseline of the trust metrics
+
+
 def column(method: str, key: str) -> str:
     """The name of a per-image column: ``method|key``."""
     return f"{method}|{key}"
@@ -146,6 +150,16 @@ class EvalResult:
             rows.append(row)
         return rows
 
+    def trust_report(self, *, n_boot: int = 1000, seed: int = 0):
+        """The trust metrics over the dataset (:func:`vislib.metrics.trust.summarise`): per method and
+        metric, the mean with its bootstrap interval beside the random map's and the image centre's."""
+        from ..metrics import trust
+
+        values = {m: {k[len(TRUST_PREFIX):]: v for k, v in self.metrics.get(m, {}).items()
+                      if k.startswith(TRUST_PREFIX)} for m in [*self.methods, TRUST_RANDOM, CENTRE]}
+        return trust.summarise(values, [*self.methods], random=TRUST_RANDOM, centre=CENTRE,
+                               n_boot=n_boot, seed=seed)
+
     def reference_share(self, method: str, rows: np.ndarray | None = None) -> float:
         """Share of images (of ``rows``) whose map peaks on the reference box (e.g. the mark corner)."""
         v = self.metrics.get(method, {}).get("reference")
@@ -189,6 +203,10 @@ def assemble(parts: list[dict[str, np.ndarray]], *, ids: list[str], targets: np.
     ok = failed_why == ""
     rows = index[ok]
     values = {m: {k: _get(table, column(m, k), ok, np.nan) for k in KEYS} for m in [*methods, CENTRE]}
+    for key in table:  # the trust metrics' columns: method|trust_<metric>, the random map's too
+        owner, _, name = key.partition("|")
+        if name.startswith(TRUST_PREFIX):
+            values.setdefault(owner, {})[name] = table[key][ok].astype(np.float64)
     peaks = {m: _get(table, column(m, "peak"), ok, -1, shape=(2,)).astype(np.int64) for m in methods}
     curves = {}
     if "curve" in table and table["curve"][ok].any():

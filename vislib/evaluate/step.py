@@ -23,7 +23,7 @@ from .. import metrics
 from ..datasets import Batch, ImageSet
 from ..explain import _compute_chunked, _Job, device_slot
 from ..models import ModelBundle, Preprocess
-from .records import CENTRE, KEYS, column
+from .records import CENTRE, KEYS, TRUST_PREFIX, TRUST_RANDOM, column
 
 # --------------------------------------------------------------------------------------------------
 # Inputs
@@ -113,6 +113,8 @@ class EvalConfig:
     reference_box: tuple | None = None
     image_size: int | None = None  # side of the image set's square images (for the reference box)
     maps_dir: str | None = None  # write the maps of every batch there (compressed shards)
+    trust: tuple[str, ...] = ()  # vislib.metrics.trust metric names, each beside the random map
+    trust_seed: int = 0
 
 
 def empty_rows(rows: np.ndarray, config: EvalConfig, n_classes: int) -> dict[str, np.ndarray]:
@@ -127,6 +129,8 @@ def empty_rows(rows: np.ndarray, config: EvalConfig, n_classes: int) -> dict[str
             out[column(m, k)] = np.full(n, np.nan)
     for m in config.methods:
         out[column(m, "peak")] = np.full((n, 2), -1, np.int64)
+    for m, name in trust_columns(config):
+        out[column(m, TRUST_PREFIX + name)] = np.full(n, np.nan)
     if config.curves > 0:
         width = config.curve_steps + 1
         out["curve"] = np.zeros(n, bool)
@@ -167,6 +171,9 @@ def evaluate_rows(bundle: ModelBundle, images: ImageSet, rows, config: EvalConfi
         out["probs"][keep] = part.probs
         out["note"][keep[0]] = "\n".join(notes)
         measure(bundle, inputs, part, masks, np.asarray(keep), rows[keep], out, config, cancel=cancel)
+        if config.trust:
+            measure_trust(bundle, inputs, part, masks, np.asarray(keep), rows[keep], out, config,
+                          cancel=cancel)
         if config.maps_dir:
             write_map_shard(config.maps_dir, rows[keep], {m: part.maps[m] for m in config.methods})
         timings["metrics"] = time.perf_counter() - t2
@@ -231,6 +238,51 @@ def measure(bundle, inputs, part, masks, pos: np.ndarray, index: np.ndarray, out
             put("insertion_auc", c.insertion_auc, at)
             out["curve"][at] = True
             out["curve_fractions"][at] = c.fractions
+
+
+def trust_columns(config: EvalConfig) -> list[tuple[str, str]]:
+    """(method or baseline, metric) of every trust column: each method, the random map, and the
+    image centre for the localisation metrics."""
+    if not config.trust:
+        return []
+    from ..metrics import trust
+
+    out = []
+    for name in config.trust:
+        metric = trust.make_metric(name)
+        owners = [*config.methods, TRUST_RANDOM] + ([CENTRE] if metric.centre_applies else [])
+        out += [(m, name) for m in owners]
+    return out
+
+
+def measure_trust(bundle, inputs, part, masks, pos: np.ndarray, index: np.ndarray, out: dict,
+                  config: EvalConfig, *, cancel=None) -> None:
+    """The trust metrics of a batch (:mod:`vislib.metrics.trust`) for every method, the random map
+    (one per image, seeded by the image's index: the same whatever the batches) and the image
+    centre. Random draws inside a metric are seeded by the batch's first index, so a batch gives the
+    same numbers on every engine."""
+    from ..metrics import trust
+
+    n, _, h, w = inputs.shape
+    targets = np.asarray(part.targets)
+    masks_t = torch.from_numpy(masks) if masks is not None else None
+    seed = config.trust_seed + int(index[0])
+    random = torch.stack([trust.random_maps(1, h, w, config.trust_seed * 1_000_003 + int(i))[0]
+                          for i in index])
+    centre = torch.from_numpy(metrics.centre_map(h, w)).double().expand(n, h, w)
+    for m, name in trust_columns(config):
+        metric = trust.make_metric(name, seed=seed)
+        if metric.needs_masks and masks_t is None:
+            continue
+        explain = None
+        if metric.needs_explain:
+            explain = (trust.random_explainer(seed, fresh=metric.group == "robustness") if m == TRUST_RANDOM
+                       else trust.explainer(m, config.layer, cancel=cancel) if m != CENTRE else None)
+            if explain is None:
+                continue
+        maps = random if m == TRUST_RANDOM else centre if m == CENTRE else torch.from_numpy(part.maps[m])
+        values = metric(bundle, inputs, targets, maps, masks=masks_t, explain=explain, cancel=cancel)
+        out[column(m, TRUST_PREFIX + name)][pos] = values
 
 
 # --------------------------------------------------------------------------------------------------
