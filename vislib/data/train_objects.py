@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,12 @@ def train(model: nn.Module, recipe: ObjectRecipe, images: torch.Tensor, maps: to
     return time.perf_counter() - start
 
 
+class _Thresholded(Protocol):
+    """A torchvision-style detector: drops the detections scoring under ``score_thresh``."""
+
+    score_thresh: float
+
+
 @torch.no_grad()
 def detection_metrics(model: nn.Module, images: torch.Tensor, targets: list[dict],
                       normalise: Callable, batch_size: int = 50) -> dict[str, float]:
@@ -156,20 +163,21 @@ def detection_metrics(model: nn.Module, images: torch.Tensor, targets: list[dict
 
     metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
     model.eval()
-    thresh, model.score_thresh = model.score_thresh, 0.05
+    detector = cast(_Thresholded, model)
+    thresh, detector.score_thresh = detector.score_thresh, 0.05
     try:
         for lo in range(0, len(images), batch_size):
             preds = model(list(normalise(images[lo:lo + batch_size])))
             metric.update([{k: v.detach() for k, v in p.items()} for p in preds], targets[lo:lo + batch_size])
     finally:
-        model.score_thresh = thresh
+        detector.score_thresh = thresh
     out = metric.compute()
     return {"map_50": round(float(out["map_50"]), 4), "map": round(float(out["map"]), 4)}
 
 
 @torch.no_grad()
 def segmentation_metrics(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
-                         normalise: Callable, batch_size: int = 50) -> dict[str, float]:
+                         normalise: Callable, batch_size: int = 50) -> dict[str, Any]:
     """mIoU (torchmetrics JaccardIndex, macro over the classes) and pixel accuracy."""
     from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 

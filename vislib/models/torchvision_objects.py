@@ -83,8 +83,9 @@ def object_source(name: str, task: str, weights, kwargs: dict) -> SourceModel:
             notes.append("random weights: a random detector scores every candidate near 1/classes and "
                          "returns nothing above its default threshold (vislib.models.torchvision_objects."
                          "lower_thresholds shows them)")
+    named: list[str] | None = labels  # None: the head was resized, the categories no longer apply
     if kwargs.get("num_classes", len(labels)) != len(labels):
-        labels, labels_from = None, "class indices"
+        named, labels_from = None, "class indices"
     size = _view_size(model, task, weights_enum)
     if task == "detection":
         pre = preprocess(resize=(size, size), crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -93,7 +94,7 @@ def object_source(name: str, task: str, weights, kwargs: dict) -> SourceModel:
         pre = preprocess(resize=(size, size), crop=None, mean=t.mean, std=t.std,
                          interpolation=t.interpolation)
     return SourceModel(
-        model=model, preprocess=pre, labels=labels, labels_from=labels_from, weights=weights_id,
+        model=model, preprocess=pre, labels=named, labels_from=labels_from, weights=weights_id,
         source="torchvision", channels=3, task=task, notes=notes,
         description=f"torchvision {name} ({task}, {weights_enum.name})",
     )

@@ -89,9 +89,8 @@ def detect(bundle, image, *, score_threshold: float = 0.0) -> Detections:
     order = torch.argsort(det["scores"][keep], descending=True)
     pick = {k: v[keep][order] for k, v in det.items() if isinstance(v, torch.Tensor) and len(v) == len(keep)}
     labels = pick["labels"].long().cpu().numpy()
-    masks = pick.get("masks")
-    if masks is not None:
-        masks = masks.float().cpu().numpy().reshape(len(labels), *masks.shape[-2:])
+    mask_t = pick.get("masks")
+    masks = None if mask_t is None else mask_t.float().cpu().numpy().reshape(len(labels), *mask_t.shape[-2:])
     names = [bundle.labels[c] if 0 <= c < len(bundle.labels) else f"class {c}" for c in labels]
     extra = {k: v.detach().cpu().numpy() for k, v in pick.items()
              if k not in ("boxes", "scores", "labels", "masks")}

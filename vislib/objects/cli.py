@@ -51,12 +51,16 @@ def object_target(bundle, image, *, box: str | None = None, detection: int | Non
         where = [round(v) for v in row["box"]]
         return (box_bundle(bundle, dets.boxes[pick], dets.labels[pick]), 0,
                 f"detection {detection}: {row['name']} {row['score']:.2f} at {where}")
-    coords, label = parse_box(box)
-    if label is None:  # the label of the detection that overlaps it most
+    assert box is not None  # one flag was given, and it is neither --region nor --detection
+    coords, name = parse_box(box)
+    label: int | str
+    if name is None:  # the label of the detection that overlaps it most
         if not len(dets):
             raise TargetError(f"--box {box!r}: no label given and the model detects nothing to take it from")
         iou = box_iou(torch.tensor([coords]), torch.as_tensor(dets.boxes))[0]
         label = int(dets.labels[int(iou.argmax())])
+    else:
+        label = name
     return box_bundle(bundle, np.array([coords]), [label]), 0, f"box {coords} label {label}"
 
 

@@ -68,7 +68,7 @@ def _scenes(count: int) -> list[ObjectItem]:
     def item(i: int) -> ObjectItem:
         scene = make_scene("test", i)
         boxes = np.asarray(scene.boxes, np.float32).reshape(-1, 4)
-        return ObjectItem(f"scene-{i:04d}", lambda s=scene: s.image, boxes,
+        return ObjectItem(f"scene-{i:04d}", lambda: scene.image, boxes,
                           np.asarray(scene.labels, np.int64) + 1, scene.class_map.astype(np.int64))
 
     return [item(i) for i in range(count)]

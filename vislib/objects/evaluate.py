@@ -115,6 +115,8 @@ def evaluate_rows(bundle, item: ObjectItem, *, score_threshold: float = 0.5, exp
     if bundle.task == "detection":
         dets = detect(bundle, image)
         view = dets.view.size
+        if item.boxes is None:
+            raise InputError(f"{item.name}: no boxes to evaluate a detector against")
         true_boxes = _scale(item.boxes, image.size, view)
         keep = dets.scores >= score_threshold
         errors = detection_errors(dets.boxes[keep], dets.labels[keep], dets.scores[keep], true_boxes,
@@ -137,7 +139,10 @@ def evaluate_rows(bundle, item: ObjectItem, *, score_threshold: float = 0.5, exp
     seg = segment(bundle, image)
     from PIL import Image
 
-    truth = np.asarray(Image.fromarray(item.class_map.astype(np.int32)).resize(seg.view.size, Image.NEAREST))
+    if item.class_map is None:
+        raise InputError(f"{item.name}: no class map to evaluate a segmenter against")
+    truth = np.asarray(Image.fromarray(item.class_map.astype(np.int32)).resize(seg.view.size,
+                                                                                Image.Resampling.NEAREST))
     pred = seg.class_map
     errors = []
     for c in sorted(set(np.unique(truth)) | set(np.unique(pred))):
@@ -180,20 +185,20 @@ def evaluate_objects(bundle, items: list[ObjectItem], *, score_threshold: float 
     if bundle.task == "detection":
         from torchmetrics.detection import MeanAveragePrecision
 
-        metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+        map_metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
         for r in rows:
-            metric.update([{k: torch.as_tensor(v) for k, v in r["preds"].items()}],
+            map_metric.update([{k: torch.as_tensor(v) for k, v in r["preds"].items()}],
                           [{"boxes": torch.as_tensor(r["truth"]["boxes"]).reshape(-1, 4),
                             "labels": torch.as_tensor(r["truth"]["labels"])}])
-        out = metric.compute()
+        out = map_metric.compute()
         metrics = {"map_50": round(float(out["map_50"]), 4), "map": round(float(out["map"]), 4)}
     else:
         from torchmetrics.classification import MulticlassJaccardIndex
 
         classes = len(bundle.labels)
-        metric = MulticlassJaccardIndex(classes, average="macro")
+        iou_metric = MulticlassJaccardIndex(classes, average="macro")
         for r in rows:
-            metric.update(torch.as_tensor(r["pred"]).clamp(0, classes - 1).unsqueeze(0),
-                          torch.as_tensor(r["truth"]).clamp(0, classes - 1).unsqueeze(0))
-        metrics = {"miou": round(float(metric.compute()), 4)}
+            iou_metric.update(torch.as_tensor(r["pred"]).clamp(0, classes - 1).unsqueeze(0),
+                              torch.as_tensor(r["truth"]).clamp(0, classes - 1).unsqueeze(0))
+        metrics = {"miou": round(float(iou_metric.compute()), 4)}
     return ObjectEvalResult(bundle.task, metrics, errors, len(rows))

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,7 @@ def detector_classes(model: nn.Module) -> int | None:
         return int(config.num_labels)
     for path in ("head.classification_head.num_classes", "roi_heads.box_predictor.cls_score.out_features",
                  "head.classification_head.num_columns"):
-        obj = model
+        obj: Any = model  # any attribute along the path
         try:
             for part in path.split("."):
                 obj = getattr(obj, part)

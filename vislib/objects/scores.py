@@ -72,7 +72,8 @@ class RegionScores:
     def __init__(self, labels, masks: list, size: tuple[int, int]) -> None:
         self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         self.masks = [None if m is None else torch.as_tensor(m).float() for m in masks]
-        self.size = tuple(size)
+        h, w = size
+        self.size = (h, w)
         self._fixed: torch.Tensor | None = None  # N×K×H×W once the first output was seen
 
     def _masks(self, logits: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,8 @@ def _label_index(bundle, label) -> int:
     return _target_index(bundle.labels, label)
 
 
-def box_bundle(bundle, boxes: Sequence, labels: Sequence, iou_threshold: float = IOU_THRESHOLD):
+def box_bundle(bundle, boxes: Sequence | np.ndarray, labels: Sequence | np.ndarray,
+               iou_threshold: float = IOU_THRESHOLD):
     """A view of a detection ``bundle`` whose class scores are the scores of ``boxes`` (K×4, in input
     view pixels) with ``labels`` (indices or names): ``explain(view, image, target=k)`` explains box k.
     Shares the model, its lock and its layers."""
