@@ -12,6 +12,7 @@ where that is a failure. Install: ``apt-get install -y chromium`` and ``pip inst
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -58,6 +59,15 @@ def _require_browser() -> None:
         pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def browser_server(log: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+    """The dashboard's server for a browser test module (skipped, or failed in CI, without a browser);
+    its log in ``test-output/LOG``."""
+    _require_browser()
+    with run_server(OUT / log, env=env, args=args) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory) -> dict[str, Path]:
     """The operator's spec files: one good (a bundled architecture under another name, with its own
@@ -74,9 +84,8 @@ def specs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(specs):
-    _require_browser()
     env = {"VISLIB_MODELS": f"{specs['good']}{os.pathsep}{specs['broken']}", "VISLIB_UPLOAD_SWEEP": "1"}
-    with run_server(OUT / "e2e-streamlit.log", env=env, args=("--server.disconnectedSessionTTL", "2")) as srv:
+    with browser_server("e2e-streamlit.log", env=env, args=("--server.disconnectedSessionTTL", "2")) as srv:
         yield srv
 
 

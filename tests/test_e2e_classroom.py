@@ -13,18 +13,17 @@ import urllib.request
 
 import pytest
 from PIL import Image
-from test_e2e_browser import OUT, _require_browser
+from test_e2e_browser import OUT, browser_server
 from videos import clip, encode, moving_square, y4m
 
-from benchmarks.dashboard_harness import launch_chromium, open_page, run_server, settle, sidebar
+from benchmarks.dashboard_harness import launch_chromium, open_page, settle, sidebar
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def server():
-    _require_browser()
-    with run_server(OUT / "e2e-classroom.log") as srv:
+    with browser_server("e2e-classroom.log") as srv:
         yield srv
 
 

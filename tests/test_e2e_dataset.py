@@ -7,18 +7,17 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_e2e_browser import OUT, _require_browser
+from test_e2e_browser import OUT, browser_server
 
-from benchmarks.dashboard_harness import launch_chromium, run_server, settle
+from benchmarks.dashboard_harness import launch_chromium, settle
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _require_browser()
     env = {"VISLIB_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    with run_server(OUT / "e2e-dataset-streamlit.log", env=env) as srv:
+    with browser_server("e2e-dataset-streamlit.log", env=env) as srv:
         yield srv.url
 
 

@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
-from test_e2e_browser import OUT, _require_browser
+from test_e2e_browser import OUT, browser_server
 
-from benchmarks.dashboard_harness import ANY_PANEL, launch_chromium, open_page, run_server, settle, sidebar
+from benchmarks.dashboard_harness import ANY_PANEL, launch_chromium, open_page, settle, sidebar
 from vislib.models import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # about a minute per model on 2 cores
@@ -61,8 +61,7 @@ def photograph() -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def server():
-    _require_browser()
-    with run_server(OUT / "walk-streamlit.log") as srv:
+    with browser_server("walk-streamlit.log") as srv:
         yield srv
 
 
