@@ -105,6 +105,20 @@ def run_server(log: Path, env: dict[str, str] | None = None, args: tuple[str, ..
         handle.close()
 
 
+@contextlib.contextmanager
+def launch_chromium(extra_args: tuple[str, ...] | list[str] = ()) -> Iterator:
+    """The system's Chromium through playwright's sync API (``CHROMIUM_ARGS`` plus ``extra_args``),
+    closed in ``finally``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # The server process: memory and CPU
 
@@ -180,6 +194,14 @@ def picture(seed: int = 0, size: tuple[int, int] = (240, 180)) -> bytes:
 
 # --------------------------------------------------------------------------------------------------
 # Pages (playwright's sync API)
+
+
+def open_page(browser, url: str, height: int = 1600):
+    """A new 1500-pixel-wide page (downloads accepted, 120 s timeout) at ``url``."""
+    page = browser.new_page(viewport={"width": 1500, "height": height}, accept_downloads=True)
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    return page
 
 
 def settle(page) -> None:

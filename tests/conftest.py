@@ -16,3 +16,12 @@ def rand_image():
 
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def fresh_caches():
+    """Streamlit's data cache emptied before the test (the AppTest modules use it for every test)."""
+    import streamlit as st
+
+    st.cache_data.clear()
+    yield

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -91,3 +95,39 @@ def gradcam_top5(bundle, image, layer=None):
     with torch.no_grad():
         top = bundle.logits(x)[0].topk(5).indices.tolist()
     return vislib.explain(bundle, [image] * 5, methods=["gradcam"], target=top, layer=layer)
+
+
+# --------------------------------------------------------------------------------------------------
+# The dashboard under streamlit.testing.v1.AppTest (test_app*.py)
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 120
+
+
+def run_app(**params):
+    """The Explain page run once with these URL query parameters."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(params)
+    return at.run()
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+@contextlib.contextmanager
+def registered_models(registrations: dict[str, Callable[[], None]]) -> Iterator[list[str]]:
+    """Register test models (each ``name``'s function, unless one is already registered) for a module,
+    then remove them and restore torch's thread count (the app bounds it for the server process)."""
+    from vislib import models
+
+    threads = torch.get_num_threads()
+    for name, register in registrations.items():
+        if name not in vislib.list_models():
+            register()
+    yield list(registrations)
+    for name in registrations:
+        models._REGISTRY.pop(name, None)
+    torch.set_num_threads(threads)

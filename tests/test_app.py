@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
-from helpers import PLAIN, FlatNet, GapNet
+from helpers import APP, PLAIN, TIMEOUT, FlatNet, GapNet, assert_clean, registered_models, run_app
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -23,9 +22,7 @@ import vislib
 from vislib import models, ui
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
 EXPLORER = "pages/1_Layer_explorer.py"
-TIMEOUT = 120
 LABELS = ["circle", "square", "triangle", "star"]
 
 
@@ -37,23 +34,14 @@ def _register(name: str, net_type, **kwargs) -> None:
                                   default_layer="features", device=torch.device("cpu"), weights="test")
 
 
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py
+
+
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models():
-    threads = torch.get_num_threads()  # the app bounds torch's threads for the server process
-    names = {"tiny_gap": (GapNet, dict(channels=6, classes=4)), "tiny_flat": (FlatNet, dict(classes=3))}
-    for name, (net, kwargs) in names.items():
-        if name not in vislib.list_models():
-            _register(name, net, **kwargs)
-    yield
-    for name in names:
-        models._REGISTRY.pop(name, None)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_data.clear()
-    yield
+    with registered_models({"tiny_gap": lambda: _register("tiny_gap", GapNet, channels=6, classes=4),
+                            "tiny_flat": lambda: _register("tiny_flat", FlatNet, classes=3)}):
+        yield
 
 
 def png_bytes(seed: int = 0, size: int = 40) -> bytes:
@@ -61,12 +49,6 @@ def png_bytes(seed: int = 0, size: int = 40) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def run_app(**params) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.query_params.update(params)
-    return at.run()
 
 
 def captions(at: AppTest) -> list[str]:
@@ -82,10 +64,6 @@ def panel_titles(at: AppTest) -> list[str]:
 
 def errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error]
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
 
 
 # --------------------------------------------------------------------------------------------------

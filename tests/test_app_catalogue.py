@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import streamlit as st
 import torch
-from helpers import PLAIN, GapNet
+from helpers import PLAIN, GapNet, assert_clean, run_app
 from safetensors.torch import save as save_safetensors
 from streamlit.testing.v1 import AppTest
 
@@ -19,9 +19,10 @@ import vislib
 from vislib import models, ui
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
-TIMEOUT = 120
 MANY = 130  # more than the picker lists at once (ui.SEARCH_LIMIT = 100)
+
+
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,18 +47,6 @@ def test_models():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_data.clear()
-    yield
-
-
-def run_app(**params) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.query_params.update(params)
-    return at.run()
-
-
 def card(at: AppTest) -> dict[str, str]:
     rows = {}
     for caption in at.sidebar.caption:
@@ -65,10 +54,6 @@ def card(at: AppTest) -> dict[str, str]:
             label, text = caption.value[2:].split("** · ", 1)
             rows[label] = text
     return rows
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
 
 
 def test_the_catalogue_groups_by_source():

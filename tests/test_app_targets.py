@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import streamlit as st
 import torch
 import torch.nn.functional as F
-from helpers import PLAIN, GapNet
+from helpers import PLAIN, GapNet, assert_clean, registered_models, run_app
 from streamlit.testing.v1 import AppTest
-from test_app import APP, TIMEOUT, assert_clean, png_bytes
+from test_app import png_bytes
 
 import vislib
 from vislib import models
@@ -32,29 +31,14 @@ def _register(name: str, net_type, **kwargs) -> None:
                                   default_layer="features", device=torch.device("cpu"), weights="test", **kwargs)
 
 
+pytestmark = pytest.mark.usefixtures("fresh_caches")  # tests/conftest.py
+
+
 @pytest.fixture(scope="module", autouse=True)
 def target_models():
-    threads = torch.get_num_threads()
-    names = {"tiny_probs": (SoftmaxNet, {}), "tiny_tags": (GapNet, {"scores": "sigmoid"})}
-    for name, (net, kwargs) in names.items():
-        if name not in vislib.list_models():
-            _register(name, net, **kwargs)
-    yield
-    for name in names:
-        models._REGISTRY.pop(name, None)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_data.clear()
-    yield
-
-
-def run_app(**params) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.query_params.update(params)
-    return at.run()
+    with registered_models({"tiny_probs": lambda: _register("tiny_probs", SoftmaxNet),
+                            "tiny_tags": lambda: _register("tiny_tags", GapNet, scores="sigmoid")}):
+        yield
 
 
 def chart_values(at: AppTest) -> list[float]:

@@ -12,6 +12,7 @@ where that is a failure. Install: ``apt-get install -y chromium`` and ``pip inst
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -26,13 +27,13 @@ from safetensors.torch import save as save_safetensors
 
 import vislib
 from benchmarks.dashboard_harness import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     PANEL,
     browser_missing,
     choose,
     cpu_seconds,
     download_npz,
+    launch_chromium,
+    open_page,
     panel_count,
     run_server,
     settle,
@@ -58,6 +59,15 @@ def _require_browser() -> None:
         pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def browser_server(log: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+    """The dashboard's server for a browser test module (skipped, or failed in CI, without a browser);
+    its log in ``test-output/LOG``."""
+    _require_browser()
+    with run_server(OUT / log, env=env, args=args) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory) -> dict[str, Path]:
     """The operator's spec files: one good (a bundled architecture under another name, with its own
@@ -74,29 +84,15 @@ def specs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(specs):
-    _require_browser()
     env = {"VISLIB_MODELS": f"{specs['good']}{os.pathsep}{specs['broken']}", "VISLIB_UPLOAD_SWEEP": "1"}
-    with run_server(OUT / "e2e-streamlit.log", env=env, args=("--server.disconnectedSessionTTL", "2")) as srv:
+    with browser_server("e2e-streamlit.log", env=env, args=("--server.disconnectedSessionTTL", "2")) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def _open(browser, url: str, height: int = 1600):
-    page = browser.new_page(viewport={"width": 1500, "height": height}, accept_downloads=True)
-    page.set_default_timeout(120_000)
-    page.goto(url)
-    return page
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 def _photo() -> bytes:
@@ -211,7 +207,7 @@ def _labels_text(page) -> str:
 
 
 def test_a_model_from_the_operators_spec_file(server, browser, specs):
-    page = _open(browser, server.url + "/?methods=gradcam")
+    page = open_page(browser, server.url + "/?methods=gradcam")
     side = sidebar(page)
     # the broken spec file says what is wrong (file, table, key); the rest of the dashboard works
     broken = side.get_by_text(re.compile(r"broken\.toml \[models\.oops\]: unknown key 'layers'"))
@@ -229,7 +225,7 @@ def test_a_model_from_the_operators_spec_file(server, browser, specs):
 
 
 def test_upload_a_model_with_labels_and_use_it_on_every_page(server, browser, teacher_weights):
-    page = _open(browser, server.url + "/?methods=gradcam,guided_backprop&sample=star_01")
+    page = open_page(browser, server.url + "/?methods=gradcam,guided_backprop&sample=star_01")
     page.get_by_text(re.compile(PANEL.format("Grad-CAM"))).wait_for()
     upload_model(page, UPLOAD_ARCH, ("teacher.safetensors", teacher_weights),
                  ("fruit.txt", "\n".join(FRUIT).encode()))
@@ -271,7 +267,7 @@ def test_a_malicious_pt_is_refused_and_never_runs(server, browser, tmp_path):
     state = vislib.load_model(UPLOAD_ARCH, device="cpu").model.state_dict()
     buffer = io.BytesIO()
     torch.save({**state, "payload": _Exploit(marker)}, buffer)
-    page = _open(browser, server.url + "/?methods=gradcam")
+    page = open_page(browser, server.url + "/?methods=gradcam")
     page.get_by_text(re.compile(PANEL.format("Grad-CAM"))).wait_for()
     upload_model(page, UPLOAD_ARCH, ("evil.pt", buffer.getvalue()), None)
     page.get_by_text(re.compile(r"evil\.pt was refused without running it")).wait_for()
@@ -297,7 +293,7 @@ def test_four_sessions_at_once_equal_one_at_a_time(server, browser, teacher_weig
     for model, sample in sessions:
         query = f"/?methods=&sample={sample}" + ("" if model == "upload" else f"&model={model}&weights=random"
                                                   if model == transformer else f"&model={model}")
-        page = _open(browser, server.url + query, height=1300)
+        page = open_page(browser, server.url + query, height=1300)
         page.get_by_text("Choose at least one method").wait_for()
         if model == "upload":
             upload_model(page, UPLOAD_ARCH, ("mine.safetensors", teacher_weights), None)
@@ -327,7 +323,7 @@ def test_four_sessions_at_once_equal_one_at_a_time(server, browser, teacher_weig
 
 def test_closing_the_tab_stops_the_work_and_frees_the_upload(server, browser, teacher_weights):
     # a second session watches the server's count of uploaded models
-    page = _open(browser, server.url + "/?methods=gradcam")
+    page = open_page(browser, server.url + "/?methods=gradcam")
     page.get_by_text(re.compile(PANEL.format("Grad-CAM"))).wait_for()
     upload_model(page, UPLOAD_ARCH, ("short_lived.safetensors", teacher_weights), None)
     wait_for_model(page, "upload:short_lived")
@@ -359,7 +355,7 @@ def test_closing_the_tab_stops_the_work_and_frees_the_upload(server, browser, te
             break
     assert windows[-1] < 0.25, f"the server kept computing after the tab closed (CPU s per 1 s: {windows})"
     # the upload is freed once the session is gone for disconnectedSessionTTL (2 s here)
-    watcher = _open(browser, server.url + "/?methods=gradcam")
+    watcher = open_page(browser, server.url + "/?methods=gradcam")
     counts = watcher.get_by_text(re.compile(r"This server holds \d+ uploaded models"))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

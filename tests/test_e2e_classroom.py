@@ -13,35 +13,28 @@ import urllib.request
 
 import pytest
 from PIL import Image
-from test_e2e_browser import OUT, _open, _require_browser
+from test_e2e_browser import OUT, browser_server
 from videos import clip, encode, moving_square, y4m
 
-from benchmarks.dashboard_harness import CHROMIUM, CHROMIUM_ARGS, run_server, settle, sidebar
+from benchmarks.dashboard_harness import launch_chromium, open_page, settle, sidebar
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def server():
-    _require_browser()
-    with run_server(OUT / "e2e-classroom.log") as srv:
+    with browser_server("e2e-classroom.log") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def browser(server, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
     camera = tmp_path_factory.mktemp("camera") / "clip.y4m"
     y4m(camera, frames=40, size=(160, 120))
-    args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    args = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-video-capture={camera}"]
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launch_chromium(args) as chromium:
+        yield chromium
 
 
 def _healthy(server) -> bool:
@@ -54,7 +47,7 @@ def _captions(page, pattern: str) -> list[str]:
 
 
 def test_live_maps_change_and_pause_freezes_into_explain(server, browser):
-    page = _open(browser, f"{server.url}/Live")
+    page = open_page(browser, f"{server.url}/Live")
     settle(page)
     frame = page.frame_locator('iframe[title*="streamlit_webrtc"]').first
     frame.get_by_role("button", name=re.compile("start", re.I)).click()
@@ -76,7 +69,7 @@ def test_live_maps_change_and_pause_freezes_into_explain(server, browser):
 
 
 def test_brush_edit_changes_the_score_and_report_shows_images(server, browser):
-    page = _open(browser, server.url)
+    page = open_page(browser, server.url)
     settle(page)
     page.get_by_text("Paint over the image and watch the class score").click()
     settle(page)
@@ -114,7 +107,7 @@ def test_brush_edit_changes_the_score_and_report_shows_images(server, browser):
 
 
 def test_compare_renders_two_models(server, browser):
-    page = _open(browser, f"{server.url}/Compare")
+    page = open_page(browser, f"{server.url}/Compare")
     settle(page)
     page.get_by_text("Where they disagree").wait_for()
     page.locator('[data-testid="stImage"]').nth(1).wait_for()  # one map per model
@@ -127,7 +120,7 @@ def test_compare_renders_two_models(server, browser):
 
 
 def _video_page(browser, server):
-    page = _open(browser, f"{server.url}/Live")
+    page = open_page(browser, f"{server.url}/Live")
     settle(page)
     page.get_by_role("tab", name="Video file").click()
     return page

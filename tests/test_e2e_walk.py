@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
-from test_e2e_browser import OUT, _open, _require_browser
+from test_e2e_browser import OUT, browser_server
 
-from benchmarks.dashboard_harness import ANY_PANEL, CHROMIUM, CHROMIUM_ARGS, run_server, settle, sidebar
+from benchmarks.dashboard_harness import ANY_PANEL, launch_chromium, open_page, settle, sidebar
 from vislib.models import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # about a minute per model on 2 cores
@@ -61,21 +61,14 @@ def photograph() -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def server():
-    _require_browser()
-    with run_server(OUT / "walk-streamlit.log") as srv:
+    with browser_server("walk-streamlit.log") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 def main(page):
@@ -138,7 +131,7 @@ def test_walk_every_page_with_a_photograph(server, browser, model):
     started = time.perf_counter()
     name, data = photograph()
     weights = "" if model == DEFAULT_MODEL else "&weights=random"
-    page = _open(browser, f"{server.url}/?model={model}{weights}", height=1400)
+    page = open_page(browser, f"{server.url}/?model={model}{weights}", height=1400)
     outside: list[str] = []
     page.on("request", lambda r: outside.append(r.url) if urlparse(r.url).scheme in ("http", "https", "ws", "wss")
             and urlparse(r.url).netloc != urlparse(server.url).netloc else None)

@@ -129,6 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def weights_arg(value: str) -> str | None:
+    """``--weights``: ``'none'`` (any case) means random weights (None); anything else as given."""
+    return None if value.lower() == "none" else value
+
+
+def output_folder(path) -> Path:
+    """``--out``: the folder, created if needed, or a clear error naming it."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
+    return out
+
+
 def _explain(args) -> int:
     from .explain import explain
     from .imageio import load_image
@@ -142,7 +157,7 @@ def _explain(args) -> int:
     if args.out is None and args.report is None:
         raise VislibError("explain needs --out DIR, --report FILE.html, or both")
     image = load_image(args.image)
-    weights = None if args.weights.lower() == "none" else args.weights
+    weights = weights_arg(args.weights)
     try:
         bundle = load_model(args.model, weights=weights, device=args.device, labels=args.prompts)
     except VislibError as exc:
@@ -160,11 +175,7 @@ def _explain(args) -> int:
     if args.out is None:
         print(f"{result.model}: explained {result.target_label()!r} → {args.report}")
         return 0
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
+    out = output_folder(args.out)
     view = result.input_image
     assert not isinstance(view, list)  # one image in, one input view out
     view.save(out / "input.png")
@@ -398,15 +409,11 @@ def _prepare(args):
         from .evaluate.ray_engine import require_ray
 
         require_ray()
-    weights = None if args.weights.lower() == "none" else args.weights
+    weights = weights_arg(args.weights)
     bundle = load_model(args.model, weights=weights, device=args.device)
     resolve_layer(bundle, args.layer)
     images = open_dataset(args.data, bundle.labels, limit=args.limit)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
+    out = output_folder(args.out)
     for line in images.report.lines() if images.report else []:
         print(f"note: {line}", file=sys.stderr)
     return bundle, images, out
@@ -581,7 +588,7 @@ def _trust(args) -> int:
     methods = parse_methods(args.methods)
     names = parse_metrics(args.metrics)
     image = load_image(args.image)
-    weights = None if args.weights.lower() == "none" else args.weights
+    weights = weights_arg(args.weights)
     bundle = load_model(args.model, weights=weights, device=args.device)
     result = explain(bundle, [image], methods=methods, layer=args.layer,
                      target=None if args.target is None else [args.target])

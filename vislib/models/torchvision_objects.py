@@ -15,11 +15,9 @@ lets it return its candidates for tests.
 
 from __future__ import annotations
 
-from ..errors import ModelError, WeightsError
-from .cache import fetch_url
-from .registry import _seeded, register_source, source_spec
-from .source import SourceModel, preprocess, random_or_file
-from .torchvision_zoo import pretrained_available
+from .registry import register_source, source_spec
+from .source import SourceModel, preprocess
+from .torchvision_zoo import pretrained_available, torchvision_model
 
 
 def detection_names() -> list[str]:
@@ -56,33 +54,14 @@ def object_source(name: str, task: str, weights, kwargs: dict) -> SourceModel:
     weights_enum = torchvision.models.get_model_weights(name).DEFAULT
     labels, labels_from = list(weights_enum.meta["categories"]), f"torchvision {weights_enum}"
     notes: list[str] = []
-    if weights == "default":
-        fetch_url(weights_enum.url, name)
-        try:
-            model = torchvision.models.get_model(name, weights=weights_enum, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{name}: {exc}") from None
-        except Exception as exc:
-            raise WeightsError(f"could not load the cached weights of {name}: {exc}") from None
-        weights_id = str(weights_enum)
-    else:
-        arch = {"weights_backbone": None, **kwargs}
-        arch.setdefault("num_classes", len(labels))
-
-        def build(num_classes: int | None = None):
-            extra = {"num_classes": num_classes} if num_classes else {}
-            return _seeded(lambda: torchvision.models.get_model(name, weights=None, **{**arch, **extra}))
-
-        try:
-            model = build()
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{name}: {exc}") from None
-        model, weights_id, note = random_or_file(model, weights, build, name)
-        notes += [note] if note else []
-        if weights is None and task == "detection":
-            notes.append("random weights: a random detector scores every candidate near 1/classes and "
-                         "returns nothing above its default threshold (vislib.models.torchvision_objects."
-                         "lower_thresholds shows them)")
+    arch = {"weights_backbone": None, **kwargs}
+    arch.setdefault("num_classes", len(labels))
+    model, weights_id, note = torchvision_model(name, weights, weights_enum, kwargs, arch)
+    notes += [note] if note else []
+    if weights is None and task == "detection":
+        notes.append("random weights: a random detector scores every candidate near 1/classes and "
+                     "returns nothing above its default threshold (vislib.models.torchvision_objects."
+                     "lower_thresholds shows them)")
     named: list[str] | None = labels  # None: the head was resized, the categories no longer apply
     if kwargs.get("num_classes", len(labels)) != len(labels):
         named, labels_from = None, "class indices"

@@ -63,6 +63,35 @@ def preprocess_from_torchvision(transform) -> Preprocess:
     )
 
 
+def torchvision_model(name: str, weights, weights_enum, kwargs: dict, arch: dict):
+    """Build torchvision's ``name`` with its weights: ``"default"`` loads ``weights_enum`` through the
+    torch hub cache (a clear offline error when missing), ``None`` a seeded random model and a path the
+    user's state dict; the random / file model is built with ``arch`` (``kwargs`` plus the
+    source's own architecture arguments). Returns (model, weights id, note or None). Shared by the
+    classifiers and the detectors / segmenters."""
+    import torchvision
+
+    if weights == "default":
+        fetch_url(weights_enum.url, name)
+        try:
+            model = torchvision.models.get_model(name, weights=weights_enum, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{name}: {exc}") from None
+        except Exception as exc:
+            raise WeightsError(f"could not load the cached weights of {name}: {exc}") from None
+        return model, str(weights_enum), None
+
+    def build(num_classes: int | None = None):
+        extra = {"num_classes": num_classes} if num_classes else {}
+        return _seeded(lambda: torchvision.models.get_model(name, weights=None, **{**arch, **extra}))
+
+    try:
+        model = build()
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{name}: {exc}") from None
+    return random_or_file(model, weights, build, name)
+
+
 def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
     """Build torchvision's ``name``: pretrained (``"default"``), seeded random (None) or a user's file.
 
@@ -77,34 +106,16 @@ def torchvision_source(name: str, weights, kwargs: dict) -> SourceModel:
     labels: list[str] | None = categories
     labels_from = f"torchvision {weights_enum}"
     notes, head_note = [], None
-    if weights == "default":
-        fetch_url(weights_enum.url, name)
-        try:
-            model = torchvision.models.get_model(name, weights=weights_enum, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{name}: {exc}") from None
-        except Exception as exc:
-            raise WeightsError(f"could not load the cached weights of {name}: {exc}") from None
-        weights_id = str(weights_enum)
-    else:
-        arch = dict(kwargs)
+    arch = dict(kwargs)
+    if weights != "default":
         if name.startswith("vit_") and isinstance(pre.crop, int):
             arch.setdefault("image_size", pre.crop)
         if name in ("googlenet", "inception_v3"):  # PyTorch's initialisation (torchvision's own is
             arch.setdefault("init_weights", False)  # slow, about to change, and warns)
-
-        def build(num_classes: int | None = None):
-            extra = {"num_classes": num_classes} if num_classes else {}
-            return _seeded(lambda: torchvision.models.get_model(name, weights=None, **{**arch, **extra}))
-
-        try:
-            model = build()
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{name}: {exc}") from None
-        model, weights_id, note = random_or_file(model, weights, build, name)
-        notes += [note] if note else []
-        if weights is not None:
-            head_note = note  # the file's head has another number of classes
+    model, weights_id, note = torchvision_model(name, weights, weights_enum, kwargs, arch)
+    notes += [note] if note else []
+    if weights not in ("default", None):
+        head_note = note  # the file's head has another number of classes
     if head_note or kwargs.get("num_classes", len(categories)) != len(categories):  # another head: no labels
         labels, labels_from = None, "class indices"
     return SourceModel(

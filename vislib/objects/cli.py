@@ -77,8 +77,8 @@ def evaluate_command(args) -> int:
     """``vislib evaluate`` on a detection or segmentation set: metrics and the error list to OUT."""
     import json
     import sys
-    from pathlib import Path
 
+    from ..cli import output_folder, weights_arg
     from ..errors import VislibError
     from ..models import load_model
     from .datasets import open_object_set
@@ -86,17 +86,13 @@ def evaluate_command(args) -> int:
 
     if args.engine != "local":
         raise VislibError("detection and segmentation sets run on the local engine (--engine ray: not yet)")
-    weights = None if args.weights.lower() == "none" else args.weights
+    weights = weights_arg(args.weights)
     bundle = load_model(args.model, weights=weights, device=args.device)
     if bundle.task == "classification":
         raise VislibError(f"{args.data} is a detection / segmentation set but {bundle.name} is a classifier; "
                           f"pass --model shapes_det, shapes_seg or another detector / segmenter")
     items = open_object_set(args.data, bundle.labels, limit=args.limit)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VislibError(f"cannot create output folder {out}: {exc.strerror}") from None
+    out = output_folder(args.out)
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total}", end="", file=sys.stderr)
 
