@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import cast
 
 import numpy as np
 import torch
@@ -273,7 +272,7 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
     part.probs = output_scores(getattr(bundle, "scores", "logits"), ctx.logits).cpu().numpy()
     n = inputs.shape[0]
     part.targets = ctx.targets.cpu().tolist() if ctx.targets is not None else [None] * n
-    part.what = cast("Target | None", ctx.bound)  # ExplainContext types it as object
+    part.what = ctx.bound
     job.notes += [n for n in ctx.notes if n not in job.notes]
     if ctx.contrast is not None:
         part.contrast = ctx.contrast.cpu().tolist()
