@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..errors import Cancelled, MethodError
 
 if TYPE_CHECKING:
+    from ..models import ModelBundle
     from ..targets import Target
 
 METHODS: dict[str, type[Method]] = {}
@@ -101,7 +102,7 @@ class ExplainContext:
     forward's output binds it (:meth:`set_logits`): ``bound`` scores any rows of outputs,
     ``targets`` / ``contrast`` are its per-image class indices where it has a class axis."""
 
-    bundle: object
+    bundle: ModelBundle  # or an object with its interface (a detector's box view, ...)
     inputs: torch.Tensor  # N×3×H×W on the model's device
     layer: str
     score: str = "logit"  # "logit" or "probability" (of the class / label targets)
