@@ -44,7 +44,7 @@ class Explanation:
     timings: dict[str, float]
     pass_timings: dict[str, float]
     probs: np.ndarray
-    target: int | list[int] | None  # the class / label index explained (None: a target without classes)
+    target: int | list[int | None] | None  # the class / label index explained (None: a classless target)
     input_image: Image.Image | list[Image.Image]
     labels: list[str]
     layer: str
@@ -135,24 +135,23 @@ def explain(
     total)`` is called by long methods; setting ``cancel`` stops them (raising ``Cancelled``);
     ``on_wait()`` is called if the explanation has to wait for a free GPU slot.
     """
-    if isinstance(bundle, str):
-        bundle = load_model(bundle)
+    model: ModelBundle = load_model(bundle) if isinstance(bundle, str) else bundle
     if score not in SCORES:
         raise MethodError(f"score must be one of {SCORES}, not {score!r}")
     names = parse_methods(methods)
-    refused = [r for n in names if (r := METHODS[n].refuses_task(getattr(bundle, "task", "classification")))]
+    refused = [r for n in names if (r := METHODS[n].refuses_task(getattr(model, "task", "classification")))]
     if refused:
         raise MethodError("; ".join(refused))
     if contrast is not None:
         check_contrastive(names)
-    what = resolve_target(bundle, target, score=score, contrast=contrast)
-    bundle, note = what.prepare(bundle)
+    what = resolve_target(model, target, score=score, contrast=contrast)
+    model, note = what.prepare(model)  # maybe another view of the model (e.g. its embedding)
     check_target(names, what)
-    prepared = _prepare_inputs(bundle, image_or_batch)
-    layer_name, _ = resolve_layer(bundle, layer)
+    prepared = _prepare_inputs(model, image_or_batch)
+    layer_name, _ = resolve_layer(model, layer)
     job = _Job(names=names, layer=layer_name, score=what.score_name, options=options or {},
                progress=progress, cancel=cancel, cache=cache, notes=[note] if note else [])
-    return explain_prepared(bundle, prepared, what, job, on_wait)
+    return explain_prepared(model, prepared, what, job, on_wait)
 
 
 def explain_prepared(bundle: ModelBundle, prepared: tuple[bool, list, torch.Tensor], what: Target, job: _Job,
@@ -227,7 +226,7 @@ class _Part:
     timings: dict[str, float]
     pass_timings: dict[str, float]
     probs: np.ndarray
-    targets: list[int]
+    targets: list[int | None]  # None: a target without classes
     extras: dict[str, dict]
     contrast: list[int] | None = None
     reused: list[str] = field(default_factory=list)
@@ -255,7 +254,7 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
         with bundle.lock, torch.no_grad(), Stopwatch(bundle.device) as sw:
             ctx.set_logits(bundle.logits(inputs))
         ctx.pass_timings["forward"] = sw.seconds
-    size = tuple(inputs.shape[-2:])
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     part = _Part({}, {}, {}, {}, dict(ctx.pass_timings), probs=np.empty(0), targets=[], extras={},
                  reused=[n for n in job.names if n not in missing])
     for name in job.names:
@@ -269,6 +268,7 @@ def _compute(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Job) -> _P
         part.timings[name] = result.seconds + sw.seconds
         if result.extra:
             part.extras[name] = result.extra
+    assert ctx.logits is not None  # set by the forward above
     part.probs = output_scores(getattr(bundle, "scores", "logits"), ctx.logits).cpu().numpy()
     n = inputs.shape[0]
     part.targets = ctx.targets.cpu().tolist() if ctx.targets is not None else [None] * n
@@ -335,6 +335,7 @@ def _compute_chunked(bundle: ModelBundle, inputs: torch.Tensor, target, job: _Jo
         part = piece if part is None else _merge(part, piece)
         done_before += last["total"]
         start = stop
+    assert part is not None  # graph_chunks gives at least one chunk
     return part
 
 
@@ -401,7 +402,7 @@ def _merge(a: _Part, b: _Part) -> _Part:
                       for k in {**a.pass_timings, **b.pass_timings}},
         probs=cat(a.probs, b.probs), targets=a.targets + b.targets, reused=a.reused,
         what=_cat_what(a.what, b.what),
-        contrast=None if a.contrast is None else a.contrast + b.contrast,
+        contrast=None if a.contrast is None or b.contrast is None else a.contrast + b.contrast,  # all or none
         extras={m: _merge_extras(a.extras.get(m, {}), b.extras.get(m, {})) for m in {**a.extras, **b.extras}},
     )
 

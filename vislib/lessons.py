@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,8 +38,12 @@ from .hooks import resolve_layer
 from .imageio import load_image
 from .methods import METHODS
 from .methods.base import ExplainContext
+from .methods.cam import CAMMethod
 from .methods.registry import FAMILY_RUNNERS
 from .metrics import spearman, ssim
+
+if TYPE_CHECKING:
+    from .concepts import Concepts
 
 # --------------------------------------------------------------------------------------------------
 # One CAM-family pass, exactly as explain() runs it
@@ -79,6 +84,7 @@ def cam_pass(bundle, image, layer: str | None = None, target=None, methods: Sequ
     with device_slot(bundle.device):  # counts against the concurrent GPU explanations, like explain()
         results = FAMILY_RUNNERS["cam"](ctx, list(methods), {})
     shared = ctx.shared["cam_pass"]
+    assert ctx.logits is not None and ctx.targets is not None  # the CAM runner's forward set them
     return CamPass(view, inputs, layer_name, shared["activation"], shared["gradient"], ctx.logits,
                    int(ctx.targets[0])), results
 
@@ -126,7 +132,7 @@ def gradcam_steps(bundle, image, layer: str | None = None, target=None, top: int
     alpha = g.mean(dim=(1, 2))
     combination = torch.einsum("c,chw->hw", alpha, A)
     relu = F.relu(combination)
-    size = tuple(passed.inputs.shape[-2:])
+    size = (int(passed.inputs.shape[-2]), int(passed.inputs.shape[-1]))
     upsampled = F.interpolate(relu[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     normalised, flat = normalize_maps(relu[None], size)
     order = torch.argsort(alpha, descending=True)[: max(0, min(top, alpha.numel()))]
@@ -208,8 +214,10 @@ def cam_equality(bundle, image, layer: str | None = None, target=None) -> CamEqu
     head = gap_linear_head(bundle.model, A, passed.logits, passed.layer)
     w = head.weight.detach()[passed.target]
     b = float(head.bias.detach()[passed.target]) if head.bias is not None else 0.0
-    cam = METHODS["cam"]().saliency(A, g, class_weights=w[None])[0]
-    grad = METHODS["gradcam"]().saliency(A, g)[0]
+    cam_method, gradcam_method = METHODS["cam"](), METHODS["gradcam"]()
+    assert isinstance(cam_method, CAMMethod) and isinstance(gradcam_method, CAMMethod)  # the registry's CAMs
+    cam = cam_method.saliency(A, g, class_weights=w[None])[0]
+    grad = gradcam_method.saliency(A, g)[0]
     expl = explain(bundle, passed.inputs[0], ["cam", "gradcam"], layer=passed.layer, target=passed.target)
     return CamEquality(
         layer=passed.layer, target=passed.target, label=bundle.labels[passed.target], Z=int(A[0, 0].numel()),
@@ -390,7 +398,7 @@ def multi_instance_study(
             masks = [_mask_to_view(bundle, m) for m in sample.masks]
             maps = {m: expl.maps[m][j] for m in methods}
             images.append(MultiInstanceImage(
-                index=sample.index, label=sample.label, view=expl.input_image[j], masks=masks, maps=maps,
+                index=sample.index, label=sample.label, view=expl.view(j), masks=masks, maps=maps,
                 covered={m: covered_instances(maps[m], masks, threshold=threshold, statistic=statistic)
                          for m in methods},
                 predicted=int(np.argmax(expl.probs[j])),
@@ -470,7 +478,7 @@ def reinitialise(model: nn.Module, names: Sequence[str], seed: int) -> None:
         for name in names:
             for module in model.get_submodule(name).modules():
                 if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                    module.reset_parameters()  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 @dataclass
@@ -537,7 +545,7 @@ def cascading_randomisation(
     image = load_image(image)  # decoded once; explain() makes the model's view of it each time
     view = bundle.input_view(image)
     original = explain(bundle, image, methods, layer=layer_name, target=target)
-    tgt = int(original.target)
+    tgt = original.class_index()
     units = randomisation_units(bundle.model)[::-1]
     if max_units is not None:
         units = units[:max_units]
@@ -578,7 +586,7 @@ class ConceptLesson:
     concept lies relative to the objects' masks."""
 
     model: str
-    concepts: object  # vislib.concepts.Concepts, batched: maps N×k×H×W
+    concepts: Concepts  # batched: maps N×k×H×W
     labels: list[int]  # each image's true class
     masks: np.ndarray  # N×H×W bool: the objects at the model's input view
     on_object: np.ndarray  # k: share of each concept's map mass inside the objects
@@ -739,7 +747,7 @@ def _enlarge(img: Image.Image, size: int | None) -> Image.Image:
     if size is None or max(img.size) >= size:
         return img
     factor = max(1, size // max(img.size))
-    return img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+    return img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
 
 
 def activation_tiles(maps: np.ndarray, *, columns: int = 3, scale: int = 4) -> Image.Image:
@@ -832,7 +840,7 @@ def sanity_sentence(check: SanityCheck, titles=None) -> str:
 
     def ranked(step: int) -> str:
         values = check.steps[step].spearman
-        order = sorted(values, key=values.get, reverse=True)
+        order = sorted(values, key=lambda m: values[m], reverse=True)
         return ", ".join(f"{name(m)} {values[m]:.2f}" for m in order)
 
     if len(check.steps) < 2:
@@ -894,7 +902,7 @@ def shortcut_lesson(clean_bundle, shortcut_bundle, index: int = 0, method: str =
         for marked, image in images.items():
             result = explain(bundle, image, methods=[method])
             top = result.top_k(1)[0]
-            view_w, view_h = result.input_image.size
+            view_w, view_h = result.view().size
             sx, sy = view_w / IMAGE_SIZE, view_h / IMAGE_SIZE
             box = (int(MARK_BOX[0] * sx), int(MARK_BOX[1] * sy), math.ceil(MARK_BOX[2] * sx),
                    math.ceil(MARK_BOX[3] * sy))

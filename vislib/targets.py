@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class Target:
 
     # -- before the forward ------------------------------------------------------------------------
 
-    def prepare(self, bundle) -> tuple[object, str | None]:
+    def prepare(self, bundle) -> tuple[Any, str | None]:
         """The bundle to explain this target on (another view of the same model, e.g. its embedding)
         and a note for the user saying so, or ``(bundle, None)``."""
         return bundle, None

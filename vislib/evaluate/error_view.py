@@ -75,7 +75,7 @@ def explain_error(bundle: ModelBundle, images: ImageSet, index: int,
     true = int(images.targets[index])
     first = explain(bundle, inputs, names, layer=layer, target=None, cancel=cancel)
     assert isinstance(first.target, list) and isinstance(first.input_image, list)  # a batch (of one)
-    predicted = int(first.target[0])
+    predicted = first.class_index(0)  # target=None: the top class, never None
     classes = [predicted] if predicted == true else [predicted, true]
     result = first if predicted == true else explain(bundle, inputs.expand(2, -1, -1, -1), names,
                                                     layer=layer, target=classes, cancel=cancel)

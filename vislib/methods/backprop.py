@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ def backprop_pass(
     x = x.detach().requires_grad_(True)
     needs_mode = any(r != "gradient" for r in rules)
     mode = relu_rule("gradient") if needs_mode else nullcontext(ReluRule())
+    capture: AbstractContextManager[Captured]
     if layer_module is not None:
         capture = capture_layer(layer_module, keep_graph=True, view=layer_view)
     else:
@@ -133,14 +134,16 @@ def backprop_pass(
         state.rule = "gradient" if name == "layer" else name
         with Stopwatch(bundle.device) as backward:
             if name == "layer":
-                (g,) = torch.autograd.grad(score, captured.activation, retain_graph=keep)
-                result.activation, result.layer_gradient = captured.activation.detach(), g
+                activation = captured.activation
+                assert activation is not None  # checked after the forward
+                (g,) = torch.autograd.grad(score, activation, retain_graph=keep)
+                result.activation, result.layer_gradient = activation.detach(), g
             elif name == "gradient" and recorded.calls:
                 tensors = [out for _, out in recorded.calls]
                 g, *rest = torch.autograd.grad(score, [x, *tensors], retain_graph=keep, allow_unused=True)
                 result.signals[name] = g
                 result.outputs = [(module, out.detach()) for module, out in recorded.calls]
-                result.output_gradients = rest
+                result.output_gradients = list(rest)  # None where a module's output was unused
             else:
                 (g,) = torch.autograd.grad(score, x, retain_graph=keep)
                 result.signals[name] = g
@@ -386,8 +389,10 @@ def integrated_gradients(
         idx = slice(start, min(start + batch_size, n * steps))
         s, a = sample[idx], alpha[idx]
         points = x0[s] + a.view(-1, 1, 1, 1) * delta[s]
-        result = backprop_pass(bundle, points, lambda lg, rows=owner[s]: ctx.row_scores(lg, rows),
-                               ["gradient"])
+        def path_scores(lg: torch.Tensor, rows: torch.Tensor = owner[s]) -> torch.Tensor:
+            return ctx.row_scores(lg, rows)
+
+        result = backprop_pass(bundle, points, path_scores, ["gradient"])
         total.index_add_(0, s, result.signals["gradient"] * weight[idx].view(-1, 1, 1, 1))
         if report is not None:
             report(idx.stop)
@@ -409,7 +414,7 @@ def integrated_gradients(
 
 
 def _rule_of(name: str) -> str:
-    return get_method(name).rule
+    return cast("type[BackpropMethod]", get_method(name)).rule  # a backprop-family name
 
 
 DIRECT = ("gradient", "deconvnet", "guided_backprop", "guided_gradcam", "input_x_gradient", "fullgrad")
@@ -419,7 +424,8 @@ DIRECT = ("gradient", "deconvnet", "guided_backprop", "guided_gradcam", "input_x
 def run_backprop_family(ctx: ExplainContext, names: list[str], options: dict) -> dict[str, MethodResult]:
     """All requested backprop-family methods; the plain-input ones share one forward pass."""
     bundle = ctx.bundle
-    methods = {n: get_method(n)(**(options.get(n) or {})) for n in names}
+    # the family "backprop" names are BackpropMethod classes
+    methods = cast("dict[str, BackpropMethod]", {n: get_method(n)(**(options.get(n) or {})) for n in names})
     results: dict[str, MethodResult] = {}
     direct = [n for n in names if n in DIRECT]
     if direct:
@@ -478,13 +484,13 @@ def _run_direct(ctx: ExplainContext, names: list[str], options: dict[str, dict])
     """The methods of :data:`DIRECT` on the clean input: one forward, one backward per distinct rule
     (guided backprop and guided Grad-CAM share theirs; gradient, Input × Gradient and FullGrad theirs,
     FullGrad's bias-gradients included), or a pass recorded earlier for them (``ctx.shared``)."""
-    psi = options["fullgrad"]["psi"] if "fullgrad" in names else None
     reuse = _cam_pass_for(ctx) if "guided_gradcam" in names else None
     passed = ctx.shared.get("direct_pass")
     fresh = not _reusable(passed, names, reuse)
     if fresh:
         passed = direct_pass(ctx, names, options, with_layer="guided_gradcam" in names and reuse is None)
         ctx.shared["direct_pass"] = passed
+    assert passed is not None  # reused only when _reusable() found it
     ctx.check_cancel()
     results = {}
     for name in names:
@@ -496,12 +502,14 @@ def _run_direct(ctx: ExplainContext, names: list[str], options: dict[str, dict])
                 extra.update(activation_report(passed.state, rule))
             if name == "guided_gradcam":
                 A, g = reuse if reuse is not None else (passed.activation, passed.layer_gradient)
-                signal = signal * gradcam_map(A, g, tuple(signal.shape[-2:])).unsqueeze(1)
+                assert A is not None and g is not None  # the pass ran with the layer when none was reused
+                size = (int(signal.shape[-2]), int(signal.shape[-1]))
+                signal = signal * gradcam_map(A, g, size).unsqueeze(1)
                 extra["gradcam_pass"] = "shared with the CAM family" if reuse is not None else "own"
             elif name == "input_x_gradient":
                 signal = ctx.inputs.detach() * signal
             if name == "fullgrad":
-                signal, extra = _fullgrad_result(ctx.inputs, passed, psi)
+                signal, extra = _fullgrad_result(ctx.inputs, passed, options["fullgrad"]["psi"])
             else:
                 extra["display"] = display_map(signal)
         charged = passed.backward_seconds[rule] if fresh else 0.0  # a reused backward cost nothing now
@@ -515,8 +523,9 @@ def _fullgrad_result(x: torch.Tensor, passed: BackpropPass, psi: str) -> tuple[t
     modules = [module for module, _ in passed.outputs]
     terms = fg.bias_terms(passed.outputs, passed.output_gradients)
     fullmap, spatial = fg.fullgrad_map(x, grad_x, terms, psi)
+    assert passed.score is not None  # backprop_pass records the scores
     numbers = fg.completeness(x, grad_x, terms, passed.score)
-    extra = {k: v.tolist() for k, v in numbers.items()}
+    extra: dict[str, object] = {k: v.tolist() for k, v in numbers.items()}
     gap = numbers["completeness_gap"].abs() / numbers["score"].abs().clamp_min(1e-12)
     extra["relative_gap"] = gap.tolist()
     extra.update(psi=psi, bias_layers=len(dict.fromkeys(modules)), spatial_terms=spatial,
@@ -553,7 +562,8 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
     level = float(opts["level"])
     if not (math.isfinite(level) and level >= 0):
         raise MethodError(f"smoothgrad: level must be a non-negative number, not {opts['level']!r}")
-    base_opts = {**get_method(base).defaults, **(all_options.get(base) or {}), **(opts["base_options"] or {})}
+    base_defaults = cast("type[BackpropMethod]", get_method(base)).defaults  # a backprop-family base
+    base_opts = {**base_defaults, **(all_options.get(base) or {}), **(opts["base_options"] or {})}
     get_method(base)(**base_opts)  # validates the base's options
     x = ctx.inputs.detach()
     n = x.shape[0]
@@ -578,8 +588,10 @@ def _run_smoothgrad(ctx: ExplainContext, opts: dict, all_options: dict) -> Metho
         if mode == "mean":
             out = mean
         elif mode == "square":
+            assert squares is not None  # kept for every mode but "mean"
             out = squares / n_samples
         else:  # a variance: never below zero, whatever the rounding
+            assert squares is not None
             out = (squares / n_samples - mean * mean).clamp_min_(0)
         out = out.to(x.dtype)
         extra = {"base": base, "mode": mode, "n_samples": n_samples, "level": level, "sigma": sigma.tolist(),
@@ -603,7 +615,8 @@ def _base_signal(ctx: ExplainContext, base: str, opts: dict, x: torch.Tensor, sa
                            layer_module=layer_module, layer_view=ctx.bundle.view(ctx.layer))
     signal = passed.signals[rule]
     if base == "guided_gradcam":
-        cam = gradcam_map(passed.activation, passed.layer_gradient, tuple(x.shape[-2:]))
+        assert passed.activation is not None and passed.layer_gradient is not None  # run with the layer
+        cam = gradcam_map(passed.activation, passed.layer_gradient, (int(x.shape[-2]), int(x.shape[-1])))
         signal = signal * cam.unsqueeze(1)
     elif base == "input_x_gradient":
         signal = x.detach() * signal  # the noisy copy times its gradient (Captum NoiseTunnel(InputXGradient))

@@ -6,12 +6,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled, MethodError
+
+if TYPE_CHECKING:
+    from ..models import ModelBundle
+    from ..targets import Target
 
 METHODS: dict[str, type[Method]] = {}
 FAMILY_TITLES = {"cam": "CAM family", "backprop": "Backprop family", "perturbation": "Perturbation"}
@@ -98,7 +102,7 @@ class ExplainContext:
     forward's output binds it (:meth:`set_logits`): ``bound`` scores any rows of outputs,
     ``targets`` / ``contrast`` are its per-image class indices where it has a class axis."""
 
-    bundle: object
+    bundle: ModelBundle  # or an object with its interface (a detector's box view, ...)
     inputs: torch.Tensor  # N×3×H×W on the model's device
     layer: str
     score: str = "logit"  # "logit" or "probability" (of the class / label targets)
@@ -113,8 +117,8 @@ class ExplainContext:
     pass_timings: dict[str, float] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # results one family offers another (e.g. Grad-CAM)
     notes: list[str] = field(default_factory=list)  # for the user, e.g. a layer the gradient misses
-    target: object = None  # the Target explained (built from the specs when None)
-    bound: object = None  # the target bound to this batch (after the first forward)
+    target: Target | None = None  # the Target explained (built from the specs when None)
+    bound: Target | None = None  # the target bound to this batch (after the first forward)
 
     def __post_init__(self):
         if self.target is None:
@@ -131,6 +135,7 @@ class ExplainContext:
             # leaves the context as it was, so a caller that catches the error cannot go on with
             # logits but no targets.
             detached = logits.detach()
+            assert self.target is not None  # built in __post_init__
             bound = self.target.bind(detached, self.bundle)
             self.logits, self.bound = detached, bound
             self.targets, self.contrast = bound.class_index, bound.contrast_index
@@ -139,20 +144,24 @@ class ExplainContext:
     def class_score(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-sample score explained (the target's: S_A, or S_A − S_B with a contrast class B)."""
         self.set_logits(logits)
+        assert self.bound is not None  # set_logits bound it
         return self.bound.score(logits)
 
     def row_scores(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The target's score of output rows that belong to images ``rows`` (noisy copies, path points,
         perturbed inputs); the first forward must have bound the target."""
+        assert self.bound is not None, "the first forward binds the target"
         return self.bound.score(output, rows)
 
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(targets, contrast) of the samples ``index`` (for copies of samples: noisy inputs, paths)."""
+        assert self.targets is not None, "rows() needs a target with classes, bound by the first forward"
         return self.targets[index], None if self.contrast is None else self.contrast[index]
 
     @property
     def target_key(self) -> str:
         """What identifies the bound target's score (the pass cache's key)."""
+        assert self.bound is not None, "the first forward binds the target"
         return self.bound.key()
 
     def check_cancel(self) -> None:

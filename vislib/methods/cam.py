@@ -248,6 +248,7 @@ def run_cam_family(ctx: ExplainContext, names: list[str], options: dict) -> dict
     methods = [get_method(n)(**(options.get(n) or {})) for n in names]
     groups: dict[tuple, list[CAMMethod]] = {}
     for method in methods:
+        assert isinstance(method, CAMMethod)  # the CAM runner gets CAM-family names only
         groups.setdefault(method.pass_key, []).append(method)
     results: dict[str, MethodResult] = {}
     for (aug_smooth, fuse), group in groups.items():

@@ -61,6 +61,7 @@ def run_group(ctx: ExplainContext, methods: list, *, aug_smooth: bool, fuse_laye
             if any(m.name == "cam" for m in methods):
                 from .cam import gap_linear_head
 
+                assert ctx.logits is not None and ctx.bound is not None  # cam_pass's forward set them
                 head = gap_linear_head(bundle.model, passes[0].activation, ctx.logits, ctx.layer)
                 # the target's coefficients on the outputs (one-hot for a class, minus the contrast's)
                 class_weights = ctx.bound.head_rows(ctx.logits).to(head.weight.dtype) @ head.weight.detach()
@@ -124,10 +125,11 @@ def cam_pass(ctx: ExplainContext, x: torch.Tensor, modules: list, methods: list,
             stack.enter_context(torch.no_grad())
         logits = bundle.logits(x)
     _add_time(ctx, prefix + "forward", forward.seconds)
+    activations: list[torch.Tensor] = []
     for (name, _), captured in zip(modules, captures, strict=True):
         if captured.activation is None:
             raise MethodError(f"layer {name!r} did not run during the forward pass")
-    activations = [c.activation for c in captures]
+        activations.append(captured.activation)
     passes = [LayerPass(name, A.detach()) for (name, _), A in zip(modules, activations, strict=True)]
     ctx.set_logits(logits)
     with torch.enable_grad():
@@ -211,6 +213,7 @@ def fuse_maps(maps: list[torch.Tensor], gamma: float = SHALLOW_GAMMA) -> torch.T
         if size != largest:
             unit = F.interpolate(unit.unsqueeze(1), size=largest, mode="bilinear", align_corners=False)[:, 0]
         fused = unit if fused is None else torch.maximum(fused, unit)
+    assert fused is not None  # at least one layer's map
     return fused
 
 

@@ -185,7 +185,8 @@ FINER_WEIGHTINGS = ("softmax", "mean")
 
 def finer_bases() -> list[str]:
     """The gradient methods of the CAM family Finer-CAM can run on."""
-    return [n for n, c in METHODS.items() if c.family == "cam" and c.needs_gradients and n != "finercam"]
+    return [n for n, c in METHODS.items()
+            if c.family == "cam" and issubclass(c, CAMMethod) and c.needs_gradients and n != "finercam"]
 
 
 @register_method
@@ -243,10 +244,12 @@ class FinerCAM(CAMMethod):
     def comparisons(self, ctx: ExplainContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(N×T comparison classes, N×T weights), from the unperturbed logits."""
         if self._plan is None:
+            assert ctx.logits is not None  # planned after the first forward
             logits, targets = ctx.logits.float(), ctx.targets
             if ctx.contrast is not None:
                 classes = ctx.contrast.view(-1, 1)
             else:
+                assert targets is not None  # Finer-CAM explains a class
                 count = min(self.options["comparisons"], logits.shape[1] - 1)
                 gap = (logits - logits.gather(1, targets.view(-1, 1))).abs()
                 gap.scatter_(1, targets.view(-1, 1), float("inf"))
@@ -262,6 +265,7 @@ class FinerCAM(CAMMethod):
     def score(self, ctx: ExplainContext, logits: torch.Tensor) -> torch.Tensor:
         classes, weights = self.comparisons(ctx)
         ctx.set_logits(logits)
+        assert ctx.bound is not None and ctx.targets is not None  # bound to a class by set_logits
         own = ctx.bound.retarget(ctx.targets).score(logits)
         columns = [ctx.bound.retarget(classes[:, j]).score(logits) for j in range(classes.shape[1])]
         others = torch.stack(columns, dim=1) if columns else torch.zeros_like(weights)

@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -188,7 +189,7 @@ class BatchForward:
     def __init__(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, *, mode="auto",
                  channels_last: bool = True, rows: int = 0,
                  run_locked: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda fn: fn(),
-                 select: Callable[[object], torch.Tensor] = lambda out: out):
+                 select: Callable[[Any], torch.Tensor] = lambda out: out):
         self.model, self.inputs, self.logits, self.select = model, inputs, logits, select
         self.mode, self.channels_last, self.rows_left = mode, channels_last, rows
         self.run_locked = run_locked
@@ -219,6 +220,7 @@ class BatchForward:
         start = time.perf_counter()
         with one_thread():
             entry = cached_frozen(self.model, self.inputs)
+            assert entry is not None  # build=True always gives an entry
             checked = self._check(entry.frozen) if entry.frozen is not None else (False, entry.reason)
         if entry.frozen is not None:
             with _COSTS_LOCK:
@@ -308,7 +310,11 @@ class BatchForward:
         path = self.path
         if path == "eager" and batch.dim() == 4:
             batch = memory_layout(batch, self.channels_last)
-        module = self.model if path == "eager" else self.entry.frozen
+        if path == "eager":
+            module: Callable[[torch.Tensor], Any] = self.model
+        else:  # "frozen" or "trial": only set once a copy was adopted
+            assert self.entry is not None and self.entry.frozen is not None
+            module = self.entry.frozen
         seconds = [0.0]
 
         def run() -> torch.Tensor:  # timed inside the lock: waiting for it is not the path's cost

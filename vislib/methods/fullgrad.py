@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +76,13 @@ def bias_layers(model: nn.Module) -> list[nn.Module]:
 def folded_bias(module: nn.Module) -> torch.Tensor:
     """The bias (C,) that ``module`` adds: its ``bias``, or for batch norm β − γμ/√(σ²+ε)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        inv_std = torch.rsqrt(module.running_var + module.eps)
+        mean, var = module.running_mean, module.running_var
+        assert mean is not None and var is not None  # has_bias(): the running statistics exist
+        inv_std = torch.rsqrt(var + module.eps)
         scale = inv_std if module.weight is None else module.weight * inv_std
-        shift = -module.running_mean * scale
+        shift = -mean * scale
         return shift if module.bias is None else module.bias + shift
-    return module.bias
+    return cast(torch.Tensor, module.bias)  # has_bias(): a parameter (nn.Module: Tensor | Module)
 
 
 @dataclass
@@ -154,7 +157,7 @@ def fullgrad_map(x: torch.Tensor, grad_x: torch.Tensor, terms: list[torch.Tensor
     bias terms it sums."""
     if mode not in PSI:
         raise MethodError(f"fullgrad: psi must be one of {', '.join(PSI)}, not {mode!r}")
-    size = tuple(x.shape[-2:])
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     out = psi(x.detach() * grad_x, mode, size)
     spatial = [t for t in terms if t.dim() == 4]
     for term in spatial:

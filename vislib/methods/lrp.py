@@ -46,6 +46,7 @@ import dataclasses
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -57,6 +58,9 @@ from .backprop import BackpropMethod
 from .base import ExplainContext, MethodResult, Stopwatch, register_method
 from .frozen import fingerprint
 from .relu_rules import OTHER_ACTIVATIONS, RELU_FUNCS
+
+if TYPE_CHECKING:
+    from ..models import ModelBundle
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box")
 INSTALL_HINT = install_hint("lrp")
@@ -209,7 +213,7 @@ class PrivateCopy:
     """A deep copy of a shared model (inside a bundle of its own) and the lock of the calls on it."""
 
     key: tuple
-    bundle: object
+    bundle: ModelBundle
     lock: threading.Lock
 
 
@@ -323,6 +327,7 @@ def _check_options(opts: dict) -> tuple[str, float, float]:
 def run_lrp(ctx: ExplainContext, opts: dict) -> MethodResult:
     """LRP of ``ctx.inputs`` for the targets (minus the contrast) on the private copy of the model."""
     composite_name, epsilon, gamma = _check_options(opts)
+    assert ctx.target is not None  # ExplainContext builds it
     if ctx.target.score_name != "logit":
         raise MethodError("lrp explains a logit (its relevance starts at the class logit and has no rule "
                           "through the softmax); use score='logit'")
@@ -371,6 +376,7 @@ def _relevance(private, ctx: ExplainContext, composite) -> tuple[torch.Tensor, t
             raise MethodError(f"lrp cannot explain this model: {watch.problem}. zennit covers {SUPPORTED}.")
         ctx.set_logits(logits)
         ctx.check_cancel()
+        assert ctx.bound is not None  # set_logits bound it
         out = ctx.bound.head_rows(logits.detach())  # e: one-hot of the class (minus the contrast's)
         (relevance,) = torch.autograd.grad(logits, x, grad_outputs=out * logits.detach())
     return relevance, logits.detach(), watch.relus

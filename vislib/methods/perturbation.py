@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -396,6 +396,7 @@ class Occlusion(PerturbationMethod):
 
         def run() -> tuple[torch.Tensor, dict]:
             session.logits()
+            assert ctx.bound is not None and ctx.logits is not None  # session.logits() set them
             target = ctx.bound.with_score(score)
             base = target.score(ctx.logits.float())
             occluded = session.scores(total, make_batch, owner, target, self.batch_size,
@@ -437,7 +438,8 @@ class Occlusion(PerturbationMethod):
 @register_family("perturbation")
 def run_perturbation_family(ctx: ExplainContext, names: list[str], options: dict) -> dict[str, MethodResult]:
     """All requested perturbation methods, with progress over the sum of their forwards."""
-    methods = [get_method(name)(**options.get(name, {})) for name in names]
+    # the family "perturbation" names are PerturbationMethod classes
+    methods = cast("list[PerturbationMethod]", [get_method(name)(**options.get(name, {})) for name in names])
     session = Session(ctx)
     if any(m.needs_activation for m in methods):
         session.activation()

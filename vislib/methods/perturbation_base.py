@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,7 @@ class Session:
             with self.bundle.lock, torch.no_grad(), Stopwatch(self.device) as sw:
                 self.ctx.set_logits(self.bundle.logits(self.ctx.inputs))
             self.ctx.pass_timings["forward"] = sw.seconds
+        assert self.ctx.logits is not None  # set_logits recorded it
         return self.ctx.logits
 
     def advance(self, count: int) -> None:
@@ -107,7 +108,7 @@ class Session:
     def scores(
         self,
         rows: int,
-        make_batch: Callable[[int, int], object],
+        make_batch: Callable[[int, int], Any],  # input batches, or whatever ``forward`` takes
         samples: torch.Tensor,
         target,
         batch_size: int,
@@ -131,6 +132,7 @@ class Session:
         forward only. On CUDA, a batch that runs out of memory is retried at half the size.
         """
         reduced = precision != "fp32"
+        runner: Callable[[Any], torch.Tensor]
         if forward is None:
             runner = BatchForward(self.bundle.model, self.ctx.inputs, self.logits(),
                                   mode=False if reduced else fast_forward, channels_last=channels_last,
@@ -139,8 +141,10 @@ class Session:
             if reduced:
                 runner.reason = f"precision={precision}: autocast runs eager forwards"
         else:
-            def runner(batch):
+            def run_given(batch):
                 return self._locked(lambda: forward(batch))
+
+            runner = run_given
         parts, start, size, halvings = [], 0, batch_size, 0
         while start < rows:
             stop = min(start + size, rows)
@@ -191,6 +195,11 @@ class PerturbationMethod(Method):
 
     def plan(self, session: Session) -> Plan:
         raise NotImplementedError
+
+    @overload
+    def int_option(self, key: str, default: int, low: int = 1) -> int: ...
+    @overload
+    def int_option(self, key: str, default: int | None, low: int = 1) -> int | None: ...
 
     def int_option(self, key: str, default: int | None, low: int = 1) -> int | None:
         value = self.options.get(key, default)

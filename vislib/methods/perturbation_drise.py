@@ -73,7 +73,7 @@ def drise_saliency(masks: torch.Tensor, weights: torch.Tensor, p: float) -> torc
     return torch.einsum("nk,nhw->khw", weights, masks) / (masks.shape[0] * p)
 
 
-def target_detections(bundle, inputs: torch.Tensor, targets: torch.Tensor, detections: list[dict]
+def target_detections(bundle, inputs: torch.Tensor, targets: torch.Tensor | None, detections: list[dict]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(boxes N×4, class vectors N×C) of what each sample explains: a box target's box (its matching
     detection's score for P_t, 1 if none matches), or the best detection of the target class."""
@@ -83,6 +83,7 @@ def target_detections(bundle, inputs: torch.Tensor, targets: torch.Tensor, detec
     boxes, vectors = [], []
     for n, det in enumerate(detections):
         t = 0 if targets is None else int(targets[n])  # a Box target: the view's one column
+        label: torch.Tensor | int  # a box's label (a tensor), or the target class
         if isinstance(bundle.output, BoxScores):
             box, label = bundle.output.boxes[t].to(inputs.device), bundle.output.labels[t]
             same = (det["labels"] == label) | (label < 0)

@@ -30,7 +30,7 @@ report them in their extras (:func:`activation_report`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -114,7 +114,7 @@ _MAXPOOL_FUNCS = frozenset({F.max_pool2d, torch.max_pool2d})
 
 def _activation_funcs() -> dict:
     """Functions of the activations other than ReLU (as modules and functional calls reach them)."""
-    names = {
+    names: dict[str, list[Callable]] = {
         "gelu": [F.gelu], "silu": [F.silu], "hardswish": [F.hardswish], "mish": [F.mish],
         "relu6/hardtanh": [F.hardtanh, F.hardtanh_, F.relu6], "leaky_relu": [F.leaky_relu, F.leaky_relu_],
         "elu": [F.elu, F.elu_], "selu": [F.selu], "celu": [F.celu], "softplus": [F.softplus],

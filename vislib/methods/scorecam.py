@@ -143,12 +143,13 @@ class MaskedScores(PerturbationMethod):
         constant = hi == lo
         considered = torch.ones_like(constant)
         approximate = top_k is not None and top_k < c
-        if approximate:
+        if approximate and top_k is not None:  # (approximate implies it; for the type checker)
             considered = torch.zeros_like(constant)
             considered.scatter_(1, flat.mean(dim=2).topk(top_k, dim=1).indices, True)
         span = torch.where(constant, torch.ones_like(hi), hi - lo).unsqueeze(2)
         normed = torch.where(constant.unsqueeze(2), 0.0, (flat - lo.unsqueeze(2)) / span)
-        groups, feats, owner = [], [], []
+        groups, owner = [], []
+        feats: list[torch.Tensor] = []
         for i in range(n):
             wanted = considered[i] & ~constant[i] if dedupe else considered[i]
             channels = wanted.nonzero().squeeze(1)
@@ -165,7 +166,7 @@ class MaskedScores(PerturbationMethod):
         masks_count = len(feats_all)
         rows_total = draws * masks_count
         zero_pass = dedupe and bool((considered & constant).any())
-        size = tuple(ctx.inputs.shape[-2:])
+        size = (int(ctx.inputs.shape[-2]), int(ctx.inputs.shape[-1]))
 
         def batches() -> Callable[[int, int], torch.Tensor]:
             perturb = self.perturbation(size, ctx.inputs.device)

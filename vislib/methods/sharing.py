@@ -23,11 +23,15 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..errors import VislibError
 from .base import ExplainContext, MethodResult, get_method
+
+if TYPE_CHECKING:
+    from .cam import CAMMethod
 
 DEFAULT_PASS_KEY = (False, ())  # a CAM method's pass without aug_smooth or fusion
 
@@ -47,7 +51,8 @@ def share_forward(ctx: ExplainContext, names: list[str], options: dict) -> bool:
     if not direct or not cams or "cam_pass" in ctx.shared or "direct_pass" in ctx.shared:
         return False
     try:
-        methods = [get_method(n)(**(options.get(n) or {})) for n in cams]
+        # the family "cam" names are CAMMethod classes
+        methods = cast("list[CAMMethod]", [get_method(n)(**(options.get(n) or {})) for n in cams])
         direct_opts = {n: get_method(n)(**(options.get(n) or {})).options for n in direct}
     except VislibError:
         return False  # the runner reports it

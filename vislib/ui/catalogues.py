@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import VislibError
 from ..methods import METHODS
-from ..methods.base import FAMILY_TITLES
+from ..methods.base import FAMILY_TITLES, Method
 from ..methods.registry import FAMILY_ORDER
 from .layers import bundle_layer_label
 
@@ -23,7 +23,7 @@ SCORES = ("logit", "probability")
 SIGNAL_VIEWS = ("signed RGB", "magnitude", "heatmap")
 
 
-def methods_by_family(methods: Mapping[str, type] | None = None) -> dict[str, list[str]]:
+def methods_by_family(methods: Mapping[str, type[Method]] | None = None) -> dict[str, list[str]]:
     """Registered method names grouped by family, families in the order ``explain`` runs them."""
     methods = METHODS if methods is None else methods
     groups: dict[str, list[str]] = {}

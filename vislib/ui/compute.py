@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -201,7 +202,7 @@ def compute_view(
         tgt = int(resolve_targets(bundle.labels, logits, target)[0])
         view = views[0]
     else:
-        probs, tgt, view = first.probs, int(first.target), first.input_image
+        probs, tgt, view = first.probs, int(cast(int, first.target)), first.view()  # one image: an int target
     timings: dict[str, float] = {}
     for row in rows:
         for expl in {id(e): e for e in row.explanations.values()}.values():
@@ -246,7 +247,7 @@ class BackgroundJob:
         self._fn = fn
         self.cancel_event = threading.Event()
         self._finished = threading.Event()
-        self._result = None
+        self._result: object = None
         self._error: BaseException | None = None
         self.fraction = 0.0
         self.text = ""

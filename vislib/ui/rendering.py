@@ -30,7 +30,7 @@ def panel_image(
         return render.signed_rgb(raw)
     if is_signal(raw) and signal_view == "magnitude":
         return render.magnitude_gray(raw).convert("RGB")
-    return render.overlay(expl.input_image, expl.maps[method], alpha=alpha, colormap=colormap)
+    return render.overlay(expl.view(), expl.maps[method], alpha=alpha, colormap=colormap)
 
 
 @dataclass
@@ -184,7 +184,7 @@ def maps_npz(result: ViewResult) -> bytes:
         arrays["probs"] = result.probs
     arrays["target"] = np.array(-1 if result.target is None else result.target)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **arrays as allow_pickle
     return buffer.getvalue()
 
 
