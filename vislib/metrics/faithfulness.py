@@ -252,26 +252,41 @@ def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
 def _conjugate_gradients(known: torch.Tensor, r_mask: torch.Tensor, u: torch.Tensor, tol: float,
                          max_iter: int) -> torch.Tensor:
     """Solve d_i u_i − Σ_{j∈R} w_ij u_j = Σ_{j∉R} w_ij x_j on the removed pixels R of every image and
-    channel at once, from the guess ``u`` (zero outside R)."""
-    degree = _neighbour_sum(torch.ones((1, 1, *known.shape[-2:]), dtype=known.dtype, device=known.device))
-    b = _neighbour_sum(known) * r_mask
+    channel at once, from the guess ``u`` (zero outside R).
 
-    def apply(v):
-        return (degree * v - _neighbour_sum(v)) * r_mask
+    The system is scaled by 12: its product is ((12 d + 4) v − S v) on R, S the separable
+    [1, 2, 1] ⊗ [1, 2, 1] sum, and its right side S x on R (x zero on R). The search direction lives in
+    a zero-padded buffer, so S reads shifted views without padding a copy each step, and the updates
+    are in place: about half the memory passes of the plain form, the same iterates."""
+    h, w = known.shape[-2:]
+    ones = torch.ones((1, 1, h, w), dtype=known.dtype, device=known.device)
+    diag = 12 * _neighbour_sum(ones) + 4
+    buf = known.new_zeros((*known.shape[:-2], h + 2, w + 2))
+    p = buf[..., 1:-1, 1:-1]
 
-    r = b - apply(u)
-    p = r.clone()
-    rr = (r * r).sum(dim=(2, 3), keepdim=True)
+    def s_of_p() -> torch.Tensor:
+        v = torch.add(buf[..., :-2, :], buf[..., 2:, :]).add_(buf[..., 1:-1, :], alpha=2)
+        return torch.add(v[..., :-2], v[..., 2:]).add_(v[..., 1:-1], alpha=2)
+
+    def apply_p() -> torch.Tensor:  # 12 A p on R
+        return s_of_p().mul_(r_mask).addcmul_(diag, p, value=-1).neg_()
+
+    p.copy_(known)
+    b = s_of_p().mul_(r_mask)
     limit = (tol ** 2) * (b * b).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
+    p.copy_(u)
+    r = b.sub_(apply_p())
+    p.copy_(r)
+    rr = (r * r).sum(dim=(2, 3), keepdim=True)
     for _ in range(max_iter):
         if bool((rr <= limit).all()):
             break
-        ap = apply(p)
+        ap = apply_p()
         alpha = rr / (p * ap).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
         u = u.addcmul_(alpha, p)
         r = r.addcmul_(alpha, ap, value=-1)
         rr_new = (r * r).sum(dim=(2, 3), keepdim=True)
-        p = r + (rr_new / rr.clamp_min(1e-30)) * p
+        p.mul_(rr_new / rr.clamp_min(1e-30)).add_(r)
         rr = rr_new
     return u
 
