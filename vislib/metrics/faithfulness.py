@@ -321,7 +321,8 @@ def noisy_linear_imputation(inputs: torch.Tensor, removed: torch.Tensor, *, nois
     ``spsolve``), all N×C systems are solved at once by conjugate gradients whose matrix product is
     eight shifted adds, started from the solution on a twice coarser grid (recursively); each level
     stops at relative residual ``tol`` or ``max_iter`` steps (coarser levels: twice as many). The
-    defaults leave an error far below the imputation's own noise (benchmarks/trust.py measures it);
+    defaults leave a root-mean-square error of about 0.013 against the exact solve (12 shapes images),
+    of the order of the imputation's own noise (0.01);
     ``tol=1e-12, max_iter=10_000`` gives the exact solution (the tests compare it with Quantus's).
     ``inputs``: N×C×H×W; ``removed``: N×H×W (or N×1×H×W) bools. Returns the imputed inputs.
     """
